@@ -1,0 +1,17 @@
+"""Errors users see. Each message says what is wrong and what to do."""
+
+
+class SD35Error(Exception):
+    """Base class of every error sd35_mlx raises on purpose."""
+
+
+class WeightFileError(SD35Error, ValueError):
+    """A weight file cannot be read: missing, truncated, corrupt, or not safetensors."""
+
+
+class WeightMappingError(SD35Error, ValueError):
+    """A checkpoint's tensors do not fit the network: missing, unexpected or mis-shaped keys."""
+
+
+class InputError(SD35Error, ValueError):
+    """A generation or conversion argument is invalid."""
