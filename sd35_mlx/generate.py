@@ -1,0 +1,173 @@
+"""python -m sd35_mlx.generate — text-to-image (and img2img) from the command line.
+
+Every flag maps to a field of `GenerationSettings` or an argument of
+`SD35Pipeline.from_pretrained`; bad input is rejected before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .errors import InputError, SD35Error
+from .settings import SAMPLERS, GenerationSettings, SkipLayerSettings
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sd35_mlx.generate",
+        description="Generate images with Stable Diffusion 3 / 3.5 in MLX.",
+        epilog="Defaults for steps, cfg and size come from the model variant "
+        "(3.5 Large 28/3.5, Large Turbo 4/0, 3.5 Medium 40/4.5, SD3 Medium 28/7). "
+        "Images are never overwritten: an existing name gets a -1, -2 … suffix.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", "-m", help="HF repo id, diffusers folder, single .safetensors file or converted folder")
+    m.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    m.add_argument("--variant", help="variant hint, e.g. sd3.5-large-turbo (normally detected)")
+    m.add_argument("--no-t5", action="store_true", help="T5-drop mode: never load T5; zeros stand in for its tokens")
+    m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4'")
+    m.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights/compute precision (T5 never runs in float16)")
+    m.add_argument("--keep-loaded", action="store_true", help="keep every network in memory (faster for many images, more memory)")
+    m.add_argument("--tile-vae", choices=("auto", "on", "off"), default="auto", help="tiled VAE decode")
+
+    g = p.add_argument_group("prompt")
+    g.add_argument("--prompt", "-p", help="the prompt")
+    g.add_argument("--negative-prompt", "-n", default="", help="negative prompt (default: empty string)")
+    g.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines and # comments skipped)")
+    g.add_argument("--t5-length", type=int, default=256, help="T5 tokens (77–512; also the zero length in T5-drop mode)")
+    g.add_argument("--from-image", help="regenerate from the metadata of a PNG written by sd35_mlx (flags given override it)")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, help="denoising steps")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (≤ 1: a single conditional pass)")
+    s.add_argument("--sampler", choices=SAMPLERS, help="euler (default) or dpmpp_2m")
+    s.add_argument("--shift", type=float, help="flow-matching shift (default 3.0)")
+    s.add_argument("--width", "-W", type=int, help="image width, multiple of 16")
+    s.add_argument("--height", "-H", type=int, help="image height, multiple of 16")
+    s.add_argument("--seed", type=int, nargs="+", help="one or more seeds (default: random)")
+    s.add_argument("--num-images", "-N", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
+    s.add_argument("--slg", action="store_true", help="skip-layer guidance (recommended for 3.5 Medium)")
+    s.add_argument("--slg-layers", type=int, nargs="+", default=[7, 8, 9])
+    s.add_argument("--slg-scale", type=float, default=2.8)
+    s.add_argument("--slg-start", type=float, default=0.01)
+    s.add_argument("--slg-end", type=float, default=0.2)
+    s.add_argument("--init-image", help="img2img: the starting image")
+    s.add_argument("--strength", type=float, default=0.6, help="img2img: how much to change the image (0, 1]")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--output", "-o", default="sd35.png", help="output PNG (several images get -1, -2 … suffixes)")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def read_prompt_file(path: str) -> List[str]:
+    f = Path(path)
+    if not f.is_file():
+        raise InputError(f"prompt file not found: {path}")
+    prompts = [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines()]
+    prompts = [x for x in prompts if x and not x.startswith("#")]
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def plan(args: argparse.Namespace):
+    """Turn arguments into (model, [settings…]); raises InputError before anything loads."""
+    from .images import read_metadata
+
+    base = GenerationSettings()
+    model = args.model
+    t5 = not args.no_t5
+    if args.from_image:
+        meta = read_metadata(args.from_image)
+        base = GenerationSettings.from_dict(meta)
+        model = model or meta.get("model")
+        if str(meta.get("t5", "")).startswith("dropped") and not args.no_t5:
+            t5 = False
+    if not model:
+        raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
+
+    prompts: List[str]
+    if args.prompt_file:
+        prompts = read_prompt_file(args.prompt_file)
+    elif args.prompt is not None:
+        prompts = [args.prompt]
+    elif args.from_image:
+        prompts = [base.prompt]
+    else:
+        raise InputError("no prompt: pass --prompt, --prompt-file or --from-image")
+    if args.num_images < 1:
+        raise InputError(f"--num-images must be ≥ 1 (got {args.num_images})")
+
+    overrides = {k: getattr(args, k) for k in ("steps", "cfg", "sampler", "shift", "width", "height") if getattr(args, k) is not None}
+    if args.negative_prompt or not args.from_image:
+        overrides["negative_prompt"] = args.negative_prompt
+    if args.t5_length != 256 or not args.from_image:
+        overrides["t5_length"] = args.t5_length
+    if args.slg:
+        overrides["skip_layer_guidance"] = SkipLayerSettings(tuple(args.slg_layers), args.slg_scale, args.slg_start, args.slg_end)
+    if args.init_image:
+        overrides["init_image"] = args.init_image
+        overrides["strength"] = args.strength
+    seeds: List[Optional[int]] = list(args.seed) if args.seed else [base.seed if args.from_image else None]
+    jobs = []
+    for prompt in prompts:
+        for seed in seeds:
+            for k in range(args.num_images):
+                s = seed + k if seed is not None else None
+                jobs.append(replace(base, **overrides, prompt=prompt, seed=s).validate())
+    return model, t5, jobs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model, t5, jobs = plan(args)
+        return run(args, model, t5, jobs)
+    except SD35Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
+    import mlx.core as mx
+
+    from .images import save_png
+    from .pipeline import SD35Pipeline
+    from .progress import ProgressBar, peak_memory_gb
+
+    t0 = time.perf_counter()
+    pipe = SD35Pipeline.from_pretrained(
+        model, dtype=getattr(mx, args.dtype), t5=t5, low_memory=not args.keep_loaded,
+        quantize=args.quantize, revision=args.revision, variant=args.variant,
+        tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
+    )  # fmt: skip
+    if not args.quiet:
+        print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")
+    out = Path(args.output)
+    for n, job in enumerate(jobs):
+        job = pipe.settings_with_defaults(job).with_seed()
+        bar = None if args.quiet else ProgressBar(job.steps if not job.init_image else None, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
+        result = pipe.generate(settings=job, callback=bar, verbose=not args.quiet)
+        path = save_png(result.image, out, result.metadata)
+        if bar is not None:
+            bar.close()
+            stages = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
+            print(f"saved {path}  ({stages}; peak memory {peak_memory_gb():.2f} GB)")
+        else:
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Images in and out: PNG with embedded generation metadata, and reading it back."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from .errors import InputError
+
+METADATA_KEY = "sd35_mlx"
+
+
+def to_pil(images: mx.array) -> list:
+    """(B, H, W, 3) in [-1, 1] -> PIL images (rounded like diffusers, not truncated)."""
+    x = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+    arr = np.array(mx.round(x * 255)).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def load_image(path: str | os.PathLike, width: int, height: int) -> mx.array:
+    """An RGB file resized (LANCZOS) to width x height, as (1, H, W, 3) in [-1, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"init image not found: {path}")
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise InputError(f"cannot read init image {path}: {e}") from e
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.LANCZOS)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return mx.array(arr)[None]
+
+
+def describe(meta: Dict[str, Any]) -> str:
+    """A one-paragraph, human-readable summary (like other tools' `parameters` text)."""
+    lines = [str(meta.get("prompt", ""))]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    keys = ["steps", "sampler", "cfg", "seed", "width", "height", "model", "quantization", "t5"]
+    lines.append(", ".join(f"{k}: {meta[k]}" for k in keys if k in meta))
+    return "\n".join(lines)
+
+
+def unique_path(path: Path) -> Path:
+    """`path`, or `name-1.png`, `name-2.png`, … : never overwrite an existing file."""
+    if not path.exists():
+        return path
+    stem, suffix = path.stem, path.suffix
+    i = 1
+    while True:
+        candidate = path.with_name(f"{stem}-{i}{suffix}")
+        if not candidate.exists():
+            return candidate
+        i += 1
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, metadata: Dict[str, Any]) -> Path:
+    """Write a PNG with the metadata as JSON (and a readable summary). Never overwrites."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    info.add_itxt("parameters", describe(metadata))
+    target = unique_path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        if target.exists():  # someone else took the name meanwhile
+            target = unique_path(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+    """The generation settings stored in a PNG written by sd35_mlx."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}) or {}
+        raw = text.get(METADATA_KEY)
+    if raw is None:
+        raise InputError(f"{path} carries no sd35_mlx metadata (was it written by sd35_mlx?)")
+    return json.loads(raw)

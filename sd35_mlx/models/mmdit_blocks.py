@@ -1,0 +1,160 @@
+"""Joint (MMDiT / MMDiT-X) transformer blocks.
+
+Each stream (image `x`, text `context`) owns its adaLN projection; `modulation(c)` turns
+the conditioning vector into the chunks the block forward takes as input, so a caller can
+compute every step's modulations up front (they depend only on the timestep and pooled
+text) and free the adaLN weights afterwards.
+
+Chunk order (SAI): shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+[, shift_msa2, scale_msa2, gate_msa2]; the last block's context stream has only
+(shift_msa, scale_msa).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+NORM_EPS = 1e-6
+Chunks = Tuple[mx.array, ...]  # each (B, 1, H), ready to broadcast over tokens
+
+
+def layer_norm(x: mx.array) -> mx.array:
+    """LayerNorm without affine parameters (every norm of the MMDiT)."""
+    return mx.fast.layer_norm(x, None, None, NORM_EPS)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return x * (1 + scale) + shift
+
+
+def ada_chunks(linear: nn.Linear, c: mx.array, n: int) -> Chunks:
+    """SiLU -> Linear(H, n*H) on c (B, H), split into n chunks of shape (B, 1, H)."""
+    return tuple(mx.split(linear(nn.silu(c))[:, None, :], n, axis=-1))
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """(B, heads, L, d) each -> (B, L, heads*d)."""
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
+    b, h, n, d = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+class Attention(nn.Module):
+    """Fused qkv projection, optional per-head RMSNorm of q and k, optional output proj."""
+
+    def __init__(self, hidden: int, num_heads: int, qk_norm: bool, out_proj: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden // num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
+            self.k_norm = nn.RMSNorm(head_dim, eps=NORM_EPS)
+        if out_proj:
+            self.proj = nn.Linear(hidden, hidden)
+
+    def heads(self, x: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+        """(B, L, H) -> q, k, v of shape (B, heads, L, head_dim), q/k normalised."""
+        b, n, h = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, h // self.num_heads)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ratio: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, ratio * hidden)
+        self.fc2 = nn.Linear(ratio * hidden, hidden)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(nn.gelu_approx(self.fc1(x)))  # tanh GELU
+
+
+class ImageStream(nn.Module):
+    """Image-token half of a joint block; MMDiT-X (`dual`) adds an image-only attention."""
+
+    def __init__(self, hidden: int, num_heads: int, qk_norm: bool, dual: bool, mlp_ratio: int):
+        super().__init__()
+        self.num_chunks = 9 if dual else 6
+        self.adaLN = nn.Linear(hidden, self.num_chunks * hidden)
+        self.attn = Attention(hidden, num_heads, qk_norm)
+        if dual:
+            self.attn2 = Attention(hidden, num_heads, qk_norm)
+        self.mlp = MLP(hidden, mlp_ratio)
+
+    def modulation(self, c: mx.array) -> Chunks:
+        return ada_chunks(self.adaLN, c, self.num_chunks)
+
+
+class ContextStream(nn.Module):
+    """Text-token half; in the last block (`pre_only`) it only supplies keys and values."""
+
+    def __init__(self, hidden: int, num_heads: int, qk_norm: bool, pre_only: bool, mlp_ratio: int):
+        super().__init__()
+        self.num_chunks = 2 if pre_only else 6
+        self.adaLN = nn.Linear(hidden, self.num_chunks * hidden)
+        self.attn = Attention(hidden, num_heads, qk_norm, out_proj=not pre_only)
+        if not pre_only:
+            self.mlp = MLP(hidden, mlp_ratio)
+
+    def modulation(self, c: mx.array) -> Chunks:
+        return ada_chunks(self.adaLN, c, self.num_chunks)
+
+
+class JointBlock(nn.Module):
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        *,
+        qk_norm: bool,
+        dual: bool,
+        pre_only: bool,
+        mlp_ratio: int = 4,
+    ):
+        super().__init__()
+        self.dual = dual
+        self.pre_only = pre_only
+        self.x = ImageStream(hidden, num_heads, qk_norm, dual, mlp_ratio)
+        self.context = ContextStream(hidden, num_heads, qk_norm, pre_only, mlp_ratio)
+
+    def modulation(self, c: mx.array) -> Tuple[Chunks, Chunks]:
+        """(image chunks, context chunks) for conditioning vector c (B, H)."""
+        return self.x.modulation(c), self.context.modulation(c)
+
+    def __call__(
+        self, x: mx.array, ctx: mx.array, modulation: Tuple[Chunks, Chunks]
+    ) -> Tuple[mx.array, mx.array]:
+        """x (B, Lx, H), ctx (B, Lc, H) -> updated (x, ctx); ctx passes through unchanged
+        in the last block, whose context output nobody uses."""
+        xm, cm = modulation
+        n_ctx = ctx.shape[1]
+        x_norm = layer_norm(x)
+        q, k, v = self.x.attn.heads(modulate(x_norm, xm[0], xm[1]))
+        cq, ck, cv = self.context.attn.heads(modulate(layer_norm(ctx), cm[0], cm[1]))
+        # One attention over [context, image] tokens: no mask and no positional term inside
+        # attention, so the concatenation order does not change the result.
+        joint = attention(
+            mx.concatenate([cq, q], axis=2),
+            mx.concatenate([ck, k], axis=2),
+            mx.concatenate([cv, v], axis=2),
+        )
+        ctx_attn, x_attn = joint[:, :n_ctx], joint[:, n_ctx:]
+
+        x = x + xm[2] * self.x.attn.proj(x_attn)
+        if self.dual:
+            q2, k2, v2 = self.x.attn2.heads(modulate(x_norm, xm[6], xm[7]))
+            x = x + xm[8] * self.x.attn2.proj(attention(q2, k2, v2))
+        x = x + xm[5] * self.x.mlp(modulate(layer_norm(x), xm[3], xm[4]))
+
+        if not self.pre_only:
+            ctx = ctx + cm[2] * self.context.attn.proj(ctx_attn)
+            ctx = ctx + cm[5] * self.context.mlp(modulate(layer_norm(ctx), cm[3], cm[4]))
+        return x, ctx

@@ -1,0 +1,339 @@
+"""SD35Pipeline: prompt → conditioning → latents (step by step) → pixels.
+
+Networks are loaded when first needed and, with `low_memory=True`, released as soon as
+their stage is over (encoders after encoding, the transformer after denoising), so peak
+memory is the largest stage rather than the sum.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from . import __version__
+from .callbacks import GenerationInterrupted, StageCallback, StepCallback, StepInfo
+from .conditioning import Conditioning, assemble
+from .denoise import Denoiser
+from .errors import InputError
+from .images import load_image, to_pil
+from .sampling import img2img_sigmas, flow_sigmas, make_sampler
+from .settings import GenerationSettings, SkipLayerSettings
+from .variants import Variant, detect_variant, validate_size
+
+
+@dataclass
+class PromptEmbeddings:
+    """An encoded prompt (and its negative), reusable across generations."""
+
+    positive: Conditioning
+    negative: Optional[Conditioning]
+    t5_length: int
+    t5_dropped: bool
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL.Image.Image
+    seed: int
+    metadata: Dict[str, Any]
+    latents: mx.array = field(repr=False)
+
+
+class SD35Pipeline:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str,
+        dtype: mx.Dtype = mx.bfloat16,
+        use_t5: bool = True,
+        low_memory: bool = True,
+        quantize: Optional[str] = None,
+        variant_hint: Optional[str] = None,
+        tile_vae: Optional[bool] = None,
+    ):
+        from .loading import load_tokenizers, load_transformer
+
+        self.path = Path(path)
+        self.name = name
+        self.dtype = dtype
+        self.use_t5 = use_t5
+        self.low_memory = low_memory
+        self.quantize = quantize
+        self.tile_vae = tile_vae
+        self.tokenizers = load_tokenizers(self.path)
+        if self.use_t5 and self.tokenizers.t5 is None:
+            raise InputError(f"{path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
+        self._transformer = None
+        self._vae = None
+        self._encoders = None
+        # Building the transformer is lazy in MLX (no weights are read until used), so
+        # the variant can be detected from its configuration up front.
+        config = self._load_transformer().config
+        self.variant: Variant = detect_variant(config, hint=variant_hint or name)
+        if low_memory:
+            self._transformer = None
+        self.timings: Dict[str, float] = {}
+
+    # ---- construction ----
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Union[str, Path],
+        *,
+        dtype: mx.Dtype = mx.bfloat16,
+        t5: bool = True,
+        low_memory: bool = True,
+        quantize: Optional[str] = None,
+        revision: Optional[str] = None,
+        variant: Optional[str] = None,
+        tile_vae: Optional[bool] = None,
+    ) -> "SD35Pipeline":
+        """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
+
+        t5=False is T5-drop mode: T5 is never loaded and zeros stand in for its tokens.
+        quantize: e.g. "transformer=4,t5=4" to quantize at load time.
+        """
+        from .hub import resolve_model_path
+
+        components = ("transformer", "vae", "clip_l", "clip_g", "tokenizers") + (("t5",) if t5 else ())
+        path = resolve_model_path(str(model), revision=revision, components=components)
+        return cls(
+            path, name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
+            quantize=quantize, variant_hint=variant, tile_vae=tile_vae,
+        )  # fmt: skip
+
+    # ---- networks, loaded on demand ----
+    def _quantize(self, model, component: str):
+        if not self.quantize:
+            return model
+        from .quantize import parse_quantize, quantize_network
+
+        spec = parse_quantize(self.quantize, defaults=False).get(component)
+        return quantize_network(model, spec, component) if spec else model
+
+    def _load_transformer(self):
+        if self._transformer is None:
+            from .loading import load_transformer
+
+            self._transformer = self._quantize(load_transformer(self.path, dtype=self.dtype), "transformer")
+        return self._transformer
+
+    def _load_vae(self):
+        if self._vae is None:
+            from .loading import load_vae
+
+            self._vae = load_vae(self.path, dtype=self.dtype)
+        return self._vae
+
+    def _load_encoders(self):
+        if self._encoders is None:
+            from .loading import load_text_encoders
+
+            enc = load_text_encoders(self.path, dtype=self.dtype, t5=self.use_t5)
+            for name in ("clip_l", "clip_g", "t5"):
+                if getattr(enc, name) is not None:
+                    setattr(enc, name, self._quantize(getattr(enc, name), name))
+            self._encoders = enc
+        return self._encoders
+
+    def release(self, *names: str) -> None:
+        """Drop networks (default: all) and return their memory to the system."""
+        for n in names or ("transformer", "vae", "encoders"):
+            setattr(self, f"_{n}", None)
+        mx.clear_cache()
+
+    # ---- stages ----
+    def settings_with_defaults(self, settings: GenerationSettings) -> GenerationSettings:
+        """Fill unset fields from the variant's defaults and check the size fits the model."""
+        v = self.variant
+        s = replace(
+            settings,
+            width=settings.width or v.default_size,
+            height=settings.height or v.default_size,
+            steps=settings.steps or v.steps,
+            cfg=v.cfg if settings.cfg is None else settings.cfg,
+            sampler=settings.sampler or v.sampler,
+            shift=settings.shift or v.shift,
+        ).validate()
+        validate_size(s.height, s.width, v)
+        return s
+
+    def encode_prompt(
+        self,
+        prompt: Union[str, Sequence[str]],
+        negative_prompt: Union[str, Sequence[str]] = "",
+        *,
+        t5_length: int = 256,
+        with_negative: bool = True,
+        verbose: bool = False,
+    ) -> PromptEmbeddings:
+        """Run the text encoders. The negative prompt defaults to "" (encoded, not zeros)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        enc = self._load_encoders()
+        positive = self._encode(enc, prompts, t5_length, verbose)
+        negative = self._encode(enc, negatives, t5_length, verbose) if with_negative else None
+        mx.eval(positive.context, positive.pooled, *(() if negative is None else (negative.context, negative.pooled)))
+        if self.low_memory:
+            self.release("encoders")
+        return PromptEmbeddings(positive, negative, t5_length, not self.use_t5)
+
+    def _encode(self, enc, prompts: List[str], t5_length: int, verbose: bool) -> Conditioning:
+        tok = self.tokenizers
+        outputs = {}
+        for name, tokenizer, network in (("CLIP-L", tok.clip_l, enc.clip_l), ("CLIP-G", tok.clip_g, enc.clip_g)):
+            batch = tokenizer.tokenize(prompts)
+            _report_truncation(name, batch, verbose)
+            outputs[name] = network(mx.array(batch.ids))
+        t5_hidden = None
+        if self.use_t5:
+            batch = tok.t5.tokenize(prompts, max_length=t5_length)
+            _report_truncation("T5", batch, verbose)
+            t5_hidden = enc.t5(mx.array(batch.ids))
+        return assemble(outputs["CLIP-L"], outputs["CLIP-G"], t5_hidden, t5_length)
+
+    def encode_image(self, image: mx.array) -> mx.array:
+        """(B, H, W, 3) in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
+        vae = self._load_vae()
+        mean, _ = vae.encode(image.astype(self.dtype))
+        return vae.to_latents(mean.astype(mx.float32))
+
+    def generate_latents(
+        self,
+        settings: GenerationSettings,
+        *,
+        embeddings: Optional[PromptEmbeddings] = None,
+        noise: Optional[mx.array] = None,
+        verbose: bool = False,
+    ) -> Iterator[StepInfo]:
+        """Yield a `StepInfo` after every denoising step; the last one holds the final latents.
+
+        Stop iterating at any time to cancel. `noise` overrides the seeded initial noise.
+        """
+        s = self.settings_with_defaults(settings).with_seed()
+        use_cfg = s.cfg > 1.0  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
+        if embeddings is None:
+            t0 = time.perf_counter()
+            embeddings = self.encode_prompt(
+                s.prompt, s.negative_prompt, t5_length=s.t5_length, with_negative=use_cfg, verbose=verbose
+            )
+            self.timings["encode"] = time.perf_counter() - t0
+        if use_cfg and embeddings.negative is None:
+            raise InputError("these embeddings were encoded without a negative prompt but cfg > 1 needs one")
+
+        h, w = s.height // 8, s.width // 8
+        if noise is None:
+            noise = initial_noise(s.seed, h, w, batch=embeddings.positive.context.shape[0])
+        sigmas = flow_sigmas(s.steps, s.shift)
+        latents = noise
+        if s.init_image is not None:
+            t0 = time.perf_counter()
+            image = load_image(s.init_image, s.width, s.height)
+            image_latents = self.encode_image(image)
+            if self.low_memory:
+                self.release("vae")
+            sigmas = img2img_sigmas(s.steps, s.strength, s.shift)
+            latents = sigmas[0] * noise + (1.0 - sigmas[0]) * image_latents
+            self.timings["encode_image"] = time.perf_counter() - t0
+
+        denoiser = Denoiser(
+            self._load_transformer(), embeddings.positive, embeddings.negative if use_cfg else None,
+            cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
+        )  # fmt: skip
+        sampler = make_sampler(s.sampler, sigmas)
+        t0 = time.perf_counter()
+        try:
+            for i in range(len(sigmas) - 1):
+                v = denoiser(latents, float(sigmas[i]), i)
+                latents = sampler.step(i, latents, v)
+                mx.eval(latents)
+                yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)
+        finally:
+            self.timings["denoise"] = time.perf_counter() - t0
+            if self.low_memory:
+                self.release("transformer")
+
+    def decode(self, latents: mx.array) -> mx.array:
+        """Scaled latents -> images (B, H, W, 3) in about [-1, 1]."""
+        vae = self._load_vae()
+        z = vae.from_latents(latents).astype(self.dtype)
+        from .models.vae_tiling import decode_tiled, should_tile
+
+        tile = self.tile_vae
+        if tile is None:
+            tile = should_tile(latents.shape[1] * 8, latents.shape[2] * 8, _memory_budget_bytes())
+        images = decode_tiled(vae, z) if tile else vae.decode(z)
+        mx.eval(images)
+        return images.astype(mx.float32)
+
+    def metadata(self, s: GenerationSettings) -> Dict[str, Any]:
+        meta = s.to_dict()
+        meta.update(
+            model=self.name,
+            variant=self.variant.name,
+            t5=("dropped" if not self.use_t5 else "t5xxl") + f":{s.t5_length}",
+            quantization=self.quantize or "none",
+            dtype=str(self.dtype).replace("mlx.core.", ""),
+            sd35_mlx_version=__version__,
+        )
+        return meta
+
+    def generate(
+        self,
+        prompt: Optional[str] = None,
+        *,
+        settings: Optional[GenerationSettings] = None,
+        embeddings: Optional[PromptEmbeddings] = None,
+        callback: Optional[StepCallback] = None,
+        noise: Optional[mx.array] = None,
+        verbose: bool = False,
+        **overrides: Any,
+    ) -> GeneratedImage:
+        """Generate one image. Fields of `GenerationSettings` can be passed as keywords."""
+        s = settings or GenerationSettings()
+        if prompt is not None:
+            overrides["prompt"] = prompt
+        if "skip_layer_guidance" in overrides and isinstance(overrides["skip_layer_guidance"], dict):
+            overrides["skip_layer_guidance"] = SkipLayerSettings(**overrides["skip_layer_guidance"])
+        s = self.settings_with_defaults(replace(s, **overrides)).with_seed()
+        final = None
+        for info in self.generate_latents(s, embeddings=embeddings, noise=noise, verbose=verbose):
+            final = info
+            if callback is not None and callback(info) is False:
+                raise GenerationInterrupted(f"stopped by the callback after step {info.step}/{info.total}")
+        t0 = time.perf_counter()
+        images = self.decode(final.latents)
+        self.timings["decode"] = time.perf_counter() - t0
+        if self.low_memory:
+            self.release("vae")
+        meta = self.metadata(s)
+        return GeneratedImage(image=to_pil(images)[0], seed=s.seed, metadata=meta, latents=final.latents)
+
+
+def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: int = 16) -> mx.array:
+    """Standard normal latents from `seed`, drawn on the CPU so every backend gets the same."""
+    return mx.random.normal(
+        (batch, height, width, channels), dtype=mx.float32, key=mx.random.key(seed), stream=mx.cpu
+    )
+
+
+def _memory_budget_bytes() -> int:
+    try:
+        from .memory import default_budget_bytes
+
+        return default_budget_bytes()
+    except ImportError:
+        return 1 << 62
+
+
+def _report_truncation(name: str, batch, verbose: bool) -> None:
+    for i, dropped in enumerate(getattr(batch, "dropped", ()) or ()):
+        n = dropped if isinstance(dropped, int) else getattr(dropped, "count", 0)
+        if n:
+            text = getattr(dropped, "text", "")
+            print(f"{name}: prompt {i + 1} was truncated, {n} tokens dropped" + (f": '{text}'" if text else ""))

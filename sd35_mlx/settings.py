@@ -1,0 +1,96 @@
+"""Generation settings: one dataclass shared by the Python API, the CLI and PNG metadata.
+
+`validate()` checks everything that can be checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from .errors import InputError
+
+SAMPLERS = ("euler", "dpmpp_2m")
+T5_LENGTH_RANGE = (77, 512)
+
+
+@dataclass(frozen=True)
+class SkipLayerSettings:
+    layers: Tuple[int, ...] = (7, 8, 9)
+    scale: float = 2.8
+    start: float = 0.01
+    end: float = 0.2
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate. `None` fields take the model variant's defaults."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: Optional[int] = None
+    height: Optional[int] = None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    sampler: Optional[str] = None
+    shift: Optional[float] = None
+    seed: Optional[int] = None
+    t5_length: int = 256
+    skip_layer_guidance: Optional[SkipLayerSettings] = None
+    init_image: Optional[str] = None
+    strength: float = 0.6
+
+    def validate(self) -> "GenerationSettings":
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise InputError(f"steps must be a whole number ≥ 1 (got {self.steps!r})")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0 or v % 16):
+                raise InputError(f"{name} must be a positive multiple of 16 (got {v!r}); try {max(16, round((v or 0) / 16) * 16)}")
+        lo, hi = T5_LENGTH_RANGE
+        if not lo <= self.t5_length <= hi:
+            raise InputError(f"t5_length must be between {lo} and {hi} tokens (got {self.t5_length})")
+        if self.cfg is not None and self.cfg < 0:
+            raise InputError(f"cfg must be ≥ 0 (got {self.cfg})")
+        if self.shift is not None and self.shift <= 0:
+            raise InputError(f"shift must be > 0 (got {self.shift})")
+        if self.init_image is not None:
+            if not (0.0 < self.strength <= 1.0):
+                raise InputError(f"strength must be in (0, 1] (got {self.strength}); 1.0 ignores the init image")
+            if not Path(self.init_image).is_file():
+                raise InputError(f"init image not found: {self.init_image}")
+        slg = self.skip_layer_guidance
+        if slg is not None:
+            if not (0.0 <= slg.start < slg.end <= 1.0):
+                raise InputError(f"skip-layer guidance needs 0 ≤ start < end ≤ 1 (got {slg.start}, {slg.end})")
+            if not slg.layers:
+                raise InputError("skip-layer guidance needs at least one layer index")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise InputError(f"seed must be in [0, 2**63) (got {self.seed})")
+        return self
+
+    def with_seed(self) -> "GenerationSettings":
+        """A copy with a concrete seed (random when none was given)."""
+        return self if self.seed is not None else replace(self, seed=random.randrange(2**32))
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        if self.skip_layer_guidance is not None:
+            d["skip_layer_guidance"]["layers"] = list(self.skip_layer_guidance.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "GenerationSettings":
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        slg = kwargs.get("skip_layer_guidance")
+        if isinstance(slg, dict):
+            kwargs["skip_layer_guidance"] = SkipLayerSettings(
+                layers=tuple(slg.get("layers", (7, 8, 9))),
+                scale=slg.get("scale", 2.8), start=slg.get("start", 0.01), end=slg.get("end", 0.2),
+            )  # fmt: skip
+        return cls(**kwargs)

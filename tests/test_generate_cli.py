@@ -1,0 +1,88 @@
+"""`python -m sd35_mlx.generate` end to end on a tiny model folder, and its input checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny_model import TinySpec, make_tiny_model
+
+from sd35_mlx.generate import main
+from sd35_mlx.images import read_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_cli")
+    make_tiny_model(root, TinySpec(seed=1))
+    return root
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sd35_mlx.generate", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_writes_png_whose_metadata_regenerates_it(tiny_root, tmp_path):
+    out = tmp_path / "img.png"
+    r = run_cli("--model", str(tiny_root), "--prompt", "a red fox", "--negative-prompt", "fog",
+                "-W", "64", "-H", "48", "--steps", "3", "--cfg", "4", "--seed", "123",
+                "--t5-length", "77", "--dtype", "float32", "-o", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+    meta = read_metadata(out)
+    for key, value in dict(prompt="a red fox", negative_prompt="fog", seed=123, steps=3, cfg=4.0,
+                           width=64, height=48, sampler="euler", t5="t5xxl:77").items():  # fmt: skip
+        assert meta[key] == value, key
+    assert meta["sd35_mlx_version"] and meta["model"] == str(tiny_root) and "quantization" in meta
+
+    # regenerate from the metadata alone: same pixels, and the first file is not overwritten
+    r2 = run_cli("--from-image", str(out), "--dtype", "float32", "-o", str(out))
+    assert r2.returncode == 0, r2.stderr
+    second = tmp_path / "img-1.png"
+    assert second.is_file()
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(second)))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--width", "100"], "multiple of 16"),
+        (["--sampler", "ddim"], "invalid choice"),
+        (["--steps", "0"], "steps"),
+        (["--init-image", "/nonexistent.png"], "init image not found"),
+        (["--init-image", "{img}", "--strength", "1.5"], "strength"),
+        (["--init-image", "{img}", "--strength", "0"], "strength"),
+        (["--prompt-file", "/nonexistent.txt"], "prompt file not found"),
+        (["--t5-length", "600"], "t5_length"),
+    ],
+)
+def test_bad_input_fails_before_loading(args, message, tmp_path, capsys, monkeypatch):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    args = [a.replace("{img}", str(img)) for a in args]
+    import sd35_mlx.pipeline as pipeline_module
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(pipeline_module.SD35Pipeline, "from_pretrained", no_loading)
+    argv = ["--model", "/nonexistent-model", "--prompt", "x", *args]
+    if "--prompt-file" in args:
+        argv.remove("--prompt")
+        argv.remove("x")
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own rejections
+        code = e.code
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err
