@@ -71,6 +71,7 @@ class SD35Pipeline:
         self._transformer = None
         self._vae = None
         self._encoders = None
+        self._preview_projection = None
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -172,30 +173,37 @@ class SD35Pipeline:
         with_negative: bool = True,
         verbose: bool = False,
     ) -> PromptEmbeddings:
-        """Run the text encoders. The negative prompt defaults to "" (encoded, not zeros)."""
+        """Run the text encoders. The negative prompt defaults to "" (encoded, not zeros).
+
+        Prompt and negative go through each encoder as one batch; with `low_memory` each
+        encoder is released as soon as it has run, so only one is ever in memory.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        texts = prompts + (negatives if with_negative else [])
         enc = self._load_encoders()
-        positive = self._encode(enc, prompts, t5_length, verbose)
-        negative = self._encode(enc, negatives, t5_length, verbose) if with_negative else None
-        mx.eval(positive.context, positive.pooled, *(() if negative is None else (negative.context, negative.pooled)))
+        tok = self.tokenizers
+        outputs = {}
+        for name, label, tokenizer in (("clip_l", "CLIP-L", tok.clip_l), ("clip_g", "CLIP-G", tok.clip_g)):
+            batch = tokenizer.tokenize(texts)
+            _report_truncation(label, batch, verbose)
+            outputs[name] = getattr(enc, name)(mx.array(batch.ids))
+            mx.eval(outputs[name])
+            if self.low_memory:
+                setattr(enc, name, None)
+        t5_hidden = None
+        if self.use_t5:
+            batch = tok.t5.tokenize(texts, max_length=t5_length)
+            _report_truncation("T5", batch, verbose)
+            t5_hidden = enc.t5(mx.array(batch.ids))
+            mx.eval(t5_hidden)
+        cond = assemble(outputs["clip_l"], outputs["clip_g"], t5_hidden, t5_length)
+        n = len(prompts)
+        positive = Conditioning(cond.context[:n], cond.pooled[:n])
+        negative = Conditioning(cond.context[n:], cond.pooled[n:]) if with_negative else None
         if self.low_memory:
             self.release("encoders")
         return PromptEmbeddings(positive, negative, t5_length, not self.use_t5)
-
-    def _encode(self, enc, prompts: List[str], t5_length: int, verbose: bool) -> Conditioning:
-        tok = self.tokenizers
-        outputs = {}
-        for name, tokenizer, network in (("CLIP-L", tok.clip_l, enc.clip_l), ("CLIP-G", tok.clip_g, enc.clip_g)):
-            batch = tokenizer.tokenize(prompts)
-            _report_truncation(name, batch, verbose)
-            outputs[name] = network(mx.array(batch.ids))
-        t5_hidden = None
-        if self.use_t5:
-            batch = tok.t5.tokenize(prompts, max_length=t5_length)
-            _report_truncation("T5", batch, verbose)
-            t5_hidden = enc.t5(mx.array(batch.ids))
-        return assemble(outputs["CLIP-L"], outputs["CLIP-G"], t5_hidden, t5_length)
 
     def encode_image(self, image: mx.array) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
@@ -270,6 +278,18 @@ class SD35Pipeline:
         images = decode_tiled(vae, z) if tile else vae.decode(z)
         mx.eval(images)
         return images.astype(mx.float32)
+
+    def preview(self, latents: mx.array, upscale: int = 8):
+        """A cheap RGB preview (PIL) of latents: a linear map measured once from the VAE."""
+        from .preview import calibrate, latents_to_preview
+
+        if self._preview_projection is None:
+            vae_was_loaded = self._vae is not None
+            self._preview_projection = calibrate(self._load_vae())
+            mx.eval(self._preview_projection)
+            if self.low_memory and not vae_was_loaded:
+                self.release("vae")
+        return latents_to_preview(latents, self._preview_projection, upscale)
 
     def metadata(self, s: GenerationSettings) -> Dict[str, Any]:
         meta = s.to_dict()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,6 +30,7 @@ from .errors import InputError
 COMPONENTS = ("transformer", "vae", "clip_l", "clip_g", "t5")
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
 QUANTIZABLE = ("transformer", "clip_l", "clip_g", "t5")  # everything but the VAE
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -195,14 +196,24 @@ def parse_value(component: str, text: str) -> Optional[QuantSpec]:
     return make_spec(component, bits, group, mode)
 
 
-def parse_quantize(text: str, base: Optional[Mapping[str, Optional[QuantSpec]]] = None
-                   ) -> Dict[str, Optional[QuantSpec]]:  # fmt: skip
-    """Parse 'component=value,...' on top of `base` (default: `default_quantization()`).
+def parse_quantize(
+    text: str,
+    defaults: bool = True,
+    base: Optional[Mapping[str, Optional[QuantSpec]]] = None,
+) -> Dict[str, Optional[QuantSpec]]:
+    """Parse 'component=value,...' into {component: QuantSpec or None} for every component.
 
-    'none' alone means no quantization anywhere. Components: transformer, clip_l, clip_g, t5
-    (the VAE only accepts 16/none). Values: see `parse_value`.
+    Unnamed components come from `base` if given, else from `default_quantization()`
+    (T5 4-bit) when `defaults`, else stay unquantized. 'none' alone means no quantization
+    anywhere. Components: transformer, clip_l, clip_g, t5 (the VAE only accepts 16/none).
+    Values: see `parse_value`.
     """
-    specs = dict(default_quantization() if base is None else base)
+    if base is not None:
+        specs = {c: base.get(c) for c in COMPONENTS}
+    elif defaults:
+        specs = default_quantization()
+    else:
+        specs = {c: None for c in COMPONENTS}
     text = text.strip()
     if text.lower() in ("none", "16", "off"):
         return {c: None for c in COMPONENTS}
@@ -241,22 +252,24 @@ def quantizable_layers(model: nn.Module, spec: QuantSpec) -> List[str]:
     return sorted(out)
 
 
-def quantize_network(model: nn.Module, spec: Optional[QuantSpec], component: str) -> List[str]:
-    """Quantize `model` in place by `spec` (no-op for None); returns the quantized paths.
+def quantize_network(model: M, spec: Optional[QuantSpec], component: str) -> M:
+    """Quantize `model` in place by `spec` (no-op for None) and return it.
 
-    Quantize after casting to the target dtype: scales and biases take the weights' dtype.
+    Layers that are already quantized are left alone. Quantize after casting to the target
+    dtype: scales and biases take the weights' dtype. `quantized_paths(model)` lists the result.
     """
     check_component(component)
     if spec is None:
-        return []
+        return model
     if component == "vae":
         make_spec("vae")  # raises the explanation
     targets = set(quantizable_layers(model, spec))
-    nn.quantize(
-        model, spec.group_size, spec.bits, mode=spec.mode,
-        class_predicate=lambda path, module: path in targets,
-    )  # fmt: skip
-    return sorted(targets)
+    if targets:
+        nn.quantize(
+            model, spec.group_size, spec.bits, mode=spec.mode,
+            class_predicate=lambda path, module: path in targets,
+        )  # fmt: skip
+    return model
 
 
 def is_quantized(model: nn.Module) -> bool:

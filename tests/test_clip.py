@@ -24,7 +24,7 @@ from sd35_mlx.weights.tables import clip as tables
 
 BOS, EOS = 49406, 49407
 FP32_BOUND = 1e-4
-BF16_BOUND = 3e-2  # bf16 weights and activations (8-bit mantissa) through 3 layers vs fp32
+BF16_BOUND = 2e-2  # bf16 weights and activations (8-bit mantissa) vs fp32; measured ~0.9%
 LENGTHS = (5, 30, 77)  # tokens incl. BOS/EOS; 77 = no padding at all
 
 

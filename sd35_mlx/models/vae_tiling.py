@@ -1,0 +1,205 @@
+"""Tiled VAE decode/encode: bounded memory for large images.
+
+The image is cut into overlapping tiles that are decoded (encoded) one at a time and blended
+with cosine ramps across each overlap, so the weights of neighbouring tiles sum to one and
+no seam shows. Peak memory follows the tile size; only the small output accumulator (3
+channels for decode, 2x16 at 1/8 size for encode) grows with the image.
+
+The VAE's GroupNorms and mid-block attention are global, so a tiled result is close to, not
+equal to, the untiled one (each tile sees only its own statistics and context).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Sequence, Tuple
+
+import mlx.core as mx
+
+from ..config import SD3_VAE, VAEConfig
+from ..errors import InputError
+from .vae import VAE
+
+DEFAULT_DECODE_TILE = 64  # latents (512 pixels)
+DEFAULT_DECODE_OVERLAP = 16  # latents (128 pixels)
+DEFAULT_ENCODE_TILE = 512  # pixels
+DEFAULT_ENCODE_OVERLAP = 128  # pixels
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> List[int]:
+    """Starts of tiles of length `tile` covering [0, size) with overlaps of at least `overlap`.
+
+    Tiles are spread evenly, so every overlap is about the same and the last one ends at `size`.
+    """
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - tile) / (tile - overlap)) + 1
+    return [round(k * (size - tile) / (n - 1)) for k in range(n)]
+
+
+def _axis_weights(starts: Sequence[int], length: int, size: int, scale: int) -> List[mx.array]:
+    """Per tile, a 1-D weight over its `length*scale` output samples.
+
+    Across the overlap of tiles k and k+1, k ramps down as cos^2 and k+1 up as sin^2 of the
+    same angle, so their sum is exactly 1. Samples at a tile's outer edge (hurt most by the
+    convs' zero padding) get the least weight.
+    """
+    weights = []
+    n_out = min(length, size) * scale
+    for k, s in enumerate(starts):
+        w = mx.ones((n_out,), dtype=mx.float32)
+        pos = mx.arange(n_out, dtype=mx.float32)
+        if k > 0:
+            o = (starts[k - 1] + length - s) * scale  # overlap with the previous tile
+            ramp = mx.sin(0.5 * math.pi * (pos + 0.5) / o) ** 2
+            w = w * mx.where(pos < o, ramp, 1.0)
+        if k + 1 < len(starts):
+            o = (s + length - starts[k + 1]) * scale  # overlap with the next tile
+            tail = pos - (n_out - o)
+            ramp = mx.cos(0.5 * math.pi * (tail + 0.5) / o) ** 2
+            w = w * mx.where(tail >= 0, ramp, 1.0)
+        weights.append(w)
+    return weights
+
+
+def _check_tiling(tile: int, overlap: int, what: str) -> None:
+    if tile <= 0 or overlap < 0 or overlap >= tile:
+        raise InputError(f"{what}: need tile > overlap >= 0, got tile={tile}, overlap={overlap}")
+
+
+def _blend_tiles(
+    inputs: mx.array,
+    run: Callable[[mx.array], Tuple[mx.array, ...]],
+    tile: int,
+    overlap: int,
+    in_scale: int,
+    out_scale: int,
+    out_channels: Sequence[int],
+) -> Tuple[mx.array, ...]:
+    """Run `run` on overlapping tiles of `inputs` and blend its outputs (fp32).
+
+    Tiles are laid out on the latent grid (`tile`, `overlap` in latents); one latent is
+    `in_scale` input samples and `out_scale` output samples along each side.
+    """
+    b = inputs.shape[0]
+    h, w = inputs.shape[1] // in_scale, inputs.shape[2] // in_scale
+    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    th, tw = min(tile, h), min(tile, w)
+    wy = _axis_weights(rows, tile, h, out_scale)
+    wx = _axis_weights(cols, tile, w, out_scale)
+    accs = [mx.zeros((b, h * out_scale, w * out_scale, c), dtype=mx.float32) for c in out_channels]
+    # the weights are separable and the tiles a grid, so the total weight is separable too
+    sum_y = mx.zeros((h * out_scale,), dtype=mx.float32)
+    sum_x = mx.zeros((w * out_scale,), dtype=mx.float32)
+    for r, y in zip(wy, rows):
+        sum_y[y * out_scale:(y + th) * out_scale] += r
+    for c, x in zip(wx, cols):
+        sum_x[x * out_scale:(x + tw) * out_scale] += c
+    for i, y in enumerate(rows):
+        for j, x in enumerate(cols):
+            window = inputs[:, y * in_scale:(y + th) * in_scale, x * in_scale:(x + tw) * in_scale]
+            outs = run(window)
+            w2d = (wy[i][:, None] * wx[j][None, :])[None, :, :, None]
+            ys = slice(y * out_scale, (y + th) * out_scale)
+            xs = slice(x * out_scale, (x + tw) * out_scale)
+            for acc, out in zip(accs, outs):
+                acc[:, ys, xs, :] += out.astype(mx.float32) * w2d
+            mx.eval(accs)  # one tile at a time: its activations are freed before the next
+    total = (sum_y[:, None] * sum_x[None, :])[None, :, :, None]
+    return tuple(acc / total for acc in accs)
+
+
+def decode_tiled(
+    vae: VAE,
+    latents: mx.array,
+    tile: int = DEFAULT_DECODE_TILE,
+    overlap: int = DEFAULT_DECODE_OVERLAP,
+) -> mx.array:
+    """`vae.decode` in overlapping tiles of `tile` latents (overlap in latents too).
+
+    Falls back to the plain call when the latents fit in one tile. Same input and output as
+    `vae.decode` (unscaled VAE latents in, images in the weights' dtype out).
+    """
+    _check_tiling(tile, overlap, "decode_tiled")
+    if latents.ndim != 4:
+        raise InputError(f"decode_tiled: latents must be (B, h, w, C), got {tuple(latents.shape)}")
+    _, h, w, _ = latents.shape
+    if h <= tile and w <= tile:
+        return vae.decode(latents)
+    (images,) = _blend_tiles(
+        latents, lambda z: (vae.decode(z),), tile, overlap, 1, vae.downscale,
+        [vae.config.in_channels],
+    )  # fmt: skip
+    return images.astype(vae.dtype)
+
+
+def encode_tiled(
+    vae: VAE,
+    images: mx.array,
+    tile: int = DEFAULT_ENCODE_TILE,
+    overlap: int = DEFAULT_ENCODE_OVERLAP,
+) -> Tuple[mx.array, mx.array]:
+    """`vae.encode` in overlapping tiles of `tile` pixels; returns blended (mean, logvar).
+
+    `tile`, `overlap` and the image sides must be multiples of the VAE's downscale (8) so the
+    tiles fall on the latent grid. Falls back to the plain call when the image fits in a tile.
+    """
+    _check_tiling(tile, overlap, "encode_tiled")
+    if images.ndim != 4:
+        raise InputError(f"encode_tiled: images must be (B, H, W, C), got {tuple(images.shape)}")
+    _, h, w, _ = images.shape
+    if h <= tile and w <= tile:
+        return vae.encode(images)
+    f = vae.downscale
+    if tile % f or overlap % f or h % f or w % f:
+        raise InputError(
+            f"encode_tiled: tile ({tile}), overlap ({overlap}) and image size ({h}x{w}) must be "
+            f"multiples of {f}"
+        )
+    lat = vae.config.latent_channels
+    mean, logvar = _blend_tiles(images, vae.encode, tile // f, overlap // f, f, 1, [lat, lat])
+    return mean.astype(vae.dtype), logvar.astype(vae.dtype)
+
+
+# ---- memory estimate (for a memory planner) ----
+def decode_activation_bytes(
+    height: int,
+    width: int,
+    config: VAEConfig = SD3_VAE,
+    dtype_bytes: int = 2,
+    batch: int = 1,
+) -> int:
+    """Estimated peak activation memory of an untiled `vae.decode` to a height x width image.
+
+    Two terms, whichever is larger:
+      convs:     K_CONV * batch * H * W * C1 * (dtype_bytes + 4)
+                 - the biggest tensors live at full resolution, where the first level-0 resnet
+                   reads C1 = block_out_channels[1] channels (256 for SD3); a few of them are
+                   alive at once, and GroupNorm works on an fp32 copy (the + 4).
+      attention: K_ATTN * batch * N^2 * 4,  N = (H/8) * (W/8) latent positions
+                 - the mid-block attention's N x N fp32 score matrix (single head).
+    K_CONV and K_ATTN were measured (see tests/test_vae_tiling.py) and rounded up.
+    Weights are not included.
+    """
+    f = 2 ** (len(config.block_out_channels) - 1)
+    c1 = config.block_out_channels[min(1, len(config.block_out_channels) - 1)]
+    convs = K_CONV * batch * height * width * c1 * (dtype_bytes + 4)
+    n = (height // f) * (width // f)
+    attention = K_ATTN * batch * n * n * 4
+    return int(max(convs, attention))
+
+
+K_CONV = 3.0
+K_ATTN = 3.0
+
+
+def should_tile(
+    height: int,
+    width: int,
+    budget_bytes: int,
+    config: VAEConfig = SD3_VAE,
+    dtype_bytes: int = 2,
+    batch: int = 1,
+) -> bool:
+    """Whether an untiled decode to height x width pixels would exceed `budget_bytes`."""
+    return decode_activation_bytes(height, width, config, dtype_bytes, batch) > budget_bytes
