@@ -103,9 +103,7 @@ def component_of(label: str) -> str:
 
 def build(config) -> nn.Module:
     if isinstance(config, MMDiTConfig):
-        from sd35_mlx.models.mmdit import MMDiT
-
-        return MMDiT(config)
+        return _mmdit_class()(config)
     if isinstance(config, CLIPConfig):
         from sd35_mlx.models.clip import CLIPTextEncoder
 
@@ -115,6 +113,21 @@ def build(config) -> nn.Module:
 
         return T5Encoder(config)
     raise TypeError(config)
+
+
+def _mmdit_class():
+    from sd35_mlx.models import mmdit
+
+    class MMDiT(mmdit.MMDiT):
+        # MMDiT.conditioning casts the timestep features to t_embedder.fc1's weight dtype,
+        # which is uint32 once fc1 is quantized; cast to the model dtype instead so that the
+        # sensitivity of t_embedder can be measured (production keeps t_embedder 16-bit).
+        def conditioning(self, timestep, pooled):
+            t = timestep if isinstance(timestep, mx.array) else mx.array(timestep)
+            t_freq = mmdit.timestep_embedding(t).astype(self.dtype)
+            return self.t_embedder(t_freq) + self.y_embedder(pooled.astype(self.dtype))
+
+    return MMDiT
 
 
 def randomize(model: nn.Module, seed: int, dtype=mx.bfloat16) -> nn.Module:

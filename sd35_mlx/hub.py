@@ -177,11 +177,11 @@ def _not_found_message(repo_id: str, revision: Optional[str]) -> str:
 def _offline_message(repo_id: str, components: Sequence[str], reason: str) -> str:
     from huggingface_hub import constants
 
+    how = "unset HF_HUB_OFFLINE and run" if _offline() else "run"
     return (
         f"{reason} and {repo_id} ({', '.join(components)}) is not in the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}). Run the same command once with network access (and without "
-        "HF_HUB_OFFLINE=1) to download it, or pass the path of a local copy of the model instead "
-        "of the repo id."
+        f"({constants.HF_HUB_CACHE}). To download it, {how} the same command once with network "
+        "access; or pass the path of a local copy of the model instead of the repo id."
     )
 
 
@@ -238,9 +238,15 @@ def _is_connection_error(e: BaseException) -> bool:
 
 
 def _list_online(repo_id: str, revision: Optional[str], token: Optional[str]) -> List[str]:
+    """The repo's files from its model info (one request; the listing call would retry for
+    half a minute when the network is down)."""
     from huggingface_hub import HfApi
 
-    return list(HfApi(token=token).list_repo_files(repo_id, revision=revision))
+    api = HfApi(token=token)
+    siblings = api.model_info(repo_id, revision=revision).siblings
+    if siblings is None:
+        return list(api.list_repo_files(repo_id, revision=revision))
+    return [s.rfilename for s in siblings]
 
 
 def _list_cached(repo_id: str, revision: Optional[str]) -> Optional[List[str]]:
@@ -269,10 +275,13 @@ def _list_cached(repo_id: str, revision: Optional[str]) -> Optional[List[str]]:
 
 
 def _looks_like_path(text: str) -> bool:
+    """Repo ids are `owner/name`; anything else path-like is reported as a missing path."""
     return (
         text.startswith(("/", "./", "../", "~", "."))
-        or os.sep in text.replace("/", "", 1) if os.sep != "/" else text.count("/") > 1
-    ) or text.endswith((".safetensors",) + PICKLE_SUFFIXES)
+        or "\\" in text
+        or text.count("/") > 1
+        or text.lower().endswith((".safetensors", ".json") + PICKLE_SUFFIXES)
+    )
 
 
 def resolve_model_path(

@@ -97,9 +97,16 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_folder_config(folder: Path) -> dict:
-    """tokenizer_config.json overlaid with special_tokens_map.json (as transformers loads them)."""
+    """tokenizer_config.json overlaid with special_tokens_map.json (as transformers loads them).
+
+    The added tokens of a tokenizer.json (with their flags) join `added_tokens_decoder`:
+    folders saved by transformers 5 keep them only there.
+    """
     config = _read_json(folder / "tokenizer_config.json")
     config.update(_read_json(folder / "special_tokens_map.json"))
+    if (folder / "tokenizer.json").exists():
+        added = {str(t["id"]): t for t in _read_json(folder / "tokenizer.json").get("added_tokens", [])}
+        config["added_tokens_decoder"] = {**added, **(config.get("added_tokens_decoder") or {})}
     return config
 
 
@@ -133,7 +140,8 @@ def _config_added_tokens(config: dict, named: Sequence[str]) -> list[tuple[int |
         token = _added_token(value)
         tokens.append((int(index), token))
         seen.add(token.content)
-    extra = list(config.get("additional_special_tokens") or [])
+    # "extra_special_tokens" is transformers 5's name for "additional_special_tokens"
+    extra = list(config.get("additional_special_tokens") or []) + list(config.get("extra_special_tokens") or [])
     for value in [config.get(key) for key in named] + extra:
         text = _token_text(value)
         if text is not None and text not in seen:
@@ -333,7 +341,10 @@ class T5Tokenizer:
                 ids[token.content] = index
         extra_ids = int(config.get("extra_ids", 100))
         for i in range(extra_ids):
-            ids.setdefault(f"<extra_id_{i}>", vocab_size + extra_ids - 1 - i)
+            name = f"<extra_id_{i}>"
+            if name not in ids:
+                index = piece_id(name)
+                ids[name] = index if index is not None else vocab_size + extra_ids - 1 - i
         return ids
 
     @classmethod
@@ -450,10 +461,14 @@ class T5Tokenizer:
         text.append(self._decode_text(run))
         return " ".join(t for t in text if t)
 
-    def tokenize(self, prompts: str | Sequence[str]) -> TokenizedBatch:
+    def tokenize(self, prompts: str | Sequence[str], max_length: int | None = None) -> TokenizedBatch:
+        """Ids padded/truncated to `max_length` (default: this tokenizer's, diffusers' 256)."""
+        length = self.max_length if max_length is None else max_length
+        if not T5_MIN_LENGTH <= length <= T5_MAX_LENGTH:
+            raise InputError(f"T5 max_length must be between {T5_MIN_LENGTH} and {T5_MAX_LENGTH}, got {length}.")
         prompts = _as_list(prompts)
         encoded = self._encode_many(prompts)
-        ids, lengths, dropped = _fixed_length(encoded, self.max_length, [], [self.eos_id], self.pad_id)
+        ids, lengths, dropped = _fixed_length(encoded, length, [], [self.eos_id], self.pad_id)
         return TokenizedBatch(
             ids, lengths, tuple(len(d) for d in dropped), tuple(self.decode(d) if d else "" for d in dropped)
         )

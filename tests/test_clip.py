@@ -112,7 +112,9 @@ def test_fp32_parity(act, projection, pad, hf_eos, eos):
 def test_bf16_within_bound():
     ref = make_reference("gelu", True, seed=2)
     tensors = {k: mx.array(v.numpy()) for k, v in hf_state_dict(ref).items()}
-    model = tables.load_clip(tensors, tables.DIFFUSERS, dtype=mx.bfloat16, hf_config=ref.config.to_dict())
+    model = tables.load_clip(
+        tensors, tables.DIFFUSERS, dtype=mx.bfloat16, hf_config=ref.config.to_dict()
+    )
     ids = token_ids(pad=0)
     hidden, pooled = our_outputs(model, ids)
     assert hidden.dtype == mx.bfloat16 and pooled.dtype == mx.bfloat16
@@ -141,7 +143,9 @@ def test_diffusers_folder(tmp_path: Path):
 
     # the fp16 duplicate maps through the same layout (when asked for on purpose)
     path16 = folder / "model.fp16.safetensors"
-    model16 = tables.load_clip(load_tensors(path16), tables.DIFFUSERS, files=[str(path16)], hf_config=hf)
+    model16 = tables.load_clip(
+        load_tensors(path16), tables.DIFFUSERS, files=[str(path16)], hf_config=hf
+    )
     assert model16.token_embedding.weight.dtype == mx.float16
     assert_parity(model16, ref, token_ids(pad=EOS), bound=1e-2)
 
@@ -151,7 +155,10 @@ def test_stability_clip_l_without_projection(tmp_path: Path):
     path = save_state_dict(hf_state_dict(ref), tmp_path / "text_encoders" / "clip_l.safetensors")
     # no config.json beside SAI files; a width-128 toy needs its activation named
     model = tables.load_clip(
-        load_tensors(path), tables.STABILITY, files=[str(path)], hf_config={"hidden_act": "quick_gelu"}
+        load_tensors(path),
+        tables.STABILITY,
+        files=[str(path)],
+        hf_config={"hidden_act": "quick_gelu"},
     )
     assert "text_projection" not in model and model.config.projection_dim is None
     assert model.config.num_heads == 2  # hidden // 64
@@ -204,7 +211,11 @@ def _lazy_params(config: CLIPConfig) -> dict:
 def test_infer_config_from_full_size_shapes(official: CLIPConfig):
     weights = _lazy_params(official)
     assert tables.infer_config(weights) == official  # SAI files: shapes and width only
-    legacy = {"hidden_act": official.activation, "eos_token_id": 2, "num_attention_heads": official.num_heads}
+    legacy = {
+        "hidden_act": official.activation,
+        "eos_token_id": 2,
+        "num_attention_heads": official.num_heads,
+    }
     assert tables.infer_config(weights, legacy) == official  # diffusers config.json values
     weights.pop("text_projection.weight")
     assert tables.infer_config(weights).projection_dim is None

@@ -26,11 +26,13 @@ from sd35_mlx.weights.safetensors_file import load_tensors
 from sd35_mlx.weights.tables.mmdit import DIFFUSERS, STABILITY, infer_config, load_mmdit
 
 FP32_BOUND = 1e-4
-BF16_BOUND = 3e-2  # bf16 weights and activations vs the fp32 reference, 3 blocks
+BF16_BOUND = 2e-2  # bf16 weights and activations vs the fp32 reference, 3 blocks (measured ~7.5e-3)
 
 # Tiny configurations (head size 64 as in every released model, so heads = hidden // 64).
 TINY = dict(hidden_size=128, num_heads=2, context_dim=32, pooled_dim=24)
-MMDITX = MMDiTConfig(depth=3, pos_embed_max_size=16, qk_norm=True, dual_attention_layers=(0, 1), **TINY)
+MMDITX = MMDiTConfig(
+    depth=3, pos_embed_max_size=16, qk_norm=True, dual_attention_layers=(0, 1), **TINY
+)
 SD3_STYLE = MMDiTConfig(depth=3, pos_embed_max_size=16, qk_norm=False, **TINY)
 CROP = MMDiTConfig(depth=2, pos_embed_max_size=15, qk_norm=True, dual_attention_layers=(0,), **TINY)
 
@@ -61,7 +63,9 @@ def to_mx(state: Dict[str, torch.Tensor]) -> Dict[str, mx.array]:
     return {k: mx.array(v.detach().float().numpy()) for k, v in state.items()}
 
 
-def make_inputs(cfg: MMDiTConfig, batch: int, height: int, width: int, tokens: int = 7, seed: int = 0):
+def make_inputs(
+    cfg: MMDiTConfig, batch: int, height: int, width: int, tokens: int = 7, seed: int = 0
+):
     """NCHW latents, context, pooled and distinct float timesteps σ·1000 per batch entry."""
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, cfg.in_channels, height, width, generator=g)
@@ -181,8 +185,12 @@ def read_transformer_folder(folder: Path) -> Dict[str, mx.array]:
 def test_diffusers_folder(tmp_path, sharded):
     ref = reference_model(MMDITX)
     folder = tmp_path / "transformer"
-    ref.save_pretrained(folder, safe_serialization=True, max_shard_size="400KB" if sharded else "10GB")
-    assert json.loads((folder / "config.json").read_text())["_class_name"] == "SD3Transformer2DModel"
+    ref.save_pretrained(
+        folder, safe_serialization=True, max_shard_size="400KB" if sharded else "10GB"
+    )
+    assert (
+        json.loads((folder / "config.json").read_text())["_class_name"] == "SD3Transformer2DModel"
+    )
     tensors = read_transformer_folder(folder)
     model = load_mmdit(tensors, DIFFUSERS, files=[str(folder)])
     assert model.config == MMDITX
@@ -246,7 +254,8 @@ def test_stability_single_file(tmp_path, cfg):
         "loss.logvar": torch.randn(4, generator=g),
     }
     file = save_state_dict(
-        {"model.diffusion_model." + k: v for k, v in sai.items()} | others, tmp_path / "sd3.safetensors"
+        {"model.diffusion_model." + k: v for k, v in sai.items()} | others,
+        tmp_path / "sd3.safetensors",
     )
     tensors = load_tensors(file)
     model = load_mmdit(tensors, STABILITY, files=[str(file)])
@@ -256,7 +265,10 @@ def test_stability_single_file(tmp_path, cfg):
 
 
 def test_unexpected_keys_are_refused():
-    sai = {"model.diffusion_model." + k: mx.array(v.numpy()) for k, v in random_sai_state(SD3_STYLE).items()}
+    sai = {
+        "model.diffusion_model." + k: mx.array(v.numpy())
+        for k, v in random_sai_state(SD3_STYLE).items()
+    }
     sai["model.diffusion_model.joint_blocks.0.x_block.attn.extra.weight"] = mx.zeros((2,))
     with pytest.raises(WeightMappingError, match="attn.extra.weight"):
         load_mmdit(sai, STABILITY, files=["sd3.safetensors"])
@@ -279,7 +291,9 @@ def lazy_zeros(shapes: Dict[str, tuple]) -> Dict[str, mx.array]:
     return {k: mx.zeros(tuple(s), dtype=mx.bfloat16) for k, s in shapes.items()}  # never evaluated
 
 
-@pytest.mark.parametrize("cfg, n_diffusers, n_sai, n_params", OFFICIAL, ids=["sd3-m", "sd35-m", "sd35-l"])
+@pytest.mark.parametrize(
+    "cfg, n_diffusers, n_sai, n_params", OFFICIAL, ids=["sd3-m", "sd35-m", "sd35-l"]
+)
 def test_full_size_tables_and_counts(cfg, n_diffusers, n_sai, n_params):
     with torch.device("meta"):
         ref = SD3Transformer2DModel(**diffusers_kwargs(cfg))

@@ -87,7 +87,9 @@ def test_header_entry_without_offsets(tmp_path, state):
     header = json.loads(data[8 : 8 + n])
     key = "text_projection.weight"
     del header[key]["data_offsets"]
-    raw = json.dumps(header).encode().ljust(n)  # shorter JSON, padded with spaces as allowed
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) < n
+    raw = raw.ljust(n)  # padded with spaces, as the format allows
     path.write_bytes(data[:8] + raw + data[8 + n :])
     with pytest.raises(WeightFileError, match="corrupt header entry") as e:
         read_header(path)
@@ -145,7 +147,9 @@ def test_unexpected_source_key(tmp_path, state):
 def test_unexpected_parameter_for_the_given_config(tmp_path, state):
     path = _write(tmp_path, state)
     # apply_rules on its own: a clean mapping, then a config with one layer fewer than the file
-    mapped = apply_rules(load_tensors(path), tables.RULES, layout=tables.STABILITY.name, files=[str(path)])
+    mapped = apply_rules(
+        load_tensors(path), tables.RULES, layout=tables.STABILITY.name, files=[str(path)]
+    )
     fewer_layers = replace(tables.infer_config(mapped, HF), num_layers=2)
     with pytest.raises(WeightMappingError, match="unexpected keys") as e:
         _load(path, config=fewer_layers)
@@ -161,12 +165,15 @@ def test_wrong_shape(tmp_path, state):
 
 
 def test_check_against_model_directly(state):
-    model = CLIPTextEncoder(CLIPConfig(hidden_size=128, num_layers=1, num_heads=2, intermediate_size=256))
+    model = CLIPTextEncoder(
+        CLIPConfig(hidden_size=128, num_layers=1, num_heads=2, intermediate_size=256)
+    )
     with pytest.raises(WeightMappingError) as e:
-        check_against_model(model, {"final_norm.weight": model.final_norm.weight, "bogus": model.final_norm.bias},
-                            layout="my layout", files=["x.safetensors"])  # fmt: skip
+        weights = {"final_norm.weight": model.final_norm.weight, "bogus": model.final_norm.bias}
+        check_against_model(model, weights, layout="my layout", files=["x.safetensors"])
     msg = str(e.value)
-    assert "x.safetensors" in msg and "my layout" in msg and "bogus" in msg and "token_embedding.weight" in msg
+    assert "x.safetensors" in msg and "my layout" in msg and "bogus" in msg
+    assert "missing keys: final_norm.bias" in msg
 
 
 def test_wrong_layout_for_an_all_in_one_file(tmp_path, state):
@@ -175,7 +182,12 @@ def test_wrong_layout_for_an_all_in_one_file(tmp_path, state):
     path = _write(tmp_path, prefixed, "sd3_medium_incl_clips.safetensors")
     with pytest.raises(WeightMappingError, match="unexpected keys") as e:
         _load(path)
-    _assert_names(e, path, tables.STABILITY, "text_encoders.clip_g.transformer.text_projection.weight")
+    _assert_names(
+        e,
+        path,
+        tables.STABILITY,
+        "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight",
+    )
     # and the matching layout loads it
     model = load_network(
         load_tensors(path), tables.single_file("clip_g"), CLIPTextEncoder,

@@ -47,7 +47,9 @@ class CLIPMLP(nn.Module):
     def __init__(self, dims: int, hidden: int, activation: str):
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown CLIP activation {activation!r}; expected one of {list(_ACTIVATIONS)}")
+            raise ValueError(
+                f"unknown CLIP activation {activation!r}; expected one of {list(_ACTIVATIONS)}"
+            )
         self.fc1 = nn.Linear(dims, hidden)
         self.fc2 = nn.Linear(hidden, dims)
         self.act = _ACTIVATIONS[activation]

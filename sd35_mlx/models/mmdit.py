@@ -29,7 +29,9 @@ BlockModulation = Tuple[Chunks, Chunks]
 Modulations = Tuple[Tuple[BlockModulation, ...], Chunks]  # (per block, final layer)
 
 
-def timestep_embedding(t: mx.array, dim: int = TIMESTEP_DIM, max_period: float = 10000.0) -> mx.array:
+def timestep_embedding(
+    t: mx.array, dim: int = TIMESTEP_DIM, max_period: float = 10000.0
+) -> mx.array:
     """[cos, sin] sinusoid of float timesteps (B,) -> (B, dim), always in float32.
 
     In bf16, values near 1000 are 4 apart and the high frequencies would be noise.
@@ -137,7 +139,8 @@ class MMDiT(nn.Module):
         if latents.shape[1] % cfg.patch_size or latents.shape[2] % cfg.patch_size:
             raise InputError(
                 f"latent height and width must be multiples of {cfg.patch_size} (image sides "
-                f"multiples of {8 * cfg.patch_size} pixels); got {latents.shape[1]}x{latents.shape[2]}"
+                f"multiples of {8 * cfg.patch_size} pixels); "
+                f"got {latents.shape[1]}x{latents.shape[2]}"
             )
         if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
             raise InputError(

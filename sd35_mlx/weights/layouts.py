@@ -19,6 +19,7 @@ Nothing here reads tensor data. Pickle checkpoints are refused.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -94,6 +95,14 @@ def _header(path: Path) -> _Header:
     return _Header(path, read_header(path)[0])
 
 
+def _headers(files: Sequence[Path]) -> _Header:
+    """The headers of a component's shards as one."""
+    infos: Dict[str, TensorInfo] = {}
+    for f in files:
+        infos.update(read_header(f)[0])
+    return _Header(files[0], infos)
+
+
 _CLIP_TOKEN = "text_model.embeddings.token_embedding.weight"
 _T5_MARKERS = ("encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight",
                "encoder.embed_tokens.weight")  # fmt: skip
@@ -155,6 +164,14 @@ def _key_sample(h: _Header, n: int = 6) -> str:
 # ---- which CLIP a bare CLIP file is ---------------------------------------------------------
 _CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
 _ACTIVATIONS = {"quick_gelu": "clip_l", "gelu": "clip_g"}
+
+
+def _known_clip_config(component: str, hf_config: Optional[dict]) -> Optional[dict]:
+    """Stability files carry no config.json; which CLIP it is fixes its activation (so
+    fine-tunes of any width load)."""
+    if hf_config is not None or component not in ("clip_l", "clip_g"):
+        return hf_config
+    return {"hidden_act": "quick_gelu" if component == "clip_l" else "gelu"}
 
 
 def _name_hint(name: str) -> Optional[str]:
@@ -261,7 +278,7 @@ def _component_folder(folder: Path, folder_hint: Optional[str] = None) -> Tuple[
     config_path = folder / "config.json"
     hf_config = _read_json(config_path) if config_path.is_file() else None
     files = component_weight_files(folder)
-    h = _header(files[0])
+    h = _headers(files)
     found = _classify(h, diffusers_context=True)
     if len(found) != 1:
         raise WeightFileError(
@@ -357,7 +374,7 @@ def _from_files(files: Iterable[Path], wanted: Sequence[str], *, where: str) -> 
                 f"{', '.join(str(p) for p, _ in chosen)}. Pass the path of the one you want."
             )
         path, f = chosen[0]
-        out[component] = ComponentSource([path], f.layout, None)
+        out[component] = ComponentSource([path], f.layout, _known_clip_config(component, None))
     return out
 
 
@@ -372,13 +389,13 @@ def _sai_files(folder: Path) -> List[Path]:
 # ---- the entry point --------------------------------------------------------------------------
 def _converted():
     """The converted-folder module, when that format is available (a hook: optional)."""
+    name = f"{__package__}.converted"
     try:
-        from . import converted
+        return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name and e.name.endswith("weights.converted"):
+        if e.name == name:
             return None
         raise
-    return converted
 
 
 def is_converted_folder(path: Path) -> bool:
@@ -453,7 +470,7 @@ def _resolve_file(path: Path, wanted: Sequence[str]) -> Dict[str, ComponentSourc
                 log.warning("%s: skipping its fp8 %s (not supported)", path, _DESCRIPTION[component])
                 continue
             _refuse_fp8(f, [path])
-        out[component] = ComponentSource([path], f.layout, hf_config)
+        out[component] = ComponentSource([path], f.layout, _known_clip_config(component, hf_config))
     return out
 
 

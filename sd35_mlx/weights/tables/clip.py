@@ -23,7 +23,11 @@ RULES = (
     Rule("token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
     Rule("position_embedding", ("text_model.embeddings.position_embedding.weight",)),
     *(
-        Rule(f"layers.{{i}}.attn.qkv.{p}", tuple(f"{_L}self_attn.{n}_proj.{p}" for n in "qkv"), concat)
+        Rule(
+            f"layers.{{i}}.attn.qkv.{p}",
+            tuple(f"{_L}self_attn.{n}_proj.{p}" for n in "qkv"),
+            concat,
+        )
         for p in ("weight", "bias")
     ),
     *(
@@ -45,8 +49,12 @@ RULES = (
 # A non-persistent buffer that older transformers versions saved; derived, not learned.
 IGNORE = (r"text_model\.embeddings\.position_ids\Z",)
 
-DIFFUSERS = NetworkLayout("diffusers CLIP text encoder (text_encoder/ or text_encoder_2/)", RULES, "", IGNORE)
-STABILITY = NetworkLayout("SAI text_encoders/clip_l.safetensors or clip_g.safetensors", RULES, "", IGNORE)
+DIFFUSERS = NetworkLayout(
+    "diffusers CLIP text encoder (text_encoder/ or text_encoder_2/)", RULES, "", IGNORE
+)
+STABILITY = NetworkLayout(
+    "SAI text_encoders/clip_l.safetensors or clip_g.safetensors", RULES, "", IGNORE
+)
 
 SINGLE_FILE_ENCODERS = ("clip_l", "clip_g")
 
@@ -54,7 +62,9 @@ SINGLE_FILE_ENCODERS = ("clip_l", "clip_g")
 def single_file(which: str) -> NetworkLayout:
     """Layout of one CLIP inside an all-in-one checkpoint (`which`: "clip_l" or "clip_g")."""
     if which not in SINGLE_FILE_ENCODERS:
-        raise InputError(f"unknown single-file CLIP encoder {which!r}; expected one of {SINGLE_FILE_ENCODERS}")
+        raise InputError(
+            f"unknown single-file CLIP encoder {which!r}; expected one of {SINGLE_FILE_ENCODERS}"
+        )
     prefix = f"text_encoders.{which}.transformer."
     return NetworkLayout(f"single-file {which} (prefix {prefix})", RULES, prefix, IGNORE)
 
@@ -76,7 +86,9 @@ def infer_config(weights: Mapping[str, mx.array], hf_config: Optional[dict] = No
         positions = weights["position_embedding"].shape[0]
         intermediate = weights["layers.0.mlp.fc1.weight"].shape[0]
     except KeyError as e:
-        raise WeightMappingError(f"cannot infer the CLIP configuration: no tensor {e} after mapping")
+        raise WeightMappingError(
+            f"cannot infer the CLIP configuration: no tensor {e} after mapping"
+        )
     layer_ids = {int(m.group(1)) for k in weights if (m := re.match(r"layers\.(\d+)\.", k))}
     projection = weights.get("text_projection.weight")
 

@@ -30,9 +30,7 @@ def _wb(target: str, source: str, transform=identity, when=None) -> Tuple[Rule, 
 
 
 def _wb_qkv(target: str, q: str, k: str, v: str) -> Tuple[Rule, ...]:
-    return tuple(
-        Rule(f"{target}.{s}", (f"{q}.{s}", f"{k}.{s}", f"{v}.{s}"), concat) for s in _WB
-    )
+    return tuple(Rule(f"{target}.{s}", (f"{q}.{s}", f"{k}.{s}", f"{v}.{s}"), concat) for s in _WB)
 
 
 # ---- diffusers (SD3Transformer2DModel state dict) ----
@@ -70,9 +68,11 @@ _DIFFUSERS_RULES: Tuple[Rule, ...] = (
     *_wb("blocks.{i}.context.adaLN", _D + "norm1_context.linear", when=_not_last_block),
     *_wb("blocks.{i}.context.adaLN", _D + "norm1_context.linear", swap_halves, _is_last_block),
     *_wb_qkv(
-        "blocks.{i}.context.attn.qkv", _D + "attn.add_q_proj", _D + "attn.add_k_proj",
+        "blocks.{i}.context.attn.qkv",
+        _D + "attn.add_q_proj",
+        _D + "attn.add_k_proj",
         _D + "attn.add_v_proj",
-    ),  # fmt: skip
+    ),
     Rule("blocks.{i}.context.attn.q_norm.weight", (_D + "attn.norm_added_q.weight",)),
     Rule("blocks.{i}.context.attn.k_norm.weight", (_D + "attn.norm_added_k.weight",)),
     *_wb("blocks.{i}.context.attn.proj", _D + "attn.to_add_out"),
@@ -163,7 +163,9 @@ def infer_config(weights: Mapping[str, mx.array]) -> MMDiTConfig:
         pooled_dim=_need(weights, "y_embedder.fc1.weight")[1],
         pos_embed_max_size=side,
         qk_norm=norm is not None,
-        dual_attention_layers=tuple(sorted({int(m.group(1)) for k in weights if (m := _ATTN2.match(k))})),
+        dual_attention_layers=tuple(
+            sorted({int(m.group(1)) for k in weights if (m := _ATTN2.match(k))})
+        ),
         mlp_ratio=_need(weights, "blocks.0.x.mlp.fc1.weight")[0] // hidden,
     )
 
