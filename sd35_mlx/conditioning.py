@@ -9,9 +9,10 @@ zero tokens are not inert (`context_embedder(0) = bias`), so 77 vs 256 zeros cha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import mlx.core as mx
 
@@ -33,7 +34,8 @@ class Conditioning:
     def __post_init__(self) -> None:
         if self.context.ndim != 3 or self.pooled.ndim != 2:
             raise InputError(
-                f"Conditioning needs context (B, L, D) and pooled (B, P); got {self.context.shape} and {self.pooled.shape}."
+                "Conditioning needs context (B, L, D) and pooled (B, P); "
+                f"got {self.context.shape} and {self.pooled.shape}."
             )
         if self.context.shape[0] != self.pooled.shape[0]:
             raise InputError(
@@ -47,14 +49,14 @@ class Conditioning:
     def __len__(self) -> int:
         return self.batch_size
 
-    def __getitem__(self, index: int | slice) -> "Conditioning":
+    def __getitem__(self, index: int | slice) -> Conditioning:
         """Select prompts along the batch axis (an int keeps the batch axis)."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return Conditioning(self.context[index], self.pooled[index], dict(self.metadata))
 
     @staticmethod
-    def concat(items: Sequence["Conditioning"]) -> "Conditioning":
+    def concat(items: Sequence[Conditioning]) -> Conditioning:
         """Stack along the batch axis in the given order; for CFG use `concat([negative, positive])`
         (diffusers' order: the first half of the model output is the unconditional prediction)."""
         items = list(items)
@@ -72,11 +74,11 @@ class Conditioning:
             dict(items[0].metadata),
         )
 
-    def repeat(self, n: int) -> "Conditioning":
+    def repeat(self, n: int) -> Conditioning:
         """Each prompt n times in a row (p0, p0, p1, p1, …), as diffusers' num_images_per_prompt."""
         return Conditioning(mx.repeat(self.context, n, axis=0), mx.repeat(self.pooled, n, axis=0), dict(self.metadata))
 
-    def astype(self, dtype: mx.Dtype) -> "Conditioning":
+    def astype(self, dtype: mx.Dtype) -> Conditioning:
         return Conditioning(self.context.astype(dtype), self.pooled.astype(dtype), dict(self.metadata))
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -91,7 +93,7 @@ class Conditioning:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Conditioning":
+    def load(cls, path: str | Path) -> Conditioning:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"Conditioning file not found: {path}")
@@ -135,7 +137,9 @@ def assemble(
     g_hidden, g_pooled = _hidden_and_pooled(clip_g, "CLIP-G")
     batch, clip_len = l_hidden.shape[:2]
     if g_hidden.shape[:2] != (batch, clip_len):
-        raise InputError(f"CLIP-L and CLIP-G hidden states disagree in batch/length: {l_hidden.shape} vs {g_hidden.shape}.")
+        raise InputError(
+            f"CLIP-L and CLIP-G hidden states disagree in batch/length: {l_hidden.shape} vs {g_hidden.shape}."
+        )
 
     if t5_hidden is not None:
         if t5_hidden.ndim != 3 or t5_hidden.shape[0] != batch:

@@ -102,7 +102,7 @@ def _load_source(component: str, source: ComponentSource, dtype: Optional[mx.Dty
 
 def _t5_dtype(dtype: Optional[mx.Dtype]) -> Optional[mx.Dtype]:
     """T5-XXL's activations overflow float16 (spec §4.1): never run it in plain fp16."""
-    if dtype == mx.float16:
+    if dtype is not None and dtype == mx.float16:
         log.warning(
             "T5-XXL overflows in float16 (its activations exceed the fp16 range and turn into "
             "inf/NaN); loading T5 in bfloat16 instead."

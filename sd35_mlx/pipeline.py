@@ -20,7 +20,7 @@ from .conditioning import Conditioning, assemble
 from .denoise import Denoiser
 from .errors import InputError
 from .images import load_image, to_pil
-from .sampling import img2img_sigmas, flow_sigmas, make_sampler
+from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise
 from .settings import GenerationSettings, SkipLayerSettings
 from .variants import Variant, detect_variant, validate_size
 
@@ -75,6 +75,7 @@ class SD35Pipeline:
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
+        self.context_dim = config.context_dim
         self.variant: Variant = detect_variant(config, hint=variant_hint or name)
         if low_memory:
             self._transformer = None
@@ -197,7 +198,7 @@ class SD35Pipeline:
             _report_truncation("T5", batch, verbose)
             t5_hidden = enc.t5(mx.array(batch.ids))
             mx.eval(t5_hidden)
-        cond = assemble(outputs["clip_l"], outputs["clip_g"], t5_hidden, t5_length)
+        cond = assemble(outputs["clip_l"], outputs["clip_g"], t5_hidden, t5_length, joint_dim=self.context_dim)
         n = len(prompts)
         positive = Conditioning(cond.context[:n], cond.pooled[:n])
         negative = Conditioning(cond.context[n:], cond.pooled[n:]) if with_negative else None
@@ -246,7 +247,7 @@ class SD35Pipeline:
             if self.low_memory:
                 self.release("vae")
             sigmas = img2img_sigmas(s.steps, s.strength, s.shift)
-            latents = sigmas[0] * noise + (1.0 - sigmas[0]) * image_latents
+            latents = scale_noise(image_latents, noise, float(sigmas[0]))
             self.timings["encode_image"] = time.perf_counter() - t0
 
         denoiser = Denoiser(

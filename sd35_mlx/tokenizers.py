@@ -15,12 +15,20 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+)
 from tokenizers.models import BPE, Unigram
 
 from .errors import InputError
@@ -30,9 +38,7 @@ T5_DEFAULT_LENGTH = 256  # diffusers' max_sequence_length default
 T5_MIN_LENGTH, T5_MAX_LENGTH = 77, 512
 
 # OpenAI CLIP's pre-tokenization pattern (as in transformers' CLIPTokenizer).
-_CLIP_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class TokenizedBatch:
     def truncation_warnings(self, name: str) -> list[str]:
         """One line per truncated prompt, e.g. "CLIP-L: prompt truncated, 12 tokens dropped: '…'"."""
         return [
-            f"{name}: prompt {i} truncated, {n} tokens dropped: {text!r}" if len(self.dropped) > 1
+            f"{name}: prompt {i} truncated, {n} tokens dropped: {text!r}"
+            if len(self.dropped) > 1
             else f"{name}: prompt truncated, {n} tokens dropped: {text!r}"
             for i, (n, text) in enumerate(zip(self.dropped, self.dropped_text))
             if n > 0
@@ -203,7 +210,7 @@ class CLIPTokenizer:
         merges: list[tuple[str, str]],
         config: dict,
         max_length: int,
-    ) -> "CLIPTokenizer":
+    ) -> CLIPTokenizer:
         bos = _token_text(config.get("bos_token")) or "<|startoftext|>"
         eos = _token_text(config.get("eos_token")) or "<|endoftext|>"
         unk = _token_text(config.get("unk_token")) or eos
@@ -231,7 +238,7 @@ class CLIPTokenizer:
         max_length: int = CLIP_MAX_LENGTH,
         bos_token: str = "<|startoftext|>",
         eos_token: str = "<|endoftext|>",
-    ) -> "CLIPTokenizer":
+    ) -> CLIPTokenizer:
         """From `vocab.json` + `merges.txt`. CLIP-L: pad `<|endoftext|>`; CLIP-G: pad `"!"` (or 0).
 
         `pad_is_special=True` declares the pad token special as diffusers' `tokenizer_2/` does, so
@@ -255,7 +262,7 @@ class CLIPTokenizer:
         return tokenizer
 
     @classmethod
-    def from_folder(cls, path: str | Path, max_length: int | None = None) -> "CLIPTokenizer":
+    def from_folder(cls, path: str | Path, max_length: int | None = None) -> CLIPTokenizer:
         """From a diffusers `tokenizer/` or `tokenizer_2/` folder (pad token and length from its configs)."""
         folder = Path(path)
         vocab_path, merges_path, json_path = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
@@ -268,9 +275,7 @@ class CLIPTokenizer:
             if model.get("type") != "BPE" or not isinstance(vocab, dict):
                 raise InputError(f"{json_path} is not a BPE tokenizer (CLIP needs vocab + merges).")
         else:
-            raise InputError(
-                f"No CLIP tokenizer in {folder}: expected vocab.json + merges.txt (or tokenizer.json)."
-            )
+            raise InputError(f"No CLIP tokenizer in {folder}: expected vocab.json + merges.txt (or tokenizer.json).")
         config = _read_folder_config(folder)
         return cls._build(vocab, merges, config, max_length or _max_length(config, CLIP_MAX_LENGTH))
 
@@ -306,17 +311,15 @@ class T5Tokenizer:
 
     def __init__(
         self,
-        encode_fn,
-        decode_fn,
+        encode_fn: Callable[[list[str]], list[list[int]]],
+        decode_fn: Callable[[list[int]], str],
         special_ids: dict[str, int],
         eos_id: int = 1,
         pad_id: int = 0,
         max_length: int = T5_DEFAULT_LENGTH,
     ):
         if not T5_MIN_LENGTH <= max_length <= T5_MAX_LENGTH:
-            raise InputError(
-                f"T5 max_length must be between {T5_MIN_LENGTH} and {T5_MAX_LENGTH}, got {max_length}."
-            )
+            raise InputError(f"T5 max_length must be between {T5_MIN_LENGTH} and {T5_MAX_LENGTH}, got {max_length}.")
         self._encode_text = encode_fn  # list[str] -> list[list[int]], text without special tokens
         self._decode_text = decode_fn  # list[int] -> str, ids of ordinary pieces
         self.special_ids = special_ids
@@ -354,7 +357,7 @@ class T5Tokenizer:
         max_length: int = T5_DEFAULT_LENGTH,
         *,
         config: dict | None = None,
-    ) -> "T5Tokenizer":
+    ) -> T5Tokenizer:
         """From a SentencePiece `spiece.model` (T5: `<pad>`=0, `</s>`=1, `<unk>`=2, 100 sentinels)."""
         import sentencepiece as spm
 
@@ -368,10 +371,7 @@ class T5Tokenizer:
             i = sp.piece_to_id(text)
             return None if sp.is_unknown(i) and text != sp.id_to_piece(i) else i
 
-        config = dict(config or {})
-        config.setdefault("eos_token", "</s>")
-        config.setdefault("unk_token", "<unk>")
-        config.setdefault("pad_token", "<pad>")
+        config = _with_t5_defaults(config)
         special_ids = cls._special_ids(config, vocab_size, piece_id)
         eos_id = special_ids[_token_text(config["eos_token"])]
         pad_id = special_ids[_token_text(config["pad_token"])]
@@ -385,7 +385,7 @@ class T5Tokenizer:
         return cls(encode, decode, special_ids, eos_id, pad_id, max_length)
 
     @classmethod
-    def _from_tokenizer_json(cls, path: Path, config: dict, max_length: int) -> "T5Tokenizer":
+    def _from_tokenizer_json(cls, path: Path, config: dict, max_length: int) -> T5Tokenizer:
         """From a `tokenizer.json` only, built as transformers 5's T5Tokenizer rebuilds it."""
         data = _read_json(path)
         model = data.get("model", {})
@@ -403,10 +403,7 @@ class T5Tokenizer:
         pieces = {piece: i for i, (piece, _) in enumerate(vocab)}
         for token in data.get("added_tokens", []):
             pieces.setdefault(token["content"], token["id"])
-        config = dict(config)
-        config.setdefault("eos_token", "</s>")
-        config.setdefault("unk_token", "<unk>")
-        config.setdefault("pad_token", "<pad>")
+        config = _with_t5_defaults(config)
         special_ids = cls._special_ids(config, len(vocab), pieces.get)
         eos_id = special_ids[_token_text(config["eos_token"])]
         pad_id = special_ids[_token_text(config["pad_token"])]
@@ -420,7 +417,7 @@ class T5Tokenizer:
         return cls(encode, decode, special_ids, eos_id, pad_id, max_length)
 
     @classmethod
-    def from_folder(cls, path: str | Path, max_length: int = T5_DEFAULT_LENGTH) -> "T5Tokenizer":
+    def from_folder(cls, path: str | Path, max_length: int = T5_DEFAULT_LENGTH) -> T5Tokenizer:
         """From a diffusers `tokenizer_3/` folder (`spiece.model`, else `tokenizer.json`)."""
         folder = Path(path)
         config = _read_folder_config(folder)
@@ -474,6 +471,10 @@ class T5Tokenizer:
         )
 
     __call__ = tokenize
+
+
+def _with_t5_defaults(config: dict | None) -> dict:
+    return {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", **(config or {})}
 
 
 def _precompiled_charsmap(normalizer: dict | None) -> str | None:

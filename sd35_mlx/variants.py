@@ -10,32 +10,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from numbers import Integral
-from typing import Dict, Optional, Union
 
 from .config import SD3_MEDIUM_MMDIT, SD35_LARGE_MMDIT, SD35_MEDIUM_MMDIT, MMDiTConfig
 from .errors import InputError
 from .sampling.guidance import SkipLayerGuidance
 
 VAE_SCALE = 8  # pixels per latent cell
-MIN_SIZE = 128  # smallest image side we accept by default (8×8 patches); models train from 256
+MIN_SIZE = 128  # smallest side for the published models (8×8 patches; they were trained from 256)
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     config: MMDiTConfig
-    repo_id: Optional[str]
-    default_steps: int
-    default_cfg: float
+    repo_id: str | None
+    steps: int  # default number of sampling steps
+    cfg: float  # default guidance scale (≤ 1: no negative pass)
     shift: float = 3.0
     sampler: str = "euler"
-    slg: Optional[SkipLayerGuidance] = None  # recommended skip-layer guidance, if the model has one
+    slg: SkipLayerGuidance | None = None  # recommended skip-layer guidance, if the model has one
     slg_by_default: bool = False  # whether generation turns `slg` on without being asked
     default_size: int = 1024
+    min_size: int = MIN_SIZE  # smallest image side accepted by `validate_size`
     description: str = ""
 
     @property
-    def default_slg(self) -> Optional[SkipLayerGuidance]:
+    def default_slg(self) -> SkipLayerGuidance | None:
         return self.slg if self.slg_by_default else None
 
 
@@ -43,8 +43,8 @@ SD3_MEDIUM = Variant(
     name="sd3-medium",
     config=SD3_MEDIUM_MMDIT,
     repo_id="stabilityai/stable-diffusion-3-medium-diffusers",
-    default_steps=28,
-    default_cfg=7.0,
+    steps=28,
+    cfg=7.0,
     description="SD3 Medium (2B MMDiT)",
 )
 # The card recommends skip-layer guidance in prose, but its diffusers recipe (40 steps,
@@ -53,8 +53,8 @@ SD35_MEDIUM = Variant(
     name="sd3.5-medium",
     config=SD35_MEDIUM_MMDIT,
     repo_id="stabilityai/stable-diffusion-3.5-medium",
-    default_steps=40,
-    default_cfg=4.5,
+    steps=40,
+    cfg=4.5,
     slg=SkipLayerGuidance(layers=(7, 8, 9), scale=2.8, start=0.01, end=0.2),
     description="SD3.5 Medium (2.5B MMDiT-X)",
 )
@@ -62,20 +62,20 @@ SD35_LARGE = Variant(
     name="sd3.5-large",
     config=SD35_LARGE_MMDIT,
     repo_id="stabilityai/stable-diffusion-3.5-large",
-    default_steps=28,
-    default_cfg=3.5,
+    steps=28,
+    cfg=3.5,
     description="SD3.5 Large (8B MMDiT)",
 )
 SD35_LARGE_TURBO = Variant(
     name="sd3.5-large-turbo",
     config=SD35_LARGE_MMDIT,
     repo_id="stabilityai/stable-diffusion-3.5-large-turbo",
-    default_steps=4,
-    default_cfg=0.0,  # cfg ≤ 1: one conditional pass per step
+    steps=4,
+    cfg=0.0,  # cfg ≤ 1: one conditional pass per step
     description="SD3.5 Large Turbo (8B MMDiT, distilled for 4 steps without CFG)",
 )
 
-VARIANTS: Dict[str, Variant] = {v.name: v for v in (SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE, SD35_LARGE_TURBO)}
+VARIANTS: dict[str, Variant] = {v.name: v for v in (SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE, SD35_LARGE_TURBO)}
 
 
 def get_variant(name: str) -> Variant:
@@ -97,13 +97,15 @@ def _generic(config: MMDiTConfig) -> Variant:
         name="custom",
         config=config,
         repo_id=None,
-        default_steps=28,
-        default_cfg=5.0,
+        steps=28,
+        cfg=5.0,
+        default_size=min(1024, VAE_SCALE * config.patch_size * config.pos_embed_max_size),
+        min_size=VAE_SCALE * config.patch_size,  # no quality floor for unknown (e.g. tiny test) models
         description=f"unrecognised MMDiT (depth {config.depth}, hidden {config.hidden_size})",
     )
 
 
-def detect_variant(config: MMDiTConfig, hint: Optional[str] = None) -> Variant:
+def detect_variant(config: MMDiTConfig, hint: str | None = None) -> Variant:
     """The published variant whose architecture `config` is, else a generic one.
 
     SD3 Medium: depth 24, no qk-norm. SD3.5 Medium: depth 24, dual attention, 384 pos grid.
@@ -123,27 +125,27 @@ def detect_variant(config: MMDiTConfig, hint: Optional[str] = None) -> Variant:
     return base if base.config == config else replace(base, config=config)
 
 
-def size_range(config: MMDiTConfig, minimum: int = MIN_SIZE) -> tuple:
+def size_range(config: MMDiTConfig, minimum: int = MIN_SIZE) -> tuple[int, int, int]:
     """(multiple, smallest, largest) allowed image side in pixels for this transformer."""
     multiple = VAE_SCALE * config.patch_size
     largest = multiple * config.pos_embed_max_size  # the positional grid is cropped, never grown
-    smallest = -(-minimum // multiple) * multiple
+    smallest = max(-(-minimum // multiple) * multiple, multiple)
     return multiple, smallest, largest
 
 
 def validate_size(
-    height: int, width: int, variant_or_config: Union[Variant, MMDiTConfig], minimum: int = MIN_SIZE
+    height: int, width: int, variant_or_config: Variant | MMDiTConfig, minimum: int | None = None
 ) -> None:
     """Raise InputError unless both sides are multiples of 16 within the model's range.
 
     The largest side is 16·pos_embed_max_size (3072 px for SD3 Medium / SD3.5 Large,
-    6144 px for SD3.5 Medium); `minimum` (default 128) is our own floor.
+    6144 px for SD3.5 Medium). The smallest is `minimum`, else the variant's `min_size`
+    (128 for the published models, one patch (16) for unrecognised configs); a bare config
+    is first matched with `detect_variant`.
     """
-    if isinstance(variant_or_config, Variant):
-        config, label = variant_or_config.config, variant_or_config.name
-    else:
-        config, label = variant_or_config, "this model"
-    multiple, smallest, largest = size_range(config, minimum)
+    variant = variant_or_config if isinstance(variant_or_config, Variant) else detect_variant(variant_or_config)
+    label = "this model" if variant.name == "custom" else variant.name
+    multiple, smallest, largest = size_range(variant.config, variant.min_size if minimum is None else minimum)
     for side, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise InputError(f"{side} must be a whole number of pixels (got {value!r})")

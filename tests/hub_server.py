@@ -96,10 +96,21 @@ class FakeHub:
 
     # ---- what the tests look at ----
     def downloads(self, repo_id: Optional[str] = None) -> List[str]:
-        """Files served with a successful GET (the actual downloads), as repo paths."""
+        """Files served with a successful GET (the actual downloads), as repo paths.
+
+        huggingface_hub skips the GET of a file whose content (ETag) it already holds, e.g.
+        tokenizer_2/vocab.json after tokenizer/vocab.json: see `requested` for the HEADs too.
+        """
+        return self._files(repo_id, lambda r: r.method == "GET" and r.status in (200, 206))
+
+    def requested(self, repo_id: Optional[str] = None) -> List[str]:
+        """Files asked about in any way (HEAD or GET, any answer)."""
+        return self._files(repo_id, lambda r: True)
+
+    def _files(self, repo_id, keep) -> List[str]:
         out = []
         for r in list(self.requests):
-            if r.method == "GET" and "/resolve/" in r.path and r.status in (200, 206):
+            if "/resolve/" in r.path and keep(r):
                 repo, _, rest = r.path.lstrip("/").partition("/resolve/")
                 if repo_id is None or repo == repo_id:
                     out.append(unquote(rest.split("/", 1)[1]))

@@ -30,8 +30,12 @@ def pipe(tokenizer_root):
     tok3 = T5TokenizerFast.from_pretrained(tokenizer_root / "tokenizer_3")
     common = dict(vocab_size=49408, max_position_embeddings=77, num_attention_heads=2, num_hidden_layers=3,
                   bos_token_id=49406, eos_token_id=49407, pad_token_id=1)  # fmt: skip
-    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=L_DIM, intermediate_size=16, projection_dim=L_DIM, **common))
-    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=G_DIM, intermediate_size=24, projection_dim=G_DIM, **common))
+    clip_l = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=L_DIM, intermediate_size=16, projection_dim=L_DIM, **common)
+    )
+    clip_g = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=G_DIM, intermediate_size=24, projection_dim=G_DIM, **common)
+    )
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=JOINT, d_kv=8, d_ff=48, num_layers=2, num_heads=4))
     transformer = SD3Transformer2DModel(  # only its config (joint_attention_dim) is read by encode_prompt
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
@@ -94,7 +98,9 @@ def test_assembly_matches_diffusers_encode_prompt(pipe, toks, t5_length):
     negative = assemble(nl, ng, nt5, t5_length)
     _assert_same(negative, neg_ctx, neg_pool)
     # CFG batch as diffusers' __call__ builds it: torch.cat([negative, positive])
-    _assert_same(Conditioning.concat([negative, positive]), torch.cat([neg_ctx, pos_ctx]), torch.cat([neg_pool, pos_pool]))
+    _assert_same(
+        Conditioning.concat([negative, positive]), torch.cat([neg_ctx, pos_ctx]), torch.cat([neg_pool, pos_pool])
+    )
 
 
 @pytest.mark.parametrize("t5_length", [77, 256])

@@ -322,8 +322,10 @@ def test_a_component_weight_file_path(tiny):
     path = tiny.diffusers / "text_encoder_2" / "model.safetensors"
     sources = resolve_components(path)
     assert list(sources) == ["clip_g"] and sources["clip_g"].files == [path]
-    assert sources["clip_g"].layout is clip.STABILITY or sources["clip_g"].layout.rules == clip.DIFFUSERS.rules
+    assert sources["clip_g"].layout == clip.DIFFUSERS
     assert sources["clip_g"].hf_config == tiny.hf_configs["clip_g"]
+    fp16 = tiny.diffusers / "text_encoder" / "model.fp16.safetensors"  # asked for by name: used
+    assert resolve_components(fp16)["clip_l"].files == [fp16]
 
 
 def test_stability_single_file(tiny):

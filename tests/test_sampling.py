@@ -255,7 +255,7 @@ def diffusers_dpmpp_2m_kdiffusion(sigmas: np.ndarray, x_init: np.ndarray) -> lis
     assert len(sched.timesteps) == n
     sched.sigmas = torch.from_numpy(np.asarray(sigmas, np.float32).copy())
     sched.set_begin_index(0)
-    alpha = lambda s: 1.0 / np.sqrt(float(s) ** 2 + 1.0)  # noqa: E731
+    alpha = lambda s: 1.0 / np.sqrt(float(s) ** 2 + 1.0)
     x = torch.from_numpy(x_init)
     traj = [x.numpy()]
     for i in range(n):

@@ -39,8 +39,9 @@ PROMPTS = [
 
 def _random_prompts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    pieces = ["cat", "Dog", "!", "!!", "?", ",", ".", " ", "  ", "\t", "\n", "é", "ß", "日本", "😀", "'s", "can't",
-              "<extra_id_3>", "</s>", "<|endoftext|>", "RED", "x1", "42", "-", "_", "(", ")", "ａｂｃ", "①"]  # fmt: skip
+    pieces = ["cat", "Dog", "!", "!!", "?", ",", ".", " ", "  ", "\t", "\n", "é", "ß", "日本", "😀", "'s",
+              "can't", "<extra_id_3>", "</s>", "<|endoftext|>", "RED", "x1", "42", "-", "_", "(", ")", "ａｂｃ",
+              "①"]  # fmt: skip
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
@@ -67,7 +68,9 @@ def test_clip_assets_are_the_published_files(tokenizer_root):
     assert len(vocab) == 49408 and merges[0] == "#version: 0.2" and len(merges) == 1 + 48894
     assert (vocab["!"], vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (0, 49406, 49407)
     for name, sizes in (("tokenizer", (588, 705)), ("tokenizer_2", (576, 856))):  # spec §2.1 listing
-        got = tuple((tokenizer_root / name / f).stat().st_size for f in ("special_tokens_map.json", "tokenizer_config.json"))
+        got = tuple(
+            (tokenizer_root / name / f).stat().st_size for f in ("special_tokens_map.json", "tokenizer_config.json")
+        )
         assert got == sizes
 
 
@@ -143,9 +146,16 @@ def test_clip_folder_without_added_tokens_decoder(tokenizer_root, tmp_path):
     folder.mkdir()
     for f in ("vocab.json", "merges.txt"):
         shutil.copy(tokenizer_root / "tokenizer_2" / f, folder / f)
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!", "unk_token": "<|endoftext|>"}
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "!",
+        "unk_token": "<|endoftext|>",
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(specials))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"})
+    )
     ref = transformers.CLIPTokenizer.from_pretrained(folder)
     ours = CLIPTokenizer.from_folder(folder)
     np.testing.assert_array_equal(ours.tokenize(PROMPTS).ids, _hf_fixed(ref, PROMPTS, 77))

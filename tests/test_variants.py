@@ -9,7 +9,12 @@ from dataclasses import replace
 import pytest
 from diffusers import SD3Transformer2DModel
 
-from sd35_mlx.config import SD3_MEDIUM_MMDIT, SD35_LARGE_MMDIT, SD35_MEDIUM_MMDIT, MMDiTConfig
+from sd35_mlx.config import (
+    SD3_MEDIUM_MMDIT,
+    SD35_LARGE_MMDIT,
+    SD35_MEDIUM_MMDIT,
+    MMDiTConfig,
+)
 from sd35_mlx.errors import InputError
 from sd35_mlx.sampling import SAMPLERS, SkipLayerGuidance, uses_cfg
 from sd35_mlx.variants import (
@@ -26,11 +31,15 @@ from sd35_mlx.variants import (
 
 # The official transformer/config.json files (spec §1.1), as diffusers reads them.
 OFFICIAL_TRANSFORMER_CONFIGS = {
-    "sd3-medium": dict(num_layers=24, num_attention_heads=24, pos_embed_max_size=192, qk_norm=None, dual_attention_layers=()),
-    "sd3.5-medium": dict(
-        num_layers=24, num_attention_heads=24, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))
-    ),
-    "sd3.5-large": dict(num_layers=38, num_attention_heads=38, pos_embed_max_size=192, qk_norm="rms_norm"),
+    "sd3-medium": {"num_layers": 24, "num_attention_heads": 24, "pos_embed_max_size": 192, "qk_norm": None},
+    "sd3.5-medium": {
+        "num_layers": 24,
+        "num_attention_heads": 24,
+        "pos_embed_max_size": 384,
+        "qk_norm": "rms_norm",
+        "dual_attention_layers": list(range(13)),
+    },
+    "sd3.5-large": {"num_layers": 38, "num_attention_heads": 38, "pos_embed_max_size": 192, "qk_norm": "rms_norm"},
 }
 
 
@@ -164,14 +173,24 @@ def test_invalid_sizes(h, w, match):
         validate_size(h, w, SD35_LARGE)
 
 
-def test_medium_allows_its_larger_grid_and_custom_minimum():
+def test_medium_allows_its_larger_grid():
     validate_size(4096, 6144, SD35_MEDIUM)
     with pytest.raises(InputError, match="sd3.5-large"):
         validate_size(4096, 1024, SD35_LARGE)
+
+
+def test_minimum_size_per_variant():
+    # A bare official config gets its variant's floor (128); an unknown (tiny) one only one patch.
+    with pytest.raises(InputError, match="between 128 and 3072"):
+        validate_size(112, 1024, SD35_LARGE_MMDIT)
     tiny = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=8)
-    validate_size(32, 64, tiny, minimum=32)
+    assert detect_variant(tiny).min_size == 16 and detect_variant(tiny).default_size == 128
+    validate_size(32, 64, tiny)
+    with pytest.raises(InputError, match="multiple of 16 between 16 and 128"):
+        validate_size(8, 16, tiny)
     with pytest.raises(InputError, match="between 128 and 128"):
-        validate_size(64, 64, tiny)
+        validate_size(64, 64, tiny, minimum=128)
+    validate_size(64, 64, SD35_LARGE, minimum=64)
 
 
 def test_variant_json_roundtrip_of_config():

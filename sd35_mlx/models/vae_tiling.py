@@ -12,7 +12,7 @@ equal to, the untiled one (each tile sees only its own statistics and context).
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -162,35 +162,48 @@ def encode_tiled(
 
 
 # ---- memory estimate (for a memory planner) ----
+# Bytes per (output pixel x C1 channel) of an untiled decode's conv activations, C1 being
+# block_out_channels[1] (256 for SD3: the full-resolution upsampler and the first level-0
+# resnet read that many channels at full resolution; every other stage is smaller).
+# CPU: measured 123-126 for fp32 and bf16 (two widths, three sizes), +15% margin
+# (tests/test_vae_tiling.py checks that it bounds the measured peak). MLX's CPU conv
+# unfolds its input 9x in fp32 whatever the weights' dtype.
+# GPU: an estimate [UNVERIFIED until measured on Apple silicon] from the Metal conv kernels
+# (implicit GEMM / Winograd, ~2.25x input and output workspaces) plus GroupNorm's fp32 copy.
+CONV_BYTES_CPU = 144.0
+
+
+def _conv_bytes_gpu(dtype_bytes: int) -> float:
+    return 8.0 * dtype_bytes + 8.0
+
+
 def decode_activation_bytes(
     height: int,
     width: int,
     config: VAEConfig = SD3_VAE,
     dtype_bytes: int = 2,
     batch: int = 1,
+    device: Optional[mx.Device] = None,
 ) -> int:
-    """Estimated peak activation memory of an untiled `vae.decode` to a height x width image.
+    """Estimated peak activation memory of one untiled `vae.decode` to height x width pixels.
 
-    Two terms, whichever is larger:
-      convs:     K_CONV * batch * H * W * C1 * (dtype_bytes + 4)
-                 - the biggest tensors live at full resolution, where the first level-0 resnet
-                   reads C1 = block_out_channels[1] channels (256 for SD3); a few of them are
-                   alive at once, and GroupNorm works on an fp32 copy (the + 4).
-      attention: K_ATTN * batch * N^2 * 4,  N = (H/8) * (W/8) latent positions
-                 - the mid-block attention's N x N fp32 score matrix (single head).
-    K_CONV and K_ATTN were measured (see tests/test_vae_tiling.py) and rounded up.
-    Weights are not included.
+        convs     = batch * H * W * C1 * k          k = CONV_BYTES_CPU (144) on CPU,
+                                                     8 * dtype_bytes + 8 (24 bf16) on GPU
+        attention = 2 * batch * N^2 * dtype_bytes    N = (H/8) * (W/8): the mid block's
+                                                     single-head N x N score matrix, x2 margin
+        estimate  = max(convs, attention)           (they peak at different stages)
+
+    SD3 at 1024x1024 in bf16: convs 1M px * 256 * 24 = 6.4 GB on GPU (39 GB on CPU),
+    attention 2 * 16384^2 * 2 = 1.1 GB. Weights are not included.
     """
+    device = device or mx.default_device()
+    k = CONV_BYTES_CPU if device.type == mx.DeviceType.cpu else _conv_bytes_gpu(dtype_bytes)
     f = 2 ** (len(config.block_out_channels) - 1)
     c1 = config.block_out_channels[min(1, len(config.block_out_channels) - 1)]
-    convs = K_CONV * batch * height * width * c1 * (dtype_bytes + 4)
+    convs = k * batch * height * width * c1
     n = (height // f) * (width // f)
-    attention = K_ATTN * batch * n * n * 4
+    attention = 2.0 * batch * n * n * dtype_bytes
     return int(max(convs, attention))
-
-
-K_CONV = 3.0
-K_ATTN = 3.0
 
 
 def should_tile(
@@ -200,6 +213,26 @@ def should_tile(
     config: VAEConfig = SD3_VAE,
     dtype_bytes: int = 2,
     batch: int = 1,
+    device: Optional[mx.Device] = None,
 ) -> bool:
     """Whether an untiled decode to height x width pixels would exceed `budget_bytes`."""
-    return decode_activation_bytes(height, width, config, dtype_bytes, batch) > budget_bytes
+    need = decode_activation_bytes(height, width, config, dtype_bytes, batch, device)
+    return need > budget_bytes
+
+
+def decode_tile_for_budget(
+    budget_bytes: int,
+    config: VAEConfig = SD3_VAE,
+    dtype_bytes: int = 2,
+    batch: int = 1,
+    device: Optional[mx.Device] = None,
+    minimum: int = 16,
+) -> int:
+    """The largest square decode tile (latents, a multiple of 8, >= `minimum`) within budget."""
+    f = 2 ** (len(config.block_out_channels) - 1)
+    tile = minimum
+    while decode_activation_bytes(
+        (tile + 8) * f, (tile + 8) * f, config, dtype_bytes, batch, device
+    ) <= budget_bytes and tile < 1024:
+        tile += 8
+    return tile

@@ -1,7 +1,14 @@
 """Sampling: sigma schedule, samplers and guidance arithmetic (see docs/sampling.md)."""
 
 from .guidance import SkipLayerGuidance, cfg_combine, uses_cfg
-from .samplers import SAMPLERS, DPMPP2MSampler, EulerSampler, Sampler, euler_step, make_sampler
+from .samplers import (
+    SAMPLERS,
+    DPMPP2MSampler,
+    EulerSampler,
+    Sampler,
+    euler_step,
+    make_sampler,
+)
 from .schedule import (
     DEFAULT_SHIFT,
     NUM_TRAIN_TIMESTEPS,

@@ -7,9 +7,8 @@ thing because x0 = x − σ·v is affine in v with the same x for every branch).
 from __future__ import annotations
 
 import math
-from numbers import Integral
 from dataclasses import dataclass
-from typing import Tuple
+from numbers import Integral
 
 import mlx.core as mx
 
@@ -46,7 +45,7 @@ class SkipLayerGuidance:
     applies on steps where CFG is on.
     """
 
-    layers: Tuple[int, ...] = (7, 8, 9)
+    layers: tuple[int, ...] = (7, 8, 9)
     scale: float = 2.8
     start: float = 0.01
     end: float = 0.2
@@ -76,7 +75,7 @@ class SkipLayerGuidance:
         """Whether step `step_index` (0-based) gets the skip pass: N·start < i < N·end, strictly."""
         return self.scale > 0 and num_steps * self.start < step_index < num_steps * self.end
 
-    def active_steps(self, num_steps: int) -> Tuple[int, ...]:
+    def active_steps(self, num_steps: int) -> tuple[int, ...]:
         return tuple(i for i in range(num_steps) if self.active(i, num_steps))
 
     def apply(self, v: mx.array, v_cond: mx.array, v_skip: mx.array) -> mx.array:

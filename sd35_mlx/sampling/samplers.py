@@ -10,7 +10,8 @@ whatever the model's dtype, as diffusers upcasts the sample for the update.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Type
+from collections.abc import Sequence
+from itertools import pairwise
 
 import mlx.core as mx
 import numpy as np
@@ -37,7 +38,7 @@ def _check_sigmas(sigmas: Sequence[float]) -> list:
         raise InputError("sigmas must be finite")
     if any(s <= 0 for s in values[:-1]) or values[-1] < 0:
         raise InputError("sigmas must be > 0 except the last one, which may be 0")
-    if any(b >= a for a, b in zip(values, values[1:])):
+    if any(b >= a for a, b in pairwise(values)):
         raise InputError("sigmas must be strictly decreasing")
     return values
 
@@ -108,8 +109,8 @@ class DPMPP2MSampler(Sampler):
         # λ_{i+1} − λ_i = log σ_i − log σ_{i+1}; undefined (∞) for the final σ = 0.
         self._h = [math.log(s[i]) - math.log(s[i + 1]) if s[i + 1] > 0 else math.inf for i in range(n)]
         self._coef = [-math.expm1(-h) if math.isfinite(h) else 1.0 for h in self._h]
-        self._prev_x0: Optional[mx.array] = None
-        self._prev_index: Optional[int] = None
+        self._prev_x0: mx.array | None = None
+        self._prev_index: int | None = None
 
     def reset(self) -> None:
         self._prev_x0 = None
@@ -132,7 +133,7 @@ class DPMPP2MSampler(Sampler):
         return out
 
 
-SAMPLERS: Dict[str, Type[Sampler]] = {
+SAMPLERS: dict[str, type[Sampler]] = {
     EulerSampler.name: EulerSampler,
     DPMPP2MSampler.name: DPMPP2MSampler,
 }

@@ -450,14 +450,15 @@ def _resolve_file(path: Path, wanted: Sequence[str]) -> Dict[str, ComponentSourc
     if indexes and path.parent.joinpath("config.json").is_file():
         component, source = _component_folder(path.parent)
         return {component: source} if component in wanted else {}
+    # A component folder's own weight file (e.g. text_encoder/model.fp16.safetensors, asked
+    # for by name): diffusers layout, with the folder's config.json.
+    config_path = path.parent / "config.json"
+    in_component_folder = path.stem.split(".")[0] in WEIGHT_STEMS and config_path.is_file()
+    hf_config = _read_json(config_path) if in_component_folder else None
     h = _header(path)
-    found = _classify(h, diffusers_context=False)
+    found = _classify(h, diffusers_context=in_component_folder)
     if not found:
         raise WeightFileError(f"{path}: not an SD3 checkpoint I know (tensors: {_key_sample(h)}). {EXPECTED}")
-    config_path = path.parent / "config.json"
-    hf_config = None
-    if path.stem.split(".")[0] in WEIGHT_STEMS and config_path.is_file():
-        hf_config = _read_json(config_path)  # a component folder's own weight file
     out: Dict[str, ComponentSource] = {}
     for f in found:
         component = f.component
@@ -508,7 +509,7 @@ def resolve_component(path: str | Path, component: str) -> ComponentSource:
         return found[component]
     path = Path(path).expanduser()
     others = resolve_components(path) if path.is_file() else _quiet_others(path)
-    there = f"it holds the {', '.join(_DESCRIPTION[c] for c in others)}" if others else "nothing usable"
+    there = f"it holds {', '.join('the ' + _DESCRIPTION[c] for c in others)}" if others else "nothing usable"
     where = f"a {DIFFUSERS_FOLDERS[component]}/ folder" + (
         {"clip_l": " or text_encoders/clip_l.safetensors", "clip_g": " or text_encoders/clip_g.safetensors",
          "t5": " or text_encoders/t5xxl_fp16.safetensors"}.get(component, " or a Stability single file")

@@ -1,0 +1,609 @@
+"""The converted sd35_mlx folder: our own parameter names, quantized or not, loaded as is.
+
+    out/
+      config.json                 format, version, per-network config + quantization + files
+      transformer.safetensors     tensors named exactly tree_flatten(model.parameters())
+      clip_l.safetensors  clip_g.safetensors  t5.safetensors  vae.safetensors
+      (big networks: transformer-00001-of-00004.safetensors … + transformer.safetensors.index.json)
+      tokenizer/  tokenizer_2/  tokenizer_3/  scheduler/   copied from the source
+      README.md                   model card: source, license, how it was made
+      LICENSE.md …                the source's license files, copied
+
+config.json (format_version 1):
+    {"format": "sd35_mlx", "format_version": 1, "sd35_mlx_version": "0.1.0",
+     "variant": "sd3.5-large" | null, "dtype": "bfloat16",
+     "components": {"t5": {"class": "T5Encoder", "config": {...}, "options": {},
+                           "dtype": "bfloat16", "quantization": {"bits": 4, "group_size": 64,
+                           "mode": "affine", "keep": [...], "rule": "..."} | null,
+                           "files": ["t5.safetensors"], "parameters": 4762310656,
+                           "bytes": 2870000000}, ...},
+     "tokenizers": {"clip_l": "tokenizer", ...}, "source": {...}, "t5": "present"}
+
+Loading rebuilds each network from its config, applies the stored quantization rule (the
+same code path that made the file), and loads the tensors strictly and lazily (`mx.load`:
+nothing is read until used). A folder written by a newer format version is refused with a
+message that says what to do (mflux #149: an unversioned quantized format broke users).
+
+Writing is atomic: everything goes to `.<name>.tmp-<pid>` beside the target and is renamed
+into place only when complete; an existing folder is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .. import __version__
+from ..errors import InputError, SD35Error, WeightFileError
+from ..quantize import QuantSpec, check_component, quantizable_layers, quantize_network, quantized_paths, spec_of
+from .mapping import check_against_model
+from .safetensors_file import load_tensors
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sd35_mlx"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # like mlx-lm: shards of at most ~5 GB
+TOKENIZER_FOLDERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
+COMPONENT_ORDER = ("transformer", "vae", "clip_l", "clip_g", "t5")
+LICENSE_FILE = re.compile(r"(LICEN[CS]E|COPYING|NOTICE)([.-].*)?\Z", re.IGNORECASE)
+
+NetworkOrLoader = Union[nn.Module, Callable[[], nn.Module]]
+
+
+# ---- networks <-> configs ---------------------------------------------------------------------
+def _classes(component: str):
+    """(network class, config class) of a component; imported late (models import heavy deps)."""
+    check_component(component)
+    from ..config import CLIPConfig, MMDiTConfig, T5Config, VAEConfig
+
+    if component == "transformer":
+        from ..models.mmdit import MMDiT
+
+        return MMDiT, MMDiTConfig
+    if component == "vae":
+        from ..models.vae import VAE
+
+        return VAE, VAEConfig
+    if component == "t5":
+        from ..models.t5 import T5Encoder
+
+        return T5Encoder, T5Config
+    from ..models.clip import CLIPTextEncoder
+
+    return CLIPTextEncoder, CLIPConfig
+
+
+def network_options(component: str, model: nn.Module) -> dict:
+    """Constructor options beyond the config (the VAE may be decoder-only)."""
+    return {"with_encoder": "encoder" in model} if component == "vae" else {}
+
+
+def build_network(component: str, config: Mapping, options: Optional[Mapping] = None) -> nn.Module:
+    """A fresh network (lazily initialised: no memory is used until evaluated)."""
+    network_cls, config_cls = _classes(component)
+    try:
+        cfg = config_cls.from_dict(dict(config))
+    except (TypeError, ValueError) as e:
+        raise WeightFileError(f"the {component} config in config.json is not valid: {e}") from None
+    return network_cls(cfg, **dict(options or {}))
+
+
+def float_dtype(model: nn.Module) -> Optional[mx.Dtype]:
+    """The floating dtype of a network's parameters (the most common one)."""
+    counts: Dict[mx.Dtype, int] = {}
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.size
+    return max(counts, key=counts.get) if counts else None
+
+
+def dtype_name(dtype: Optional[mx.Dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).replace("mlx.core.", "")
+
+
+def parse_dtype(name: Optional[str]) -> Optional[mx.Dtype]:
+    if name is None:
+        return None
+    names = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+    if name not in names:
+        raise InputError(f"unknown dtype {name!r}; choose bfloat16, float16 or float32")
+    return names[name]
+
+
+def logical_parameters(model: nn.Module) -> int:
+    """Parameters as if unquantized (a 4-bit weight still counts as one parameter)."""
+    total = 0
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            total += module.weight.shape[0] * module.weight.shape[1] * 32 // module.bits
+            total += module.bias.size if "bias" in module else 0
+    quantized = {p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    for key, v in tree_flatten(model.parameters()):
+        if key.rsplit(".", 1)[0] not in quantized:
+            total += v.size
+    return total
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes the network's tensors take on disk (shapes and dtypes only: nothing is evaluated)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+# ---- the config file ---------------------------------------------------------------------------
+def is_converted(path: Union[str, os.PathLike]) -> bool:
+    """Whether `path` is a converted sd35_mlx folder (any format version)."""
+    p = Path(path)
+    cfg = p / CONFIG_FILE
+    if not (p.is_dir() and cfg.is_file()):
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def read_converted_config(folder: Union[str, os.PathLike]) -> dict:
+    """config.json of a converted folder, after checking that this version can read it."""
+    folder = Path(folder)
+    if not is_converted(folder):
+        raise WeightFileError(f"{folder}: not a converted sd35_mlx folder (no config.json with format 'sd35_mlx')")
+    data = json.loads((folder / CONFIG_FILE).read_text())
+    version = data.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise WeightFileError(f"{folder}/config.json: invalid format_version {version!r}; convert the model again")
+    if version > FORMAT_VERSION:
+        made_by = data.get("sd35_mlx_version", "a newer version")
+        raise WeightFileError(
+            f"{folder} was written by sd35_mlx {made_by} in converted-format version {version}; "
+            f"this sd35_mlx ({__version__}) reads up to version {FORMAT_VERSION}. Upgrade sd35_mlx "
+            "(pip install -U sd35_mlx), or convert the original model again with this version."
+        )
+    if not isinstance(data.get("components"), dict):
+        raise WeightFileError(f"{folder}/config.json: no 'components' table; convert the model again")
+    return data
+
+
+def converted_components(folder: Union[str, os.PathLike]) -> List[str]:
+    return [c for c in COMPONENT_ORDER if c in read_converted_config(folder)["components"]]
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def _component_entry(folder: Path, config: dict, component: str) -> dict:
+    check_component(component)
+    entry = config["components"].get(component)
+    if entry is None:
+        there = ", ".join(c for c in COMPONENT_ORDER if c in config["components"]) or "nothing"
+        hint = " (it was converted with --drop-t5)" if component == "t5" and config.get("t5") == "dropped" else ""
+        raise WeightFileError(f"{folder}: this converted folder has no {component}{hint}; it holds {there}.")
+    return entry
+
+
+def _weight_files(folder: Path, entry: dict, component: str) -> List[Path]:
+    files = [folder / f for f in entry.get("files", []) if not f.endswith(".json")]
+    if not files:
+        raise WeightFileError(f"{folder}/config.json lists no weight files for the {component}")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise WeightFileError(
+            f"{folder}: the {component}'s weight file(s) {', '.join(missing)} are missing; the folder "
+            "is incomplete (interrupted copy or download?). Copy or download it again."
+        )
+    return files
+
+
+def _read_tensors(files: Sequence[Path]) -> Dict[str, mx.array]:
+    merged: Dict[str, mx.array] = {}
+    for f in files:
+        for k, v in load_tensors(f).items():
+            if k in merged:
+                raise WeightFileError(f"tensor '{k}' appears in two shards, the second being {f}")
+            merged[k] = v
+    return merged
+
+
+def _cast(weights: Dict[str, mx.array], dtype: Optional[mx.Dtype]) -> Dict[str, mx.array]:
+    if dtype is None:
+        return weights
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
+            for k, v in weights.items()}  # fmt: skip
+
+
+def load_converted_component(
+    folder: Union[str, os.PathLike], component: str, dtype: Optional[mx.Dtype] = None
+) -> nn.Module:
+    """Build `component` from the folder's config.json, apply its quantization and load its
+    tensors strictly and lazily. `dtype` (None: as stored) casts the floating tensors; a
+    quantized layer's scales follow it. T5 is never loaded in float16 (bfloat16 instead)."""
+    folder = Path(folder)
+    config = read_converted_config(folder)
+    entry = _component_entry(folder, config, component)
+    if component == "t5" and dtype is not None and dtype == mx.float16:
+        warnings.warn("T5-XXL overflows in float16; loading it in bfloat16 instead", stacklevel=2)
+        dtype = mx.bfloat16
+    model = build_network(component, entry["config"], entry.get("options"))
+    quant = entry.get("quantization")
+    if quant is not None:
+        quantize_network(model, QuantSpec.from_dict(quant), component)
+    files = _weight_files(folder, entry, component)
+    weights = _read_tensors(files)
+    layout = f"sd35_mlx converted {component} (format {config['format_version']})"
+    check_against_model(model, weights, layout=layout, files=[str(f) for f in files])
+    model.load_weights(list(_cast(weights, dtype).items()), strict=True)
+    return model
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_folder_for(target: Path) -> Path:
+    return target.parent / f".{target.name}.tmp-{os.getpid()}"
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Temp folders of conversions that were killed (SIGKILL, power loss) before cleaning up."""
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-(\d+)\Z")
+    for p in target.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            log.info("removing %s, left by an interrupted conversion", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_target(target: Union[str, os.PathLike], force: bool) -> Path:
+    """Refuse to touch an existing output unless `force` (before anything is loaded)."""
+    target = Path(target).expanduser()
+    if (target.exists() or target.is_symlink()) and not force:
+        raise InputError(
+            f"{target} already exists; it was not touched. Choose another --mlx-path, or pass "
+            "--force to replace it (the old folder is replaced only once the new one is complete)."
+        )
+    return target
+
+
+@contextmanager
+def atomic_folder(target: Union[str, os.PathLike], force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; on success it becomes `target`, on any failure
+    (exception, Ctrl-C) it is removed and `target` is left as it was."""
+    target = check_target(target, force).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
+    tmp = temp_folder_for(target)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    if not (target.exists() or target.is_symlink()):
+        os.replace(tmp, target)
+        return
+    # rename(2) cannot replace a non-empty folder: move the old one aside first, restore it
+    # if the new one cannot be moved in, delete it only when the new one is in place.
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def _shards(items: Sequence[Tuple[str, mx.array]], max_bytes: int) -> List[List[Tuple[str, mx.array]]]:
+    shards: List[List[Tuple[str, mx.array]]] = [[]]
+    size = 0
+    for key, value in items:
+        if shards[-1] and size + value.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, value))
+        size += value.nbytes
+    return shards
+
+
+def write_network(
+    folder: Path, component: str, model: nn.Module, quantization: Optional[QuantSpec],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> List[str]:  # fmt: skip
+    """Write one network's tensors (sharded above `max_shard_bytes`); returns the file names.
+
+    Shards are evaluated and written one at a time; with no other reference to `model`, the
+    memory of a written shard is released before the next one is computed.
+    """
+    items = tree_flatten(model.parameters())
+    del model  # the list now holds the only references (when the caller keeps none)
+    metadata = {
+        "format": "mlx",
+        "sd35_mlx_format": FORMAT,
+        "sd35_mlx_format_version": str(FORMAT_VERSION),
+        "component": component,
+        "quantization": json.dumps(quantization.to_dict() if quantization else None),
+    }
+    shards = _shards(items, max_shard_bytes)
+    del items
+    if len(shards) == 1:
+        names = [f"{component}.safetensors"]
+    else:
+        names = [f"{component}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: Dict[str, str] = {}
+    total = 0
+    for name in names:
+        shard = dict(shards.pop(0))  # drop our reference once written
+        mx.save_safetensors(str(folder / name), shard, metadata=metadata)
+        weight_map.update({k: name for k in shard})
+        total += sum(v.nbytes for v in shard.values())
+        del shard
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        index_name = f"{component}.safetensors.index.json"
+        (folder / index_name).write_text(json.dumps(index, indent=1) + "\n")
+        names.append(index_name)
+    return names
+
+
+def _check_quantization(component: str, model: nn.Module, spec: Optional[QuantSpec],
+                        config: Mapping, options: Mapping) -> None:  # fmt: skip
+    """The stored rule must rebuild exactly the quantized layers the network has."""
+    found = spec_of(model)
+    if spec is None:
+        if found is not None:
+            raise SD35Error(f"the {component} is quantized ({found}) but no quantization spec was given")
+        return
+    if found is not None and found != (spec.bits, spec.group_size, spec.mode):
+        raise SD35Error(f"the {component} is quantized as {found}, not as the spec says ({spec})")
+    fresh = build_network(component, config, options)
+    expected = quantizable_layers(fresh, spec)
+    actual = quantized_paths(model)
+    if expected != actual:
+        raise SD35Error(
+            f"the {component}'s quantized layers do not follow the rule of its spec: "
+            f"{len(actual)} quantized, the rule gives {len(expected)}; it could not be reloaded"
+        )
+
+
+def _copy_folders(out: Path, source_root: Optional[Path], names: Sequence[str]) -> List[str]:
+    copied = []
+    if source_root is None:
+        return copied
+    for name in names:
+        src = source_root / name
+        if src.is_dir():
+            shutil.copytree(src, out / name, ignore=shutil.ignore_patterns(".*"))
+            copied.append(name)
+    return copied
+
+
+def license_files(folder: Optional[Path]) -> List[Path]:
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and LICENSE_FILE.match(p.name))
+
+
+def save_converted(
+    out_dir: Union[str, os.PathLike],
+    networks: Mapping[str, NetworkOrLoader],
+    *,
+    quantization: Optional[Mapping[str, Optional[QuantSpec]]] = None,
+    dtype: Optional[str] = None,
+    variant: Optional[str] = None,
+    source: Optional[dict] = None,
+    source_root: Optional[Union[str, os.PathLike]] = None,
+    license_paths: Sequence[Union[str, os.PathLike]] = (),
+    source_card: Optional[str] = None,
+    t5: Optional[str] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    on_written: Optional[Callable[[str, dict], None]] = None,
+    upload_repo: Optional[str] = None,
+) -> Path:
+    """Write a converted folder atomically at `out_dir`; returns its path.
+
+    networks: {component: network, or a zero-argument function returning it}. A function
+      is called when its network is written and its result dropped afterwards, so only one
+      network is alive at a time (what `convert` does for big models).
+    quantization: {component: QuantSpec or None}; a network not yet quantized is quantized
+      here; an already quantized one must match its spec.
+    source_root: where tokenizer/, tokenizer_2/, tokenizer_3/ and scheduler/ are copied from
+      (and license files, unless `license_paths` names them).
+    source_card: the source's README.md text (for its license fields); t5: "present",
+      "dropped" or "absent" (default: from whether a "t5" network is given).
+    on_written(component, entry): called after each network is written (for progress).
+    """
+    quantization = dict(quantization or {})
+    for c in networks:
+        check_component(c)
+    if max_shard_bytes <= 0:
+        raise InputError("max_shard_bytes must be positive")
+    root = Path(source_root) if source_root is not None else None
+    with atomic_folder(out_dir, force=force) as tmp:
+        entries: Dict[str, dict] = {}
+        for component in [c for c in COMPONENT_ORDER if c in networks]:
+            net = networks[component]
+            model = net() if callable(net) and not isinstance(net, nn.Module) else net
+            spec = quantization.get(component)
+            config = model.config.to_dict()
+            options = network_options(component, model)
+            if spec is not None and spec_of(model) is None:
+                quantize_network(model, spec, component)
+            _check_quantization(component, model, spec, config, options)
+            entry = {
+                "class": type(model).__name__,
+                "config": config,
+                "options": options,
+                "dtype": dtype_name(float_dtype(model)),
+                "quantization": spec.to_dict() if spec else None,
+                "parameters": logical_parameters(model),
+                "bytes": stored_bytes(model),
+            }
+            entry["files"] = write_network(tmp, component, model, spec, max_shard_bytes)
+            del model
+            entries[component] = entry
+            if on_written is not None:
+                on_written(component, entry)
+        # tokenizer_3 only with T5: without it, a pipeline asked for T5 says so clearly
+        tokenizer_names = [TOKENIZER_FOLDERS[c] for c in ("clip_l", "clip_g") + (("t5",) if "t5" in networks else ())]
+        copied = _copy_folders(tmp, root, tokenizer_names + ["scheduler"])
+        licenses = [Path(p) for p in license_paths] or license_files(root)
+        for p in licenses:
+            shutil.copyfile(p, tmp / p.name)
+        t5_state = t5 or ("present" if "t5" in networks else "absent")
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sd35_mlx_version": __version__,
+            "variant": variant,
+            "dtype": dtype,
+            "components": entries,
+            "tokenizers": {c: TOKENIZER_FOLDERS[c] for c in ("clip_l", "clip_g", "t5")
+                           if TOKENIZER_FOLDERS[c] in copied},  # fmt: skip
+            "source": source or {},
+            "t5": t5_state,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            model_card(config, source_card=source_card, license_names=[p.name for p in licenses],
+                       upload_repo=upload_repo)  # fmt: skip
+        )
+    return Path(out_dir).expanduser()
+
+
+# ---- the model card -------------------------------------------------------------------------------
+STABILITY_LICENSE = "Stability AI Community License"
+
+
+def card_fields(card: Optional[str]) -> Dict[str, str]:
+    """`key: value` lines of a model card's YAML front matter (license fields are flat)."""
+    if not card or not card.startswith("---"):
+        return {}
+    end = card.find("\n---", 3)
+    fields = {}
+    for line in card[3 : end if end > 0 else 0].splitlines():
+        m = re.match(r"([A-Za-z_]+):\s*(.+?)\s*\Z", line)
+        if m:
+            fields[m.group(1)] = m.group(2).strip("'\"")
+    return fields
+
+
+def license_name(source_id: Optional[str], fields: Mapping[str, str]) -> Optional[str]:
+    name = fields.get("license_name") or fields.get("license")
+    official = source_id is not None and source_id.lower().startswith("stabilityai/stable-diffusion-3")
+    if (name and "stabilityai" in name.lower() and "community" in name.lower()) or (not name and official):
+        return STABILITY_LICENSE
+    return None if name in (None, "other") else name
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def model_card(config: dict, *, source_card: Optional[str] = None, license_names: Sequence[str] = (),
+               upload_repo: Optional[str] = None) -> str:  # fmt: skip
+    """README.md of a converted folder: where it comes from, how it was made, its license."""
+    src = config.get("source") or {}
+    source_id = src.get("repo_id")
+    source_label = source_id or (Path(src["path"]).name if src.get("path") else "the original model")
+    source_link = f"[{source_id}](https://huggingface.co/{source_id})" if source_id else f"`{source_label}`"
+    fields = card_fields(source_card)
+    lic = license_name(source_id, fields)
+    quantized = any(e.get("quantization") for e in config["components"].values())
+    front = ["---", f"license: {fields.get('license', 'other')}"]
+    if fields.get("license_name") or lic == STABILITY_LICENSE:
+        front.append(f"license_name: {fields.get('license_name', 'stabilityai-ai-community')}")
+    if license_names:
+        front.append(f"license_link: {license_names[0]}")
+    elif fields.get("license_link"):
+        front.append(f"license_link: {fields['license_link']}")
+    if source_id:
+        front += [f"base_model: {source_id}"] + (["base_model_relation: quantized"] if quantized else [])
+    front += ["library_name: mlx", "pipeline_tag: text-to-image",
+              "tags:", "- mlx", "- sd35_mlx", "- stable-diffusion", "- text-to-image", "---", ""]  # fmt: skip
+    name = upload_repo or source_label + "-mlx"
+    rows = []
+    for c in COMPONENT_ORDER:
+        e = config["components"].get(c)
+        if e is None:
+            continue
+        q = e.get("quantization")
+        how = (f"{q['bits']}-bit {q['mode']}, group {q['group_size']}" if q and q["mode"] == "affine"
+               else q["mode"] if q else e.get("dtype") or "")  # fmt: skip
+        rows.append(f"| {c} | {e['parameters'] / 1e6:,.0f} M | {how} | {_gb(e['bytes'])} |")
+    t5_note = {"dropped": "\nT5-XXL was left out (`--drop-t5`): generation runs in T5-drop mode "
+                          "(zeros stand in for its tokens).\n"}.get(config.get("t5"), "")  # fmt: skip
+    model_ref = upload_repo or "path/to/this/folder"
+    body = [
+        f"# {name}", "",
+        f"{source_link}, converted to the MLX format of sd35_mlx with sd35_mlx "
+        f"{config['sd35_mlx_version']} (converted format version {config['format_version']})."
+        + (f" Variant: {config['variant']}." if config.get("variant") else ""), "",
+        "| network | parameters | stored as | size |", "|---|---|---|---|", *rows, t5_note,
+        "## Use", "", "```bash", "pip install sd35_mlx",
+        f'python -m sd35_mlx.generate --model {model_ref} --prompt "a photo of an astronaut riding a horse"',
+        "```", "", "```python", "from sd35_mlx import SD35Pipeline", "",
+        f'pipe = SD35Pipeline.from_pretrained("{model_ref}")',
+        'pipe.generate("a photo of an astronaut riding a horse", seed=0).image.save("out.png")', "```", "",
+        "## License", "",
+    ]  # fmt: skip
+    if lic and license_names:
+        body.append(
+            f"These weights are a conversion of {source_link} and remain under its license, the "
+            f"**{lic}**; its text is included ({', '.join(f'`{n}`' for n in license_names)}). "
+            "Use of these weights is subject to its terms."
+        )
+    elif lic:
+        body.append(
+            f"These weights are a conversion of {source_link} and remain under its license, the "
+            f"**{lic}** (see the source model's card{' and ' + fields['license_link'] if fields.get('license_link') else ''}). "
+            "Use of these weights is subject to its terms."
+        )
+    elif license_names:
+        body.append(
+            f"These weights are a conversion of {source_link} and remain under its license, "
+            f"included here as {', '.join(f'`{n}`' for n in license_names)}."
+        )
+    else:
+        body.append(
+            f"These weights are a conversion of {source_link}; the license of {source_link} applies "
+            "to them (no license file was found in the source to copy: see the source model's card)."
+        )
+    return "\n".join(front + body) + "\n"
+
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "DEFAULT_MAX_SHARD_BYTES", "is_converted", "read_converted_config",
+    "converted_components", "load_converted_component", "save_converted", "build_network",
+    "atomic_folder", "check_target", "write_network", "stored_bytes", "logical_parameters",
+]  # fmt: skip
