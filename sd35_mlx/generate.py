@@ -22,6 +22,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sd35_mlx.generate",
+        usage="%(prog)s -m MODEL (-p PROMPT | --prompt-file FILE | --from-image PNG) [options]",
         description="Generate images with Stable Diffusion 3 / 3.5 in MLX.",
         epilog="Defaults for steps, cfg and size come from the model variant "
         "(3.5 Large 28/3.5, Large Turbo 4/0, 3.5 Medium 40/4.5, SD3 Medium 28/7). "

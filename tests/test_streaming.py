@@ -49,6 +49,19 @@ def hf_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
     return sd
 
 
+def deep_state_dict(num_layers: int, seed: int = 0, **overrides) -> dict:
+    """Like `hf_state_dict` for many blocks, fast: transformers' model is built with one block
+    (names and shapes), then blocks 1.. get their own random tensors under the same names."""
+    sd = hf_state_dict(seed=seed, num_layers=1, **overrides)
+    g = torch.Generator().manual_seed(seed + 1)
+    for key in [k for k in sd if ".block.0." in k and "relative_attention_bias" not in k]:
+        shape = sd[key].shape
+        for i in range(1, num_layers):
+            r = torch.randn(shape, generator=g)
+            sd[key.replace(".block.0.", f".block.{i}.")] = 1 + 0.2 * r if len(shape) == 1 else r / shape[1] ** 0.5
+    return sd
+
+
 def ids(length: int = 12, batch: int = 2, seed: int = 0) -> mx.array:
     return mx.array(np.random.RandomState(seed).randint(0, VOCAB, (batch, length)))
 
@@ -187,7 +200,7 @@ def _peak_of(fn):
 def test_streamed_peak_is_a_fraction_of_the_loaded_peak(tmp_path):
     """d_model 512, 8 blocks: ~10.5 MB of fp32 weights per block, 84 MB in all, activations
     (1 x 16 tokens) negligible. Loaded holds every block; streamed one at a time."""
-    sd = hf_state_dict(d_model=512, d_kv=64, num_heads=8, d_ff=1024, num_layers=8, vocab_size=VOCAB)
+    sd = deep_state_dict(8, d_model=512, d_kv=64, num_heads=8, d_ff=1024)
     path = save_state_dict(sd, tmp_path / "model.safetensors")
     weight_bytes = sum(v.numel() * 4 for v in sd.values())
     x = ids(length=16, batch=1)
@@ -210,7 +223,7 @@ def test_streamed_quantized_peak(tmp_path):
     quantized, run and dropped, so the peak is a fraction of even the whole 4-bit encoder
     (5/32 of the fp32 one: fp32 scales and biases). fp32 because MLX's CPU quantized matmul
     is slow in bf16; with bf16 weights (T5-XXL) the ratio is the same."""
-    sd = hf_state_dict(d_model=256, d_kv=64, num_heads=4, d_ff=512, num_layers=48, vocab_size=VOCAB)
+    sd = deep_state_dict(48, d_model=256, d_kv=64, num_heads=4, d_ff=512)
     path = save_state_dict(sd, tmp_path / "model.safetensors")
     x = ids(length=16, batch=1)
     spec = make_spec("t5", 4)
