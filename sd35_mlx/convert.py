@@ -98,6 +98,8 @@ def _check_inputs(items: Sequence[str]) -> None:
     converted = [i for i in items if is_converted(Path(i).expanduser())]
     if converted and len(items) > 1:
         raise InputError(f"{converted[0]} is a converted folder: requantize it alone (one --hf-path)")
+    if len(items) > 1 and any(not Path(i).expanduser().exists() for i in items):
+        raise InputError("several --hf-path values must all be local files or folders (one repo id at most, alone)")
 
 
 def resolve_specs(
@@ -208,11 +210,11 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
         plan.t5_state = "dropped" if plan.drop_t5 else "absent"
         if not plan.drop_t5:
             _say(quiet, "No T5-XXL found: the converted model will run in T5-drop mode.")
-    cache: Dict[Path, dict] = {}
-
     def loader(component: str) -> Callable:
+        # No tensor cache across networks: a cached source tensor would stay in memory once
+        # written; opening a file again costs only its header (mx.load is lazy).
         def load():
-            model = _load_source(component, sources[component], _component_dtype(component, plan.dtype), cache)
+            model = _load_source(component, sources[component], _component_dtype(component, plan.dtype))
             return quantize_network(model, plan.specs.get(component), component)
 
         return load
@@ -281,31 +283,38 @@ def plan_conversion(
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     _check_inputs(items)
-    requantize = is_converted(Path(items[0]).expanduser())
+    resolve_specs(quantize, parse_quantize("", defaults=True))  # syntax errors before any download
+    if mlx_path is not None:
+        check_target(mlx_path, force)
+    wanted = [c for c in COMPONENTS if not (drop_t5 and c == "t5")]
+    paths = _local_inputs(items, revision, token, wanted, quiet)  # downloads repo ids (no loading)
+    requantize = is_converted(paths[0])
+    if requantize and len(paths) > 1:
+        raise InputError(f"{items[0]} is a converted folder: requantize it alone (one --hf-path)")
     if requantize:
-        cfg = read_converted_config(Path(items[0]).expanduser())  # refuses newer format versions
+        cfg = read_converted_config(paths[0])  # refuses newer format versions
         base = {c: (QuantSpec.from_dict(e["quantization"]) if e.get("quantization") else None)
                 for c, e in cfg["components"].items()}  # fmt: skip
     else:
         base = parse_quantize("", defaults=True)
     specs = resolve_specs(quantize, base)
     present = [c for c in QUANTIZABLE if not (drop_t5 and c == "t5")]
-    name = mlx_path or default_output_name(items, specs, drop_t5, present)
-    target = check_target(name, force)
-    for item in items:
-        if Path(item).expanduser().exists() and Path(item).expanduser().resolve() == target.resolve():
-            if not requantize:
-                raise InputError(f"--mlx-path {target} is the input itself; choose another output folder")
-    if dtype == "float16" and (specs.get("t5") is not None or not drop_t5):
+    target = check_target(mlx_path or default_output_name(items, specs, drop_t5, present), force)
+    if not requantize and any(p.resolve() == target.resolve() for p in paths):
+        raise InputError(f"--mlx-path {target} is the input itself; choose another output folder")
+    if dtype == "float16" and "t5" in present:
         _say(quiet, "Note: T5-XXL overflows in float16; it is stored in bfloat16 (the other networks in float16).")
     plan = Plan(items, target, dtype, specs, drop_t5, requantize)
-    first = items[0]
-    plan.source = {"repo_id": first, "revision": revision} if not Path(first).expanduser().exists() else {"path": str(Path(first).expanduser().absolute())}
+    local = [Path(i).expanduser().exists() for i in items]
+    plan.source = (
+        {"repo_id": items[0], "revision": revision} if not local[0]
+        else {"path": str(Path(items[0]).expanduser().absolute())}
+    )  # fmt: skip
+    if len(items) > 1:
+        plan.source["inputs"] = [str(Path(i).expanduser().absolute()) if l else i for i, l in zip(items, local)]
     if requantize:
-        _plan_requantize(plan, Path(items[0]).expanduser(), quiet)
+        _plan_requantize(plan, paths[0], quiet)
     else:
-        wanted = [c for c in COMPONENTS if not (drop_t5 and c == "t5")]
-        paths = _local_inputs(items, revision, token, wanted, quiet)
         _plan_sources(plan, paths, quiet)
     if plan.variant is None and "transformer" in plan.loaders:
         plan.variant = _variant(plan)

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4'")
     m.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights/compute precision (T5 never runs in float16)")
     m.add_argument("--keep-loaded", action="store_true", help="keep every network in memory (faster for many images, more memory)")
+    m.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="fit the whole generation in GB: chooses quantization, T5 mode and VAE tiling (and says so)")
+    m.add_argument("--stream-t5", action="store_true", help="run T5 one block at a time from disk (slower, far less memory)")
     m.add_argument("--tile-vae", choices=("auto", "on", "off"), default="auto", help="tiled VAE decode")
 
     g = p.add_argument_group("prompt")
@@ -92,6 +95,8 @@ def plan(args: argparse.Namespace):
         model = model or meta.get("model")
         if str(meta.get("t5", "")).startswith("dropped") and not args.no_t5:
             t5 = False
+        if args.quantize is None and meta.get("quantization") not in (None, "none"):
+            args.quantize = meta["quantization"]
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
 
@@ -104,6 +109,8 @@ def plan(args: argparse.Namespace):
         prompts = [base.prompt]
     else:
         raise InputError("no prompt: pass --prompt, --prompt-file or --from-image")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise InputError(f"--memory-budget must be a positive number of GB (got {args.memory_budget})")
     if args.num_images < 1:
         raise InputError(f"--num-images must be ≥ 1 (got {args.num_images})")
 
@@ -152,6 +159,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         model, dtype=getattr(mx, args.dtype), t5=t5, low_memory=not args.keep_loaded,
         quantize=args.quantize, revision=args.revision, variant=args.variant,
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
+        stream_t5=args.stream_t5, memory_budget=args.memory_budget,
     )  # fmt: skip
     if not args.quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")

@@ -55,8 +55,10 @@ class SD35Pipeline:
         quantize: Optional[str] = None,
         variant_hint: Optional[str] = None,
         tile_vae: Optional[bool] = None,
+        stream_t5: bool = False,
+        memory_budget: Optional[float] = None,
     ):
-        from .loading import load_tokenizers, load_transformer
+        from .loading import load_tokenizers
 
         self.path = Path(path)
         self.name = name
@@ -65,6 +67,9 @@ class SD35Pipeline:
         self.low_memory = low_memory
         self.quantize = quantize
         self.tile_vae = tile_vae
+        self.stream_t5 = stream_t5
+        self.memory_budget = memory_budget
+        self.plan = None
         self.tokenizers = load_tokenizers(self.path)
         if self.use_t5 and self.tokenizers.t5 is None:
             raise InputError(f"{path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
@@ -79,6 +84,8 @@ class SD35Pipeline:
         self.variant: Variant = detect_variant(config, hint=variant_hint or name)
         if low_memory:
             self._transformer = None
+        if memory_budget is not None:
+            self._apply_memory_plan(config, memory_budget)
         self.timings: Dict[str, float] = {}
 
     # ---- construction ----
@@ -94,11 +101,16 @@ class SD35Pipeline:
         revision: Optional[str] = None,
         variant: Optional[str] = None,
         tile_vae: Optional[bool] = None,
+        stream_t5: bool = False,
+        memory_budget: Optional[float] = None,
     ) -> "SD35Pipeline":
         """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
 
         t5=False is T5-drop mode: T5 is never loaded and zeros stand in for its tokens.
         quantize: e.g. "transformer=4,t5=4" to quantize at load time.
+        stream_t5: run T5 one block at a time from the memory-mapped file (slower, far less memory).
+        memory_budget: GB the whole generation may use; the planner then chooses quantization,
+            T5 mode (loaded, streamed or dropped) and VAE tiling, and refuses if nothing fits.
         """
         from .hub import resolve_model_path
 
@@ -106,8 +118,37 @@ class SD35Pipeline:
         path = resolve_model_path(str(model), revision=revision, components=components)
         return cls(
             path, name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
-            quantize=quantize, variant_hint=variant, tile_vae=tile_vae,
+            quantize=quantize, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
+            memory_budget=memory_budget,
         )  # fmt: skip
+
+    def _apply_memory_plan(self, config, budget_gb: float) -> None:
+        """Choose quantization, T5 mode and tiling for the budget; what the user fixed stays."""
+        from .memory import MemoryEstimator, plan_memory
+        from .quantize import parse_quantize
+
+        if budget_gb <= 0:
+            raise InputError(f"memory budget must be positive (got {budget_gb} GB)")
+        given = parse_quantize(self.quantize, defaults=False) if self.quantize else {}
+        fixed = {k: (v.bits if v else None) for k, v in given.items() if k in ("transformer", "t5")}
+        size = self.variant.default_size
+        self.plan = plan_memory(self._estimator(config), int(budget_gb * 1e9), size, size, fixed=fixed)
+        chosen = [p for p in self.plan.quantize_spec().split(",") if p and p.split("=")[0] not in given]
+        self.quantize = ",".join(([self.quantize] if self.quantize else []) + chosen) or None
+        self.use_t5 = self.use_t5 and self.plan.t5 != "dropped"
+        self.stream_t5 = self.stream_t5 or self.plan.t5 == "streamed"
+        print(f"memory plan for {budget_gb:g} GB at {size}x{size}: {self.plan.describe()}")
+
+    def _estimator(self, config):
+        """Estimates from this model's own networks (built lazily: no weights are read)."""
+        from .loading import load_text_encoders, load_vae
+        from .memory import MemoryEstimator
+
+        enc = load_text_encoders(self.path, t5=self.use_t5)
+        kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.path).config)
+        if enc.t5 is not None:
+            kwargs["t5"] = enc.t5.config
+        return MemoryEstimator(config, **kwargs)
 
     # ---- networks, loaded on demand ----
     def _quantize(self, model, component: str):
@@ -136,10 +177,17 @@ class SD35Pipeline:
         if self._encoders is None:
             from .loading import load_text_encoders
 
-            enc = load_text_encoders(self.path, dtype=self.dtype, t5=self.use_t5)
+            streaming = self.use_t5 and self.stream_t5
+            enc = load_text_encoders(self.path, dtype=self.dtype, t5=self.use_t5 and not streaming)
             for name in ("clip_l", "clip_g", "t5"):
                 if getattr(enc, name) is not None:
                     setattr(enc, name, self._quantize(getattr(enc, name), name))
+            if streaming:
+                from .quantize import parse_quantize
+                from .streaming import streamed_t5
+
+                spec = parse_quantize(self.quantize, defaults=False).get("t5") if self.quantize else None
+                enc.t5 = streamed_t5(self.path, quantize=spec, dtype=self.dtype)
             self._encoders = enc
         return self._encoders
 
@@ -275,7 +323,8 @@ class SD35Pipeline:
 
         tile = self.tile_vae
         if tile is None:
-            tile = should_tile(latents.shape[1] * 8, latents.shape[2] * 8, _memory_budget_bytes())
+            budget = int(self.memory_budget * 1e9) if self.memory_budget else _memory_budget_bytes()
+            tile = should_tile(latents.shape[1] * 8, latents.shape[2] * 8, budget)
         images = decode_tiled(vae, z) if tile else vae.decode(z)
         mx.eval(images)
         return images.astype(mx.float32)

@@ -21,6 +21,7 @@ the same operations run on the same values, only one block at a time.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -31,11 +32,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import T5Config
-from .errors import WeightMappingError
-from .models.t5 import T5Block, T5Encoder, compute_dtype_for
+from .errors import WeightFileError, WeightMappingError
+from .models.t5 import T5Block, T5Encoder
 from .quantize import QuantSpec, quantizable_layers
 from .weights.mapping import NetworkLayout, apply_rules, cast_floating, check_against_model
 from .weights.safetensors_file import load_tensors
+
+log = logging.getLogger(__name__)
 
 # Returns lazy, never-evaluated tensors under our names (`tree_flatten(T5Encoder)` keys,
 # maybe already quantized: `.weight` packed + `.scales` [+ `.biases`]). Called once per use.
@@ -264,15 +267,50 @@ def _resolve_t5_dtype(dtype: Optional[mx.Dtype]) -> Optional[mx.Dtype]:
 def streamed_t5(
     path: str | os.PathLike, quantize: Optional[QuantSpec] = None, dtype: Optional[mx.Dtype] = None
 ) -> StreamedT5:
-    """A StreamedT5 for the T5 found at `path` (diffusers folder, Stability files, single file).
+    """A StreamedT5 for the T5 at `path`: a diffusers folder (text_encoder_3/), Stability
+    files (text_encoders/t5xxl_fp16.safetensors, or inside an all-in-one file), one T5 file,
+    or a converted sd35_mlx folder.
 
+    quantize: for 16-bit sources, quantize each block on the fly. A converted folder's T5 is
+    used as stored (its config.json says how it was quantized); `quantize` is then ignored
+    when it asks for something else (logged), as re-quantizing quantized weights is not done.
     float16 becomes bfloat16 as in `load_text_encoders` (T5 overflows fp16).
     """
+    from .weights.converted import is_converted
+
+    path = Path(path).expanduser()
+    dtype = _resolve_t5_dtype(dtype)
+    if is_converted(path):
+        return _converted_streamed_t5(path, quantize, dtype)
     from .weights.layouts import resolve_component
 
-    source = resolve_component(Path(path), "t5")
-    return StreamedT5.from_files(source.files, source.layout, source.hf_config, quantize,
-                                 _resolve_t5_dtype(dtype))  # fmt: skip
+    source = resolve_component(path, "t5")
+    return StreamedT5.from_files(source.files, source.layout, source.hf_config, quantize, dtype)
+
+
+def _converted_streamed_t5(folder: Path, quantize: Optional[QuantSpec], dtype: Optional[mx.Dtype]) -> StreamedT5:
+    from .weights.converted import read_converted_config
+
+    entry = read_converted_config(folder)["components"].get("t5")
+    if entry is None:
+        raise WeightFileError(f"{folder}: this converted folder has no T5 (converted with --drop-t5?)")
+    files = [folder / f for f in entry.get("files", []) if not f.endswith(".json")]
+    missing = [f.name for f in files if not f.is_file()]
+    if not files or missing:
+        raise WeightFileError(
+            f"{folder}: the T5 weight file(s) {', '.join(missing) or '(none listed)'} are missing; "
+            "the folder is incomplete. Copy or download it again."
+        )
+    stored = QuantSpec.from_dict(entry["quantization"]) if entry.get("quantization") else None
+    if stored is None:
+        spec = quantize  # 16-bit tensors: quantize on the fly if asked
+    else:
+        if quantize is not None and (quantize.bits, quantize.group_size, quantize.mode) != (
+            stored.bits, stored.group_size, stored.mode
+        ):  # fmt: skip
+            log.warning("%s: T5 is stored as %s; using it as stored (not %s)", folder, stored.label, quantize.label)
+        spec = stored
+    return StreamedT5.from_files(files, None, None, spec, dtype, T5Config.from_dict(entry["config"]))
 
 
 __all__ = [

@@ -40,9 +40,10 @@ LICENSE_CARD = (
     "---\nlicense: other\nlicense_name: stabilityai-ai-community\nlicense_link: LICENSE.md\n"
     "tags:\n- text-to-image\n---\n# Tiny SD3.5\n"
 )
-# rms error of the tiny model's outputs, 4-bit g32 everything vs 16-bit (measured ≤ 0.12;
-# the tiny model's widths are 32–128, so groups are few and errors large)
-Q4_RMS_BOUND = 0.25
+# rms error of the tiny model's outputs, 4-bit g32 vs 16-bit. Measured: transformer 0.061,
+# clip_l 0.075, clip_g 0.126, t5 0.249 (widths of 32–128 and, for T5, random unscaled
+# attention make these larger than at real sizes; see benchmarks/results). Bound = ~1.6x.
+Q4_RMS_BOUND = {"transformer": 0.1, "clip_l": 0.12, "clip_g": 0.2, "t5": 0.4}
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def test_quantized_outputs_within_bounds(out16, out4):
         assert quantized_paths(q), f"{c}: nothing quantized"
         assert config["components"][c]["quantization"]["bits"] == 4
         err = rms_err(run(c, q), run(c, load_converted_component(out16, c)))
-        assert 0 < err <= Q4_RMS_BOUND, f"{c}: rms error {err:.3g}"
+        assert 0 < err <= Q4_RMS_BOUND[c], f"{c}: rms error {err:.3g}"
     sizes = {f.name: f.stat().st_size for f in (*out4.glob("*.safetensors"), *out16.glob("*.safetensors"))}
     assert sum(sizes.values()) > 0
     assert (out4 / "transformer.safetensors").stat().st_size < 0.5 * (out16 / "transformer.safetensors").stat().st_size
@@ -231,9 +232,10 @@ def test_dequantize_restores_the_dequantized_weights(out4, tmp_path):
 def test_requantize_8_to_4(source, out16, out4, tmp_path):
     """8 -> 4 is not bit-identical to 16 -> 4: the 8-bit weights sit up to half an 8-bit step
     (1/510 of a group's range) from the originals, so the 4-bit group min/max move a little
-    and values within that distance of a 4-bit rounding edge land one level over — about
-    15/255 ≈ 6% of the codes. The requantized network's error vs 16-bit is therefore bounded
-    by the direct 4-bit error plus a little: measured ≤ 1.1x here, checked ≤ 1.3x."""
+    and values that close to a 4-bit rounding edge land one level over. Measured on this
+    model: 1.1–1.7% of the codes move by one level (checked < 5%, never more than one level),
+    and the requantized network's error vs 16-bit is within 0.96–1.10x of direct 4-bit's
+    (checked ≤ 1.3x). Requantizing from a 16-bit folder is exact (test above)."""
     out8 = tmp_path / "q8"
     convert(str(source), str(out8), quantize="transformer=8:32,clip_l=8:32,clip_g=8:32,t5=8:32", quiet=True)
     out84 = tmp_path / "q84"
@@ -249,9 +251,9 @@ def test_requantize_8_to_4(source, out16, out4, tmp_path):
             wb = mx.dequantize(b.weight, b.scales, b.biases, 32, 4)
             step = mx.repeat(a.scales, 32, axis=1).astype(mx.float32)
             diff = mx.abs(wa.astype(mx.float32) - wb.astype(mx.float32)) / step
-            assert mx.max(diff).item() <= 1.1, f"{c}.{path}: a weight moved more than one 4-bit level"
+            assert mx.max(diff).item() <= 1.25, f"{c}.{path}: a weight moved more than one 4-bit level"
             codes_differ.append(mx.mean(diff > 0.5).item())
-        assert max(codes_differ) < 0.15, codes_differ
+        assert max(codes_differ) < 0.05, codes_differ
         ref = run(c, load_converted_component(out16, c))
         e_direct, e_requant = rms_err(run(c, direct), ref), rms_err(run(c, requant), ref)
         assert e_requant <= 1.3 * e_direct, (c, e_direct, e_requant)

@@ -177,3 +177,31 @@ def test_reusable_prompt_embeddings(ours):
     for info in ours.generate_latents(s, embeddings=emb, noise=noise):
         b = info.latents
     assert np.array_equal(to_numpy(a), to_numpy(b))
+
+
+def _latents_with(root, noise, **pipe_kwargs):
+    pipe = SD35Pipeline.from_pretrained(root, dtype=mx.float32, **pipe_kwargs)
+    s = GenerationSettings(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, steps=3, cfg=4.0, t5_length=77)
+    return to_numpy(final_latents(pipe, s, noise)), pipe
+
+
+def test_staged_unstaged_and_streamed_t5_give_identical_latents(tiny, ours):
+    root, _ = tiny
+    noise, _ = noise_pair(19)
+    staged, _ = _latents_with(root, noise, low_memory=True)
+    unstaged, pipe = _latents_with(root, noise, low_memory=False)
+    assert pipe._transformer is not None and pipe._encoders is not None  # really kept
+    streamed, _ = _latents_with(root, noise, stream_t5=True)
+    assert np.array_equal(staged, unstaged)
+    assert np.array_equal(staged, streamed)
+
+
+def test_memory_budget_plans_and_refuses(tiny, capsys):
+    from sd35_mlx.errors import InputError
+
+    root, _ = tiny
+    pipe = SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=100.0)
+    assert pipe.plan is not None and pipe.plan.t5 == "loaded" and pipe.plan.transformer_bits is None
+    assert "memory plan" in capsys.readouterr().out
+    with pytest.raises(InputError, match="nothing fits"):
+        SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=1e-6)

@@ -169,6 +169,20 @@ def test_prequantized_converted_file(tmp_path, fp32_file, spec):
     assert_identical(run(streamed, x), run(reference, x))
 
 
+@pytest.mark.parametrize("spec", [None, make_spec("t5", 4)], ids=["16-bit", "4bit"])
+def test_converted_folder_by_path(tmp_path, fp32_file, spec):
+    """`streamed_t5(folder)` on a folder written by `save_converted` (config.json + t5.safetensors)
+    equals the converted loader's T5."""
+    from sd35_mlx.weights.converted import load_converted_component, save_converted
+
+    folder = save_converted(tmp_path / "converted", {"t5": loaded(fp32_file, dtype=mx.bfloat16)},
+                            quantization={"t5": spec}, dtype="bfloat16")  # fmt: skip
+    streamed = streamed_t5(folder)
+    assert streamed.prequantized == (spec is not None)
+    x = ids(seed=6)
+    assert_identical(run(streamed, x), run(load_converted_component(folder, "t5"), x))
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 def test_incomplete_file_fails_before_anything_runs(tmp_path):
     sd = hf_state_dict()

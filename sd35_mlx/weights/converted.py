@@ -336,16 +336,16 @@ def _shards(items: Sequence[Tuple[str, mx.array]], max_bytes: int) -> List[List[
 
 
 def write_network(
-    folder: Path, component: str, model: nn.Module, quantization: Optional[QuantSpec],
+    folder: Path, component: str, items: List[Tuple[str, mx.array]], quantization: Optional[QuantSpec],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> List[str]:  # fmt: skip
-    """Write one network's tensors (sharded above `max_shard_bytes`); returns the file names.
+    """Write one network's tensors, `tree_flatten(model.parameters())`, sharded above
+    `max_shard_bytes`; returns the file names.
 
-    Shards are evaluated and written one at a time; with no other reference to `model`, the
-    memory of a written shard is released before the next one is computed.
+    Shards are evaluated and written one at a time and `items` is emptied as they go: when
+    nothing else references the network, a written shard's memory is released before the
+    next one is computed, so peak memory is about one shard, not the whole network.
     """
-    items = tree_flatten(model.parameters())
-    del model  # the list now holds the only references (when the caller keeps none)
     metadata = {
         "format": "mlx",
         "sd35_mlx_format": FORMAT,
@@ -354,7 +354,7 @@ def write_network(
         "quantization": json.dumps(quantization.to_dict() if quantization else None),
     }
     shards = _shards(items, max_shard_bytes)
-    del items
+    items.clear()
     if len(shards) == 1:
         names = [f"{component}.safetensors"]
     else:
@@ -469,8 +469,9 @@ def save_converted(
                 "parameters": logical_parameters(model),
                 "bytes": stored_bytes(model),
             }
-            entry["files"] = write_network(tmp, component, model, spec, max_shard_bytes)
-            del model
+            items = tree_flatten(model.parameters())
+            del model  # from here on `items` holds the only references (for loaders)
+            entry["files"] = write_network(tmp, component, items, spec, max_shard_bytes)
             entries[component] = entry
             if on_written is not None:
                 on_written(component, entry)
