@@ -1,15 +1,46 @@
 """One velocity evaluation per step: CFG as a batch of 2, a single pass for cfg ≤ 1,
 and skip-layer guidance on the steps where it is active.
+
+    denoiser = Denoiser(transformer, positive, negative, cfg=4.5, skip_layer_guidance=None,
+                        num_steps=28, sigmas=sigmas, free_adaln=True)
+    for i in range(28):
+        latents = denoiser.step(latents, i, sampler)    # model + guidance + sampler update
+        mx.eval(latents)
+
+What makes a step fast and lean (docs/performance.md):
+* the modulations of every block depend only on the timestep and the pooled text, so with
+  `sigmas` they are computed for all steps in one batched pass (a table of
+  steps × CFG batch), and `free_adaln=True` then drops the adaLN / embedder weights;
+* the text tokens are embedded once, the position table is cropped once per resolution
+  (`free_pos_embed=True` drops the full table);
+* the step (transformer given modulations + CFG + SLG, and the Euler update when
+  `step()` is given an Euler sampler) is one `mx.compile`d call; per-step data (the
+  modulation-table row, dt) are arrays, so nothing retraces;
+* a quantized transformer uses dequantize-then-matmul for large token counts.
+
+`free_adaln` / `free_pos_embed` mutate the transformer: use them only when the caller owns
+it and will not call it directly again (the pipeline drops it after denoising). Calling
+such a transformer the plain way raises `FreedWeightsError`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .conditioning import Conditioning
+from .errors import InputError
+from .fast_quantized import use_dequantized_matmul
+from .models.mmdit import FreedWeightsError
+from .sampling.samplers import EulerSampler, Sampler
 from .settings import SkipLayerSettings
+
+
+def timestep_of(sigma: float) -> np.float32:
+    """The float32 timestep σ·1000 the transformer sees (as the plain path computes it)."""
+    return np.float32(float(sigma) * 1000.0)
 
 
 class Denoiser:
@@ -22,46 +53,141 @@ class Denoiser:
         cfg: float,
         skip_layer_guidance: Optional[SkipLayerSettings],
         num_steps: int,
+        sigmas: Optional[Sequence[float]] = None,
+        free_adaln: bool = False,
+        free_pos_embed: bool = False,
+        compile: bool = True,
+        dequantize_min_rows: Optional[int] = None,
     ):
+        """sigmas: the schedule (num_steps + 1 values); with it every step's modulations
+        are precomputed. free_adaln (needs sigmas) / free_pos_embed: drop those weights
+        from the transformer (see the module docstring). compile: mx.compile the step.
+        dequantize_min_rows: rows from which quantized layers dequantize before their
+        matmul (default per backend; fast_quantized.py)."""
+        if free_adaln and sigmas is None:
+            raise InputError("free_adaln needs the schedule (sigmas=) to precompute the modulations")
         self.transformer = transformer
+        self.cfg = float(cfg)
+        self.num_steps = num_steps
+        self.dtype = transformer.dtype
         self.positive = positive
-        self.cfg = cfg
         self.batched = Conditioning.concat([negative, positive]) if negative is not None else None
         self.slg = skip_layer_guidance if negative is not None else None  # as diffusers: needs CFG
-        self.num_steps = num_steps
-        dtype = _param_dtype(transformer)
-        self.dtype = dtype
+        self.free_pos_embed = free_pos_embed
+        self._n_pos = positive.batch_size
+        cond = self.batched if self.batched is not None else positive
+        self._pooled = cond.pooled.astype(self.dtype)
 
+        use_dequantized_matmul(transformer, dequantize_min_rows)  # no-op if not quantized
+        self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
+        self.table = None  # (steps, B, N, H) packed modulations
+        if self.sigmas is not None:
+            if len(self.sigmas) != num_steps + 1:
+                raise InputError(f"sigmas has {len(self.sigmas)} values; {num_steps} steps need {num_steps + 1}")
+            self._timesteps = np.array([timestep_of(s) for s in self.sigmas[:-1]], dtype=np.float32)
+            self.table = transformer.modulation_table(mx.array(self._timesteps), self._pooled)
+            mx.eval(self.table)
+            if free_adaln:
+                transformer.free_conditioning_weights()
+        # Embedded once: the text tokens do not change between steps.
+        self._ctx = transformer.embed_context(cond.context)
+        self._ctx_pos = self._ctx[-self._n_pos :] if self.batched is not None else self._ctx
+        mx.eval(self._ctx)
+        self._compile = compile
+        self._fns = {}
+
+    # ---- schedule ----
     def slg_active(self, step: int) -> bool:
         s = self.slg
-        return s is not None and step > self.num_steps * s.start and step < self.num_steps * s.end
+        return (
+            s is not None and s.scale > 0
+            and step > self.num_steps * s.start and step < self.num_steps * s.end
+        )  # fmt: skip
 
+    def modulations_at(self, step: int, sigma: float) -> mx.array:
+        """Packed modulations (B, N, H) for this step: a table row, or computed now."""
+        if self.table is not None and 0 <= step < self.num_steps and self._timesteps[step] == timestep_of(sigma):
+            return self.table[step]
+        if self.transformer.conditioning_freed:
+            raise FreedWeightsError(
+                f"step {step} at sigma {sigma} is not in the precomputed schedule and the "
+                "transformer's adaLN weights were freed"
+            )
+        t = mx.full((self._pooled.shape[0],), timestep_of(sigma), dtype=mx.float32)
+        tr = self.transformer
+        return tr.pack_modulations(tr.modulations(tr.conditioning(t, self._pooled)))
+
+    # ---- one step ----
     def __call__(self, latents: mx.array, sigma: float, step: int) -> mx.array:
-        x = latents.astype(self.dtype)
+        """Velocity (float32) for `latents` at `sigma` (step index `step`, 0-based)."""
+        self._prepare_positions(latents)
+        mods = self.modulations_at(step, sigma)
+        return self._fn(self._kind(step), euler=False)(latents, mods)
+
+    def step(self, latents: mx.array, step: int, sampler: Sampler) -> mx.array:
+        """Latents after step `step`: model + guidance + `sampler`'s update. With an Euler
+        sampler the update is inside the compiled call; other samplers run after it."""
+        sigma = sampler.sigmas[step]
+        if type(sampler) is not EulerSampler:
+            return sampler.step(step, latents, self(latents, sigma, step))
+        if not 0 <= step < sampler.num_steps:
+            raise InputError(f"step index {step} out of range 0..{sampler.num_steps - 1}")
+        self._prepare_positions(latents)
+        mods = self.modulations_at(step, sigma)
+        # dt in float32, the difference taken in float32 (as EulerSampler does)
+        dt = np.float32(sampler.sigmas[step + 1]) - np.float32(sigma)
+        return self._fn(self._kind(step), euler=True)(latents, mods, mx.array(dt, dtype=mx.float32))
+
+    # ---- internals ----
+    def _kind(self, step: int) -> str:
         if self.batched is None:
-            t = mx.full((x.shape[0],), sigma * 1000.0, dtype=mx.float32)
-            return self._run(x, t, self.positive).astype(mx.float32)
-        c = self.batched
-        x2 = mx.concatenate([x, x], axis=0)
-        t = mx.full((x2.shape[0],), sigma * 1000.0, dtype=mx.float32)
-        v_uncond, v_cond = mx.split(self._run(x2, t, c).astype(mx.float32), 2, axis=0)
-        v = v_uncond + self.cfg * (v_cond - v_uncond)
-        if self.slg_active(step):
-            t1 = mx.full((x.shape[0],), sigma * 1000.0, dtype=mx.float32)
-            v_skip = self._run(x, t1, self.positive, self.slg.layers).astype(mx.float32)
-            v = v + self.slg.scale * (v_cond - v_skip)
-        return v
+            return "single"
+        return "cfg+slg" if self.slg_active(step) else "cfg"
 
-    def _run(self, x, t, cond: Conditioning, skip_layers=()):
-        return self.transformer(
-            x, t, cond.context.astype(self.dtype), cond.pooled.astype(self.dtype), skip_layers=tuple(skip_layers)
-        )
+    def _prepare_positions(self, latents: mx.array) -> None:
+        tr, p = self.transformer, self.transformer.config.patch_size
+        if latents.ndim == 4:
+            tr.cache_pos_embed(latents.shape[1] // p, latents.shape[2] // p)
+            if self.free_pos_embed:
+                tr.free_pos_embed()
 
+    def _fn(self, kind: str, euler: bool) -> Callable:
+        key = (kind, euler)
+        if key not in self._fns:
+            fn = self._build(kind, euler)
+            if self._compile:
+                # Weights are constants of the compiled graph: they must be materialised,
+                # or their (lazy) loading would become part of every call.
+                mx.eval(self.transformer.parameters())
+                fn = mx.compile(fn)
+            self._fns[key] = fn
+        return self._fns[key]
 
-def _param_dtype(module) -> mx.Dtype:
-    from mlx.utils import tree_flatten
+    def _build(self, kind: str, euler: bool) -> Callable:
+        tr, dtype, ctx, ctx_pos, n_pos, scale = (
+            self.transformer, self.dtype, self._ctx, self._ctx_pos, self._n_pos, self.cfg
+        )  # fmt: skip
+        slg_layers = tuple(self.slg.layers) if self.slg is not None else ()
+        slg_scale = float(self.slg.scale) if self.slg is not None else 0.0
 
-    for _, p in tree_flatten(module.parameters()):
-        if mx.issubdtype(p.dtype, mx.floating):
-            return p.dtype
-    return mx.float32
+        def velocity(latents: mx.array, mods: mx.array) -> mx.array:
+            x = latents.astype(dtype)
+            if kind == "single":
+                return tr.forward_packed(x, ctx, mods).astype(mx.float32)
+            x2 = mx.concatenate([x, x], axis=0)
+            out = tr.forward_packed(x2, ctx, mods).astype(mx.float32)
+            v_uncond, v_cond = out[:-n_pos], out[-n_pos:]
+            v = v_uncond + scale * (v_cond - v_uncond)
+            if kind == "cfg+slg":
+                # the conditional pass with layers skipped: the positive half of the table row
+                v_skip = tr.forward_packed(x, ctx_pos, mods[-n_pos:], slg_layers).astype(mx.float32)
+                v = v + slg_scale * (v_cond - v_skip)
+            return v
+
+        if not euler:
+            return velocity
+
+        def euler_step(latents: mx.array, mods: mx.array, dt: mx.array) -> mx.array:
+            return latents.astype(mx.float32) + dt * velocity(latents, mods)
+
+        return euler_step

@@ -71,7 +71,11 @@ def _sai_checkpoint(files: Sequence[str]) -> Optional[str]:
 
 
 def repo_layout(files: Sequence[str]) -> str:
-    """"diffusers", "stability" or "unknown", from a repo's file list."""
+    """"diffusers", "stability", "converted" (sd35_mlx) or "unknown", from a repo's file list."""
+    # a converted sd35_mlx folder (sd35_mlx/weights/converted.py): config.json + <network>.safetensors
+    if "config.json" in files and any(f in files for n in COMPONENTS
+                                      for f in (f"{n}.safetensors", f"{n}.safetensors.index.json")):  # fmt: skip
+        return "converted"
     if "model_index.json" in files or any(f"{sub}/config.json" in files for sub in DIFFUSERS_FOLDERS.values()):
         return "diffusers"
     if any("/" not in f and f.endswith(".safetensors") for f in files) or any(
@@ -90,7 +94,7 @@ def files_to_download(files: Sequence[str], components: Iterable[str] = ALL_COMP
     present = set(files)
     layout = repo_layout(files)
     wanted: List[str] = []
-    if layout == "unknown":  # e.g. a converted sd35_mlx folder: everything but pickles
+    if layout in ("unknown", "converted"):  # e.g. a converted sd35_mlx folder: everything but pickles
         return sorted(f for f in files if Path(f).suffix.lower() not in PICKLE_SUFFIXES)
     if layout == "diffusers":
         wanted += [f for f in ("model_index.json",) if f in present]

@@ -4,10 +4,17 @@ Estimates come from the networks themselves (built lazily: MLX allocates nothing
 used), so they are exact for weights and hold for fine-tunes with other shapes. With
 staged execution the peak is the largest stage, not the sum:
 
-    encode  = CLIP-L + CLIP-G + T5 (whole, or one block at a time when streamed)
-    denoise = transformer without its adaLN weights (precomputed) + cropped position
-              table + activations
+    encode  = the largest of CLIP-L, CLIP-G and T5 (they run one after another and each is
+              released after use); T5 whole, or one block at a time when streamed
+    denoise = transformer + activations (+ on CPU the attention score matrix, which MLX's
+              CPU attention materialises); with `trimmed_transformer` the adaLN and
+              timestep/pooled embedder weights (modulations precomputed for the schedule)
+              and the uncropped position table are replaced by the modulation table and
+              the crop
     decode  = VAE decoder + decode activations (tiled: one tile's worth)
+
+Activation constants depend on the device (`device`, default: MLX's default device): plan
+for the machine that will run the generation.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -28,8 +36,6 @@ BYTES_16 = 2
 
 def default_budget_bytes() -> int:
     """What this machine can give: Metal's recommended working set, else 85% of RAM."""
-    import mlx.core as mx
-
     info = mx.device_info()
     for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
         if info.get(key):
@@ -40,29 +46,40 @@ def default_budget_bytes() -> int:
         return 16 * 10**9
 
 
-def network_bytes(model: nn.Module, bits: Optional[int] = None, group_size: int = 64, component: str = "") -> int:
-    """Bytes of a network's weights at 16-bit, or with its Linear layers at `bits`."""
-    total = sum(p.size * BYTES_16 for _, p in tree_flatten(model.parameters()))
+def _quantized_linear_bytes(weight_elements: int, bits: int, group_size: int) -> int:
+    """A Linear weight at `bits` (affine): packed weights plus a 16-bit scale and bias per group."""
+    return int(weight_elements * bits / 8 + (weight_elements // group_size) * 2 * BYTES_16)
+
+
+def quantized_paths_for(model: nn.Module, bits: Optional[int], group_size: int = 64, component: str = "") -> set:
+    """Module paths quantized at `bits` (the component's keep list applies when named)."""
     if not bits:
-        return total
+        return set()
     from .quantize import make_spec, quantizable_layers
 
-    spec = make_spec(component, bits=bits, group_size=group_size) if component else None
-    modules = dict(model.named_modules())
-    paths = quantizable_layers(model, spec) if spec is not None else [
-        p for p, m in modules.items() if isinstance(m, nn.Linear) and m.weight.shape[1] % group_size == 0
-    ]
-    for path in paths:
-        w = modules[path].weight
-        n = w.size
-        # weights at `bits`, plus a 16-bit scale and bias per group
-        total += int(n * bits / 8 + (n // group_size) * 2 * BYTES_16) - n * BYTES_16
+    if component:
+        return set(quantizable_layers(model, make_spec(component, bits=bits, group_size=group_size)))
+    return {p for p, m in model.named_modules() if type(m) is nn.Linear and m.weight.shape[1] % group_size == 0}
+
+
+def network_bytes(model: nn.Module, bits: Optional[int] = None, group_size: int = 64, component: str = "",
+                  where: Optional[str] = None) -> int:  # fmt: skip
+    """Bytes of a network's weights at 16-bit, or with its Linear layers at `bits`.
+
+    `where`: only parameters whose path starts with this text or has it after a dot
+    (e.g. "adaLN", "blocks.0.", "t_embedder." but not "context_embedder").
+    """
+    quantized = quantized_paths_for(model, bits, group_size, component)
+    total = 0
+    for key, p in tree_flatten(model.parameters()):
+        if where is not None and not (key.startswith(where) or "." + where in key):
+            continue
+        module, _, name = key.rpartition(".")
+        if module in quantized and name == "weight":
+            total += _quantized_linear_bytes(p.size, bits, group_size)  # type: ignore[arg-type]
+        else:
+            total += p.size * BYTES_16
     return total
-
-
-def _adaln_bytes(model: nn.Module, quantized_ratio: float) -> int:
-    n = sum(p.size for k, p in tree_flatten(model.parameters()) if "adaLN" in k)
-    return int(n * BYTES_16 * quantized_ratio)
 
 
 @dataclass(frozen=True)
@@ -95,59 +112,96 @@ class Plan:
 
 
 class MemoryEstimator:
-    """Per-stage memory of one model family at a given image size."""
+    """Per-stage memory of one model family at a given image size.
+
+    device: where the generation runs (activation sizes differ: MLX's CPU attention and
+        convolutions materialise much more than the Metal kernels). Default: MLX's default.
+    trimmed_transformer: the denoiser precomputes every step's modulations (a table of
+        steps x batch x chunks x hidden) and frees the adaLN and timestep/pooled embedder
+        weights, and keeps only the cropped position table (`Denoiser(free_adaln=True,
+        free_pos_embed=True)`). Leave False unless the pipeline does both.
+    """
 
     def __init__(self, mmdit: MMDiTConfig, t5: T5Config = T5_XXL, vae: VAEConfig = SD3_VAE,
-                 clip_l=CLIP_L, clip_g=CLIP_G):  # fmt: skip
+                 clip_l=CLIP_L, clip_g=CLIP_G, *, device: Optional[mx.Device] = None,
+                 trimmed_transformer: bool = False):  # fmt: skip
         from .models.clip import CLIPTextEncoder
         from .models.mmdit import MMDiT
         from .models.t5 import T5Encoder
         from .models.vae import VAE
 
         self.mmdit_config, self.vae_config = mmdit, vae
+        self.device = device or mx.default_device()
+        self.trimmed_transformer = trimmed_transformer
         self.transformer = MMDiT(mmdit)  # lazy: nothing is allocated
         self.t5 = T5Encoder(t5)
         self.clips = [CLIPTextEncoder(clip_l), CLIPTextEncoder(clip_g)]
         self.vae = VAE(vae)
         self._cache: Dict[Tuple, int] = {}
 
-    def _bytes(self, name: str, model: nn.Module, bits: Optional[int]) -> int:
-        key = (name, bits)
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == mx.DeviceType.cpu
+
+    def _bytes(self, name: str, model: nn.Module, bits: Optional[int], where: Optional[str] = None) -> int:
+        key = (name, bits, where)
         if key not in self._cache:
-            self._cache[key] = network_bytes(model, bits, component=name)
+            self._cache[key] = network_bytes(model, bits, component=name, where=where)
         return self._cache[key]
+
+    def t5_streamed(self, bits: Optional[int]) -> int:
+        """Peak weights of streamed T5: the stem (embedding table) or one block, whichever is
+        larger. A block is read at 16-bit (q, k, v and their fused copy coexist for a moment)
+        and, with `bits`, quantized on the fly (a converted 4-bit folder needs less)."""
+        stem = sum(p.size * BYTES_16 for k, p in tree_flatten(self.t5.parameters()) if not k.startswith("blocks."))
+        block16 = self._bytes("t5", self.t5, None, "blocks.0.")
+        qkv16 = self._bytes("t5", self.t5, None, "blocks.0.attn.qkv")
+        block = block16 + qkv16 + (self._bytes("t5", self.t5, bits, "blocks.0.") if bits else 0)
+        return max(stem, block)
 
     def encode(self, t5_bits: Optional[int], t5_mode: str) -> int:
         """Encoders run one after another and each is released after use: the largest counts."""
         sizes = [self._bytes(n, m, None) for n, m in zip(("clip_l", "clip_g"), self.clips)]
-        if t5_mode != "dropped":
-            t5 = self._bytes("t5", self.t5, t5_bits)
-            if t5_mode == "streamed":
-                blocks = len(self.t5.blocks)
-                embed = sum(p.size * BYTES_16 for k, p in tree_flatten(self.t5.parameters()) if "block" not in k)
-                t5 = embed + (t5 - embed) // blocks
-            sizes.append(t5)
-        return max(sizes) + int(0.1 * GB)
+        if t5_mode == "loaded":
+            sizes.append(self._bytes("t5", self.t5, t5_bits))
+        elif t5_mode == "streamed":
+            sizes.append(self.t5_streamed(t5_bits))
+        return max(sizes) + int(0.1 * GB)  # activations (T5 at 256 tokens: ~0.1 GB)
 
-    def denoise(self, bits: Optional[int], height: int, width: int, t5_tokens: int, batch: int = 2) -> int:
+    def conditioning_bytes(self, bits: Optional[int]) -> int:
+        """Weights only the modulations need: every adaLN and the timestep/pooled embedders."""
+        return sum(self._bytes("transformer", self.transformer, bits, part)
+                   for part in ("adaLN", "t_embedder.", "y_embedder."))  # fmt: skip
+
+    def modulation_table_bytes(self, steps: int, batch: int = 2) -> int:
+        """The precomputed modulations: steps x batch x chunks x hidden at 16-bit."""
+        chunks = sum(b.x.num_chunks + b.context.num_chunks for b in self.transformer.blocks) + 2
+        return steps * batch * chunks * self.mmdit_config.hidden_size * BYTES_16
+
+    def denoise(self, bits: Optional[int], height: int, width: int, t5_tokens: int, batch: int = 2,
+                steps: int = 50) -> int:  # fmt: skip
         c = self.mmdit_config
-        full = self._bytes("transformer", self.transformer, bits)
-        ratio = full / self._bytes("transformer", self.transformer, None)
-        weights = full - _adaln_bytes(self.transformer, ratio)  # precomputed, then freed
-        table = c.pos_embed_max_size**2 * c.hidden_size * BYTES_16
+        weights = self._bytes("transformer", self.transformer, bits)
         grid = (height // 16) * (width // 16)
-        cropped = grid * c.hidden_size * BYTES_16
+        if self.trimmed_transformer:  # `steps`: the modulation table's length
+            weights -= self.conditioning_bytes(bits)
+            weights -= c.pos_embed_max_size**2 * c.hidden_size * BYTES_16  # the stored table
+            weights += grid * c.hidden_size * BYTES_16  # its crop
+            weights += self.modulation_table_bytes(steps, batch)
         tokens = grid + 77 + t5_tokens
         # residual streams, qkv, attention output and the 4x MLP intermediate of one block
         activations = batch * tokens * c.hidden_size * BYTES_16 * 16
-        return weights - table + cropped + activations
+        if self.on_cpu:  # MLX's CPU attention builds the (tokens x tokens) scores per head
+            activations += batch * c.num_heads * tokens * tokens * BYTES_16
+        return weights + activations
 
     def decode(self, height: int, width: int, tiled: bool) -> int:
-        from .models.vae_tiling import decode_activation_bytes
+        from .models.vae_tiling import DEFAULT_DECODE_TILE, decode_activation_bytes
 
         decoder = sum(p.size * BYTES_16 for k, p in tree_flatten(self.vae.parameters()) if not k.startswith("encoder"))
-        h, w = (min(height, 512), min(width, 512)) if tiled else (height, width)
-        return decoder + decode_activation_bytes(h, w, self.vae_config)
+        tile = DEFAULT_DECODE_TILE * 8  # pixels
+        h, w = (min(height, tile), min(width, tile)) if tiled else (height, width)
+        return decoder + decode_activation_bytes(h, w, self.vae_config, device=self.device)
 
     def plan(self, transformer_bits, t5_bits, t5_mode, tile, height, width, t5_tokens) -> Plan:
         stages = {
@@ -159,11 +213,18 @@ class MemoryEstimator:
 
 
 def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[int]]] = None):
-    """Settings from best quality to smallest memory."""
+    """Settings (transformer bits, T5 bits, T5 mode) from best to smallest memory.
+
+    Loaded T5 is quantized first (fast); below that T5 is streamed. Streamed T5 stays 16-bit:
+    a block is read at 16-bit anyway, so quantizing it on the fly would only cost accuracy
+    and time (a `fixed` T5 setting, e.g. a converted 4-bit T5, is kept). Dropping T5 comes
+    last; with streaming it saves no memory (CLIP-G is the largest encoder), only time.
+    """
     fixed = fixed or {}
+    streamed_t5 = fixed.get("t5")
     order = [
-        (None, None, "loaded"), (None, 8, "loaded"), (None, 4, "loaded"), (None, 4, "streamed"),
-        (8, 4, "streamed"), (4, 4, "streamed"),
+        (None, None, "loaded"), (None, 8, "loaded"), (None, 4, "loaded"),
+        (None, streamed_t5, "streamed"), (8, streamed_t5, "streamed"), (4, streamed_t5, "streamed"),
     ]  # fmt: skip
     if allow_drop_t5:
         order.append((4, None, "dropped"))
@@ -194,8 +255,16 @@ def plan_memory(
             if p.peak <= budget_bytes:
                 return p
     smallest = min(tried, key=lambda p: p.peak)
+    stage = max(smallest.stages, key=smallest.stages.get)
     raise InputError(
         f"nothing fits a {budget_bytes / GB:.2f} GB budget at {width}x{height}: the smallest plan "
-        f"({smallest.describe()}) needs about {smallest.peak / GB:.2f} GB. Use a smaller image, "
-        "allow T5-drop, or raise --memory-budget."
+        f"({smallest.describe()}) needs about {smallest.peak / GB:.2f} GB, most of it in the "
+        f"{stage} stage. {_ADVICE[stage]} Or raise --memory-budget."
     )
+
+
+_ADVICE = {
+    "encode": "The text encoders set the floor (CLIP-G alone is 1.39 GB at 16-bit).",
+    "denoise": "Use a smaller image (the transformer's activations grow with the pixel count).",
+    "decode": "Use a smaller image (the VAE decodes one 512x512 tile at a time already).",
+}

@@ -473,3 +473,33 @@ def test_upload(source, tmp_path, monkeypatch):
     assert calls[0] == ("token", "t0k") and calls[1] == ("create", "me/tiny-mlx", True)
     assert calls[2][0] == "upload" and "config.json" in calls[2][1] and calls[2][2] == "me/tiny-mlx"
     assert 'from_pretrained("me/tiny-mlx")' in (out / "README.md").read_text()
+
+
+# ---- from the Hub (a local stand-in server) ---------------------------------------------------------------
+def test_from_a_repo_id_and_requantize_a_converted_repo(source, out16, tmp_path, monkeypatch):
+    from hub_server import FakeHub, point_huggingface_hub_at
+
+    files = lambda folder: {p.relative_to(folder).as_posix(): p.read_bytes()  # noqa: E731
+                            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    hub = FakeHub().start()
+    try:
+        hub.add_repo("tiny-org/sd35-tiny", files(source))
+        hub.add_repo("me/sd35-tiny-mlx", files(out16))
+        point_huggingface_hub_at(monkeypatch, hub.url, tmp_path / "hf_home")
+        out = tmp_path / "from-hub"
+        convert("tiny-org/sd35-tiny", str(out), quantize="none", quiet=True)
+        config = read_converted_config(out)
+        assert config["source"] == {**config["source"], "repo_id": "tiny-org/sd35-tiny", "revision": None}
+        card = (out / "README.md").read_text()
+        assert "base_model: tiny-org/sd35-tiny" in card and "Stability AI Community License" in card
+        assert (out / "LICENSE.md").is_file() and (out / "tokenizer_2" / "vocab.json").is_file()
+        downloaded = set(hub.downloads("tiny-org/sd35-tiny"))
+        assert not any(".fp16" in f or f.startswith("vae copy/") for f in downloaded)
+        for c in NETWORKS:
+            assert_identical(load_converted_component(out, c), load_converted_component(out16, c))
+        # a converted repo is requantized
+        out2 = tmp_path / "from-converted-hub"
+        convert("me/sd35-tiny-mlx", str(out2), quantize="t5=8:32", quiet=True)
+        assert read_converted_config(out2)["components"]["t5"]["quantization"]["bits"] == 8
+    finally:
+        hub.stop()

@@ -9,24 +9,59 @@ The forward is split so that the conditioning can be precomputed for a whole sch
     mods = model.modulations(c)                        # every block's adaLN chunks + final
     v = model.forward_with_modulations(latents, context, mods, skip_layers)
 
+For a known schedule every step's modulations fit in one packed table, after which the
+weights only the conditioning needs (adaLN, timestep and pooled embedders: about a third
+of the parameters) and the full position table can be dropped:
+
+    table = model.modulation_table(timesteps, pooled)   # (steps, B, N, H), one batched pass
+    model.cache_pos_embed(grid_h, grid_w); model.free_conditioning_weights(); model.free_pos_embed()
+    v = model.forward_packed(latents, model.embed_context(context), table[i], skip_layers)
+
+A model with freed weights raises `FreedWeightsError` where it would need them.
 Nothing here synchronises with the host: shape checks use static shapes only.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import MMDiTConfig
-from ..errors import InputError
+from ..errors import InputError, SD35Error
 from .mmdit_blocks import Chunks, JointBlock, ada_chunks, layer_norm, modulate
 
 TIMESTEP_DIM = 256
 BlockModulation = Tuple[Chunks, Chunks]
 Modulations = Tuple[Tuple[BlockModulation, ...], Chunks]  # (per block, final layer)
+
+
+class FreedWeightsError(SD35Error, RuntimeError):
+    """A part of the transformer was freed (after precomputing what it computes) and is needed."""
+
+
+class FreedWeights(nn.Module):
+    """Stands in for a submodule whose weights were dropped; calling it raises."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def __call__(self, *args, **kwargs):
+        raise FreedWeightsError(
+            f"the transformer's {self.what} weights were freed after its modulations were "
+            "precomputed (Denoiser(..., free_adaln=True)); call it through that Denoiser, or "
+            "reload the transformer to call it directly"
+        )
+
+
+class _PositionCache:
+    """Cropped position tables by (grid_h, grid_w); a plain object, so never a parameter."""
+
+    def __init__(self):
+        self.tables: Dict[Tuple[int, int], mx.array] = {}
 
 
 def timestep_embedding(
@@ -94,10 +129,52 @@ class MMDiT(nn.Module):
             for i in range(config.depth)
         ]
         self.final_layer = FinalLayer(h, p, config.out_channels)
+        self._positions = _PositionCache()
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.x_embedder.weight.dtype
+
+    # ---- what has been freed ----
+    @property
+    def conditioning_freed(self) -> bool:
+        return isinstance(self.t_embedder, FreedWeights)
+
+    @property
+    def pos_embed_freed(self) -> bool:
+        return "pos_embed" not in self
+
+    def free_conditioning_weights(self) -> None:
+        """Drop the adaLN projections and the timestep/pooled embedders (only
+        `conditioning`/`modulations` use them). Afterwards the model runs only from
+        precomputed modulations; the plain call raises `FreedWeightsError`."""
+        self.t_embedder = FreedWeights("timestep embedder")
+        self.y_embedder = FreedWeights("pooled-text embedder")
+        for block in self.blocks:
+            block.x.adaLN = FreedWeights("adaLN")
+            block.context.adaLN = FreedWeights("adaLN")
+        self.final_layer.adaLN = FreedWeights("adaLN")
+
+    def cache_pos_embed(self, grid_h: int, grid_w: int) -> mx.array:
+        """Crop the position table for this patch grid once, as its own (evaluated) array."""
+        key = (grid_h, grid_w)
+        cached = self._positions.tables.get(key)
+        if cached is None:
+            crop = self._crop_pos_embed(grid_h, grid_w).astype(self.dtype)
+            # `+ 0` makes a new buffer: a plain slice could be a view that keeps the full
+            # table alive after free_pos_embed.
+            cached = mx.add(crop, mx.zeros((), dtype=crop.dtype))
+            mx.eval(cached)
+            self._positions.tables[key] = cached
+        return cached
+
+    def free_pos_embed(self) -> None:
+        """Drop the full (P*P, H) position table; grids cached with `cache_pos_embed` keep working."""
+        if "pos_embed" in self:
+            del self["pos_embed"]
+
+    def clear_pos_embed_cache(self) -> None:
+        self._positions.tables.clear()
 
     # ---- conditioning (depends on timestep and pooled text only) ----
     def conditioning(self, timestep: mx.array, pooled: mx.array) -> mx.array:
@@ -106,17 +183,73 @@ class MMDiT(nn.Module):
             raise InputError(
                 f"pooled must be (batch, {self.config.pooled_dim}); got {tuple(pooled.shape)}"
             )
+        self._require_conditioning()
         t = mx.array(timestep) if not isinstance(timestep, mx.array) else timestep
         t_freq = timestep_embedding(t).astype(self.t_embedder.fc1.weight.dtype)
         return self.t_embedder(t_freq) + self.y_embedder(pooled.astype(self.dtype))
 
     def modulations(self, c: mx.array) -> Modulations:
         """Every block's adaLN chunks and the final layer's (shift, scale) for c."""
+        self._require_conditioning()
         return tuple(b.modulation(c) for b in self.blocks), self.final_layer.modulation(c)
+
+    def _require_conditioning(self) -> None:
+        if self.conditioning_freed:
+            self.t_embedder()  # raises FreedWeightsError with the explanation
+
+    # ---- packed modulations: one (B, N, H) array per step ----
+    @property
+    def modulation_counts(self) -> List[Tuple[int, int]]:
+        """(image chunks, context chunks) per block; the final layer adds 2."""
+        return [(b.x.num_chunks, b.context.num_chunks) for b in self.blocks]
+
+    @property
+    def num_modulation_chunks(self) -> int:
+        return sum(a + b for a, b in self.modulation_counts) + 2
+
+    def pack_modulations(self, modulations: Modulations) -> mx.array:
+        """Modulations -> (B, N, H), chunks in block order (image, context), final last."""
+        block_mods, final_mod = modulations
+        chunks = [c for xm, cm in block_mods for c in (*xm, *cm)] + list(final_mod)
+        return mx.concatenate(chunks, axis=1)
+
+    def unpack_modulations(self, packed: mx.array) -> Modulations:
+        """(B, N, H) -> Modulations; chunks are (B, 1, H) slices (views, no copies)."""
+        if packed.ndim != 3 or packed.shape[1] != self.num_modulation_chunks:
+            raise InputError(
+                f"packed modulations must be (batch, {self.num_modulation_chunks}, hidden); "
+                f"got {tuple(packed.shape)}"
+            )
+        k = 0
+
+        def take(n: int) -> Chunks:
+            nonlocal k
+            out = tuple(packed[:, k + j : k + j + 1] for j in range(n))
+            k += n
+            return out
+
+        blocks = tuple((take(nx), take(nc)) for nx, nc in self.modulation_counts)
+        return blocks, take(2)
+
+    def modulation_table(self, timesteps: mx.array, pooled: mx.array) -> mx.array:
+        """Packed modulations for S timesteps and a batch of B pooled vectors, in one
+        batched pass -> (S, B, N, H); row [s, b] equals the plain model's modulations for
+        timestep s and pooled row b."""
+        t = timesteps.reshape(-1).astype(mx.float32)
+        s, b = t.shape[0], pooled.shape[0]
+        c = self.conditioning(mx.repeat(t, b), mx.tile(pooled, (s, 1)))
+        packed = self.pack_modulations(self.modulations(c))
+        return packed.reshape(s, b, *packed.shape[1:])
 
     # ---- token stream ----
     def cropped_pos_embed(self, grid_h: int, grid_w: int) -> mx.array:
         """Center crop of the stored (P, P) table to the patch grid -> (1, h*w, H)."""
+        cached = self._positions.tables.get((grid_h, grid_w))
+        if cached is not None:
+            return cached
+        return self._crop_pos_embed(grid_h, grid_w)
+
+    def _crop_pos_embed(self, grid_h: int, grid_w: int) -> mx.array:
         size = self.config.pos_embed_max_size
         if grid_h > size or grid_w > size:
             p = self.config.patch_size
@@ -125,11 +258,17 @@ class MMDiT(nn.Module):
                 f"allows: the largest latent side is {size * p} (an image side of {size * p * 8} "
                 "pixels). Use a smaller image size."
             )
+        if self.pos_embed_freed:
+            cached = sorted(self._positions.tables)
+            raise FreedWeightsError(
+                f"the full position table was freed; only the patch grids {cached} were kept "
+                f"(asked for {grid_h}x{grid_w}). Reload the transformer for other sizes."
+            )
         top, left = (size - grid_h) // 2, (size - grid_w) // 2
         table = self.pos_embed.reshape(size, size, -1)
         return table[top : top + grid_h, left : left + grid_w].reshape(1, grid_h * grid_w, -1)
 
-    def _check_inputs(self, latents: mx.array, context: mx.array) -> None:
+    def _check_latents(self, latents: mx.array) -> None:
         cfg = self.config
         if latents.ndim != 4 or latents.shape[-1] != cfg.in_channels:
             raise InputError(
@@ -142,10 +281,15 @@ class MMDiT(nn.Module):
                 f"multiples of {8 * cfg.patch_size} pixels); "
                 f"got {latents.shape[1]}x{latents.shape[2]}"
             )
-        if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+
+    def embed_context(self, context: mx.array) -> mx.array:
+        """Text tokens (B, L, context_dim) -> (B, L, H); the same at every step."""
+        if context.ndim != 3 or context.shape[-1] != self.config.context_dim:
             raise InputError(
-                f"context must be (batch, tokens, {cfg.context_dim}); got {tuple(context.shape)}"
+                f"context must be (batch, tokens, {self.config.context_dim}); "
+                f"got {tuple(context.shape)}"
             )
+        return self.context_embedder(context.astype(self.dtype))
 
     def forward_with_modulations(
         self,
@@ -155,7 +299,35 @@ class MMDiT(nn.Module):
         skip_layers: Sequence[int] = (),
     ) -> mx.array:
         """The transformer given precomputed modulations; returns the velocity (NHWC)."""
-        self._check_inputs(latents, context)
+        self._check_latents(latents)
+        return self.forward_embedded(latents, self.embed_context(context), modulations, skip_layers)
+
+    def forward_packed(
+        self,
+        latents: mx.array,
+        context_tokens: mx.array,
+        packed: mx.array,
+        skip_layers: Sequence[int] = (),
+    ) -> mx.array:
+        """`forward_embedded` with modulations packed as (B, N, H) (a modulation-table row)."""
+        return self.forward_embedded(
+            latents, context_tokens, self.unpack_modulations(packed), skip_layers
+        )
+
+    def forward_embedded(
+        self,
+        latents: mx.array,
+        context_tokens: mx.array,
+        modulations: Modulations,
+        skip_layers: Sequence[int] = (),
+    ) -> mx.array:
+        """The transformer given embedded text tokens (`embed_context`) and modulations."""
+        self._check_latents(latents)
+        h = self.config.hidden_size
+        if context_tokens.ndim != 3 or context_tokens.shape[-1] != h:
+            raise InputError(
+                f"embedded context must be (batch, tokens, {h}); got {tuple(context_tokens.shape)}"
+            )
         skip = set(skip_layers)
         if any(not 0 <= i < len(self.blocks) for i in skip):
             raise InputError(f"skip_layers {sorted(skip)} outside 0..{len(self.blocks) - 1}")
@@ -166,7 +338,7 @@ class MMDiT(nn.Module):
 
         x = self.x_embedder(latents.astype(dtype)).reshape(b, gh * gw, -1)
         x = x + self.cropped_pos_embed(gh, gw).astype(dtype)
-        ctx = self.context_embedder(context.astype(dtype))
+        ctx = context_tokens.astype(dtype)
 
         block_mods, final_mod = modulations
         for i, block in enumerate(self.blocks):
@@ -188,5 +360,7 @@ class MMDiT(nn.Module):
     ) -> mx.array:
         """latents (B, H/8, W/8, C) NHWC, timestep (B,) = σ·1000 (float), context (B, L, 4096),
         pooled (B, 2048) -> velocity (B, H/8, W/8, C) in the weights' dtype."""
+        self._check_latents(latents)
+        ctx = self.embed_context(context)  # checks context before any work
         c = self.conditioning(timestep, pooled)
-        return self.forward_with_modulations(latents, context, self.modulations(c), skip_layers)
+        return self.forward_embedded(latents, ctx, self.modulations(c), skip_layers)

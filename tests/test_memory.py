@@ -1,0 +1,284 @@
+"""The memory planner: exact weight sizes, stage estimates, and the plans it picks.
+
+Weight sizes are checked two independent ways: against the parameter counts of the spec
+(§7, computed from the official key tables) and against the bytes of the real networks
+quantized by `quantize_network` (built lazily: shapes and dtypes only, nothing allocated).
+Plans are computed for Apple-silicon GPUs (the target) whatever machine runs the tests.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from sd35_mlx.config import CLIP_G, CLIP_L, SD3_VAE, SD35_LARGE_MMDIT, SD35_MEDIUM_MMDIT, T5_XXL, T5Config
+from sd35_mlx.errors import InputError
+from sd35_mlx.memory import (
+    GB, MemoryEstimator, candidates, default_budget_bytes, network_bytes, plan_memory,
+)  # fmt: skip
+from sd35_mlx.models.clip import CLIPTextEncoder
+from sd35_mlx.models.mmdit import MMDiT
+from sd35_mlx.models.t5 import T5Encoder
+from sd35_mlx.models.vae import VAE
+from sd35_mlx.quantize import make_spec, parse_quantize, quantize_network
+
+GPU = mx.Device(mx.DeviceType.gpu)
+CPU = mx.Device(mx.DeviceType.cpu)
+
+
+@pytest.fixture(scope="module")
+def medium() -> MemoryEstimator:
+    return MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU)
+
+
+@pytest.fixture(scope="module")
+def large() -> MemoryEstimator:
+    return MemoryEstimator(SD35_LARGE_MMDIT, device=GPU)
+
+
+def stored_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def lazily_quantized(model: nn.Module, component: str, bits: int) -> nn.Module:
+    """The network as the pipeline makes it: bf16, then quantize_network (all lazy)."""
+    model.set_dtype(mx.bfloat16)
+    return quantize_network(model, make_spec(component, bits), component)
+
+
+# ---- weights -------------------------------------------------------------------------------------------
+# Parameter counts of spec §7 (from the official key tables; corroborated there).
+SPEC_PARAMETERS = [
+    ("t5", lambda: T5Encoder(T5_XXL), 4_762_310_656),
+    ("transformer", lambda: MMDiT(SD35_MEDIUM_MMDIT), 2_469_663_936),
+    ("transformer", lambda: MMDiT(SD35_LARGE_MMDIT), 8_146_280_768),
+    ("clip_l", lambda: CLIPTextEncoder(CLIP_L), 123_650_304),
+    ("clip_g", lambda: CLIPTextEncoder(CLIP_G), 694_659_840),
+    ("vae", lambda: VAE(SD3_VAE), 83_819_683),
+]
+
+
+@pytest.mark.parametrize("component, build, params", SPEC_PARAMETERS, ids=[
+    "t5", "medium", "large", "clip_l", "clip_g", "vae"])  # fmt: skip
+def test_16bit_bytes_are_twice_the_spec_parameter_count(component, build, params):
+    assert network_bytes(build()) == 2 * params
+
+
+@pytest.mark.parametrize(
+    "build, bits, component, spec_gb",
+    [
+        (lambda: T5Encoder(T5_XXL), 4, "t5", 2.87),
+        (lambda: T5Encoder(T5_XXL), 8, "t5", 5.18),
+        (lambda: MMDiT(SD35_MEDIUM_MMDIT), 4, "", 1.72),
+        (lambda: MMDiT(SD35_MEDIUM_MMDIT), 8, "", 2.84),
+        (lambda: MMDiT(SD35_LARGE_MMDIT), 4, "", 4.72),
+        (lambda: MMDiT(SD35_LARGE_MMDIT), 8, "", 8.74),
+        (lambda: MMDiT(SD35_LARGE_MMDIT), None, "", 16.29),
+        (lambda: CLIPTextEncoder(CLIP_G), None, "", 1.39),
+    ],
+    ids=["t5-4", "t5-8", "medium-4", "medium-8", "large-4", "large-8", "large-16", "clip_g-16"],
+)
+def test_bytes_match_spec_table(build, bits, component, spec_gb):
+    """Spec §7: every Linear quantized (gs 64, 16-bit scale and bias per group), the rest 16-bit."""
+    assert round(network_bytes(build(), bits, component=component) / GB, 2) == spec_gb
+
+
+@pytest.mark.parametrize(
+    "build, component, bits",
+    [(lambda: T5Encoder(T5_XXL), "t5", 4), (lambda: MMDiT(SD35_MEDIUM_MMDIT), "transformer", 4),
+     (lambda: MMDiT(SD35_MEDIUM_MMDIT), "transformer", 8), (lambda: MMDiT(SD35_LARGE_MMDIT), "transformer", 4),
+     (lambda: CLIPTextEncoder(CLIP_G), "clip_g", 8)],
+    ids=["t5-4", "medium-4", "medium-8", "large-4", "clip_g-8"],
+)  # fmt: skip
+def test_estimate_equals_the_quantized_network(build, component, bits):
+    """With the component's keep list, the estimate is exactly what quantize_network makes."""
+    assert network_bytes(build(), bits, component=component) == stored_bytes(lazily_quantized(build(), component, bits))
+
+
+def test_keep_list_costs_what_it_keeps():
+    """Medium 4-bit: the kept embedders and final projection add ~21 MB over the spec's 1.72 GB."""
+    model = MMDiT(SD35_MEDIUM_MMDIT)
+    extra = network_bytes(model, 4, component="transformer") - network_bytes(model, 4)
+    assert 0.01 * GB < extra < 0.03 * GB
+
+
+def test_default_budget_is_positive():
+    budget = default_budget_bytes()
+    assert isinstance(budget, int) and budget > 0
+
+
+# ---- stage estimates -----------------------------------------------------------------------------------
+def test_streamed_t5_is_one_block_not_the_encoder(medium):
+    c = T5_XXL
+    block16 = 2 * (4 * c.d_model * c.num_heads * c.d_kv + 3 * c.d_model * c.d_ff + 2 * c.d_model)
+    qkv16 = 2 * 3 * c.d_model * c.num_heads * c.d_kv
+    assert medium.t5_streamed(None) == block16 + qkv16  # larger than the 0.26 GB embedding
+    assert medium.t5_streamed(None) < network_bytes(medium.t5) / 15
+    assert medium.t5_streamed(4) > medium.t5_streamed(None)  # 16-bit read + 4-bit copy
+    # with T5 streamed, CLIP-G (1.39 GB) is the largest encoder
+    assert medium.encode(None, "streamed") == medium.encode(None, "dropped") == int(network_bytes(medium.clips[1]) + 0.1 * GB)
+
+
+def test_trimmed_transformer_saves_exactly_conditioning_weights_and_table():
+    plain = MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU)
+    trimmed = MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU, trimmed_transformer=True)
+    c = SD35_MEDIUM_MMDIT
+    conditioning = sum(p.size for k, p in tree_flatten(plain.transformer.parameters())
+                       if "adaLN" in k or k.startswith(("t_embedder.", "y_embedder."))) * 2  # fmt: skip
+    table, crop = c.pos_embed_max_size**2 * c.hidden_size * 2, 64 * 64 * c.hidden_size * 2
+    # 13 dual blocks (9 + 6 chunks), 10 plain (6 + 6), the last (6 + 2), the final layer 2
+    chunks = 13 * 15 + 10 * 12 + 8 + 2
+    modulations = 28 * 2 * chunks * c.hidden_size * 2
+    saved = plain.denoise(None, 1024, 1024, 256) - trimmed.denoise(None, 1024, 1024, 256, steps=28)
+    assert saved == conditioning + table - crop - modulations
+    assert conditioning > 1.4 * GB  # ~31% of Medium: worth precomputing the modulations
+    # 4-bit: the adaLN layers are quantized, the embedders kept at 16-bit (keep list)
+    saved4 = plain.denoise(4, 1024, 1024, 256) - trimmed.denoise(4, 1024, 1024, 256, steps=28)
+    assert saved4 == trimmed.conditioning_bytes(4) + table - crop - modulations
+    assert 0.4 * GB < trimmed.conditioning_bytes(4) < 0.5 * GB
+
+
+def test_cpu_counts_the_attention_scores():
+    """MLX's CPU attention materialises (tokens x tokens) scores per head; Metal's does not."""
+    gpu = MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU)
+    cpu = MemoryEstimator(SD35_MEDIUM_MMDIT, device=CPU)
+    tokens = 64 * 64 + 77 + 256
+    assert cpu.denoise(4, 1024, 1024, 256) - gpu.denoise(4, 1024, 1024, 256) == 2 * 24 * tokens**2 * 2
+
+
+def test_measured_cpu_attention_matches_the_cpu_term():
+    """The CPU term above, measured: one bf16 attention over 2 x 4 heads x 1024 tokens."""
+    q = mx.random.normal((2, 4, 1024, 64)).astype(mx.bfloat16)
+    mx.eval(q)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    with mx.stream(mx.cpu):
+        out = mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125)
+        mx.eval(out)
+    scores = 2 * 4 * 1024 * 1024 * 2
+    assert scores <= mx.get_peak_memory() - before <= scores * 1.2 + 4 * out.nbytes
+
+
+def test_tiled_decode_is_bounded(medium):
+    assert medium.decode(2048, 2048, tiled=True) == medium.decode(512, 512, tiled=False)
+    assert medium.decode(1024, 1024, tiled=False) > 3 * medium.decode(1024, 1024, tiled=True)
+
+
+# ---- plans ---------------------------------------------------------------------------------------------
+def choice(plan):
+    return plan.transformer_bits, plan.t5_bits, plan.t5, plan.tile_vae
+
+
+@pytest.mark.parametrize(
+    "model, size, budget_gb, expected",
+    [
+        ("medium", 1024, 20, (None, None, "loaded", False)),  # everything 16-bit, untiled
+        ("medium", 1024, 9, (None, 8, "loaded", False)),  # T5 quantized
+        ("medium", 1024, 6, (None, 8, "loaded", True)),  # ... and the VAE tiled
+        ("medium", 1024, 4, (8, None, "streamed", True)),  # T5 streamed, transformer 8-bit
+        ("medium", 1024, 2.5, (4, None, "streamed", True)),  # the 2.5 GB target
+        ("medium", 512, 6, (None, 8, "loaded", False)),  # at 512² the decode is one tile anyway
+        ("medium", 512, 2.0, (4, None, "streamed", False)),
+        ("large", 1024, 30, (None, None, "loaded", False)),
+        ("large", 1024, 12, (8, None, "streamed", False)),  # the 16-bit transformer alone is 16.3 GB
+        ("large", 1024, 6, (4, None, "streamed", True)),
+        ("large", 512, 6, (4, None, "streamed", False)),
+    ],
+)
+def test_plan_choices(request, model, size, budget_gb, expected):
+    estimator = request.getfixturevalue(model)
+    plan = plan_memory(estimator, int(budget_gb * GB), size, size)
+    assert choice(plan) == expected, plan.describe()
+    assert plan.peak <= budget_gb * GB
+
+
+def test_medium_trimmed_prefers_quantized_t5_before_streaming():
+    """With the transformer trimmed, the encode stage binds first: T5 4-bit, loaded."""
+    est = MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU, trimmed_transformer=True)
+    assert choice(plan_memory(est, int(3.6 * GB), 1024, 1024)) == (None, 4, "loaded", True)
+    assert choice(plan_memory(est, int(2.2 * GB), 1024, 1024)) == (8, None, "streamed", True)
+    assert choice(plan_memory(est, int(1.8 * GB), 1024, 1024)) == (4, None, "streamed", True)
+
+
+@pytest.mark.parametrize("model, size", [("medium", 1024), ("medium", 512), ("large", 1024), ("large", 512)])
+def test_plan_is_the_best_that_fits(request, model, size):
+    """For a sweep of budgets: the plan fits, and no better candidate (earlier in the ladder,
+    tiled or not) does; below the smallest plan, a refusal."""
+    est = request.getfixturevalue(model)
+    ladder = [est.plan(tr, t5, mode, tile, size, size, 256)
+              for tr, t5, mode in candidates() for tile in (False, True)]  # fmt: skip
+    smallest = min(p.peak for p in ladder)
+    for budget in np.linspace(smallest, 1.1 * max(p.peak for p in ladder), 25).astype(np.int64):
+        plan = plan_memory(est, int(budget), size, size)
+        assert plan.peak <= budget
+        better = ladder[: [choice(p) for p in ladder].index(choice(plan))]
+        assert all(p.peak > budget for p in better)
+    with pytest.raises(InputError):
+        plan_memory(est, smallest - 1, size, size)
+
+
+def test_t5_is_never_dropped_for_memory(medium, large):
+    """Streamed T5 needs less than CLIP-G, so dropping it never lowers the peak."""
+    for est in (medium, large):
+        for size in (512, 1024):
+            for budget in np.linspace(1.0, 30.0, 59):
+                try:
+                    plan = plan_memory(est, int(budget * GB), size, size)
+                except InputError:
+                    continue
+                assert plan.t5 != "dropped"
+
+
+def test_refusal_names_the_smallest_plan_and_its_stage(medium):
+    smallest = medium.plan(4, None, "streamed", True, 1024, 1024, 256)
+    with pytest.raises(InputError) as e:
+        plan_memory(medium, int(2.0 * GB), 1024, 1024)
+    msg = str(e.value)
+    assert "2.00 GB budget" in msg and f"needs about {smallest.peak / GB:.2f} GB" in msg
+    assert "denoise stage" in msg and "transformer 4-bit" in msg
+
+
+def test_fixed_settings_are_kept(medium):
+    plan = plan_memory(medium, int(2.5 * GB), 1024, 1024, fixed={"t5": 4})
+    assert choice(plan) == (4, 4, "streamed", True)
+    with pytest.raises(InputError, match="denoise"):
+        plan_memory(medium, int(4 * GB), 1024, 1024, fixed={"transformer": None})
+
+
+def test_quantize_spec_round_trips_through_the_parser(medium):
+    """The pipeline feeds `plan.quantize_spec()` to parse_quantize."""
+    for tr, t5, mode in candidates():
+        plan = medium.plan(tr, t5, mode, True, 1024, 1024, 256)
+        specs = parse_quantize(plan.quantize_spec() or "none", defaults=False)
+        assert (specs["transformer"].bits if specs["transformer"] else None) == tr
+        if mode != "dropped":
+            assert (specs["t5"].bits if specs["t5"] else None) == t5
+
+
+# ---- the planner's streamed-T5 number against a measurement -------------------------------------------
+def test_streamed_t5_estimate_covers_the_measured_peak(tmp_path):
+    """A bf16 T5 (d_model 512, 6 blocks) streamed from a file: the measured peak is within
+    the estimator's `t5_streamed` (plus a small activation allowance) and not far below."""
+    from sd35_mlx.streaming import StreamedT5
+
+    config = T5Config(d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=1024, vocab_size=300)
+    model = T5Encoder(config)
+    model.set_dtype(mx.bfloat16)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    mx.save_safetensors(str(tmp_path / "t5.safetensors"), weights)
+    del model, weights
+    est = MemoryEstimator(SD35_MEDIUM_MMDIT, t5=config, device=GPU)
+    streamed = StreamedT5.from_files([tmp_path / "t5.safetensors"], config=config)
+    ids = mx.array(np.random.RandomState(0).randint(0, 300, (1, 16)))
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(streamed(ids))
+    measured = mx.get_peak_memory() - before
+    activations = 1 * 16 * (config.d_ff * 3 + config.d_model * 8) * 4 + 8 * 16 * 16 * 4
+    assert 0.5 * est.t5_streamed(None) <= measured <= est.t5_streamed(None) + activations
