@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -171,25 +170,29 @@ def to_float32(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_inputs(model: nn.Module, seed: int) -> tuple:
+def make_inputs(model: nn.Module, seed: int, small: bool = False) -> tuple:
+    """Random inputs. `small` (full-width networks): fewer tokens, because MLX's CPU matmul
+    is slow; each output still has thousands of values, enough for the statistics."""
     rng = np.random.default_rng(seed)
     cfg = model.config
     if isinstance(cfg, MMDiTConfig):
-        # 64 image tokens + 77 text tokens: enough for statistics, cheap on a CPU
-        lat = mx.array(rng.standard_normal((1, 16, 16, cfg.in_channels)).astype(np.float32))
-        ctx = mx.array(rng.standard_normal((1, 77, cfg.context_dim)).astype(np.float32))
+        side, n_ctx = (8, 32) if small else (16, 77)  # (side/2)² image tokens + n_ctx text tokens
+        lat = mx.array(rng.standard_normal((1, side, side, cfg.in_channels)).astype(np.float32))
+        ctx = mx.array(rng.standard_normal((1, n_ctx, cfg.context_dim)).astype(np.float32))
         pooled = mx.array(rng.standard_normal((1, cfg.pooled_dim)).astype(np.float32))
         return (lat, mx.array([700.0]), ctx, pooled)
+    rows, length = (1, 32) if small else (2, 77)
     if isinstance(cfg, CLIPConfig):
-        ids = rng.integers(1, 49405, (2, 77))
+        ids = rng.integers(1, 49405, (rows, length))
         ids[:, 0] = 49406
-        ids[0, 20:] = 49407
-        ids[1, 60] = 49407
-        ids[1, 61:] = 0
+        ids[0, length // 4:] = 49407  # CLIP-L style padding with EOS
+        if rows > 1:
+            ids[1, 60] = 49407
+            ids[1, 61:] = 0  # CLIP-G style padding with 0
         return (mx.array(ids),)
-    ids = rng.integers(3, cfg.vocab_size, (2, 77))
-    ids[0, 30] = 1
-    ids[0, 31:] = 0
+    ids = rng.integers(3, cfg.vocab_size, (rows, length))
+    ids[0, length // 2] = 1
+    ids[0, length // 2 + 1:] = 0
     return (mx.array(ids),)
 
 
@@ -317,13 +320,13 @@ def bits_per_weight(model: nn.Module) -> float:
 
 
 def table_for(label: str, size: str, config, seed: int, specs=SPECS,
-              all_policy=("8-bit", "4-bit", "mxfp4")) -> List[Row]:  # fmt: skip
+              all_policy=("8-bit", "4-bit", "mxfp4"), small: bool = False) -> List[Row]:  # fmt: skip
     """Rows for each spec with the default policy, and for `all_policy` specs with every
     Linear quantized too. Plus the floor: bf16 compute vs fp32 compute, unquantized."""
     component = component_of(label)
     weights = dict(tree_flatten(randomize(build(config), seed).parameters()))
     ref_model = reference(config, weights)
-    inputs = make_inputs(ref_model, seed)
+    inputs = make_inputs(ref_model, seed, small)
     ref = outputs(ref_model, inputs)
     del ref_model
     e = errors(ref, outputs(reference(config, weights, mx.bfloat16), inputs))
@@ -339,11 +342,11 @@ def table_for(label: str, size: str, config, seed: int, specs=SPECS,
     return rows
 
 
-def sensitivity_for(label: str, config, seed: int, bits: int = 4, group: int = 64) -> List[dict]:
+def sensitivity_for(label: str, config, seed: int, bits: int = 4, group: int = 64, small: bool = True) -> List[dict]:
     component = component_of(label)
     weights = dict(tree_flatten(randomize(build(config), seed).parameters()))
     model = reference(config, weights)
-    inputs = make_inputs(model, seed)
+    inputs = make_inputs(model, seed, small)
     ref = outputs(model, inputs)
     all_paths = quantizable_layers(model, QuantSpec(bits, group, "affine"))
     total = linear_params(model, all_paths)
@@ -560,8 +563,9 @@ def main(argv=None) -> None:
     wide_specs = [s for s in SPECS if s[0] not in ("5-bit", "2-bit")]
     for label, cfg in wide_configs().items():
         print("wide", label, f"{time.perf_counter() - t0:.0f} s", flush=True)
-        rows += table_for(label, "full width, 2 blocks", cfg, args.seed, specs=wide_specs)
-        sens += sensitivity_for(label, cfg, args.seed)
+        rows += table_for(label, "full width, 2 blocks", cfg, args.seed, specs=wide_specs,
+                          all_policy=("4-bit",), small=True)  # fmt: skip
+        sens += sensitivity_for(label, cfg, args.seed, small=True)
     if args.full:
         for label, cfg in full_configs().items():
             if not enough_memory(cfg):
@@ -569,7 +573,7 @@ def main(argv=None) -> None:
                 continue
             print("full", label, flush=True)
             few = [s for s in SPECS if s[0] in ("8-bit", "4-bit", "3-bit", "mxfp4")]
-            rows += table_for(label, "full size", cfg, args.seed, specs=few, all_policy=())
+            rows += table_for(label, "full size", cfg, args.seed, specs=few, all_policy=(), small=True)
             mx.clear_cache()
     loads: List[dict] = []
     real = None

@@ -38,10 +38,10 @@ import mlx.core as mx
 from .errors import InputError, SD35Error, WeightFileError
 from .quantize import (
     COMPONENTS, MODES, QUANTIZABLE, QuantSpec, dequantize_network, make_spec, parse_quantize,
-    quantize_network, spec_of,
+    quantize_network, spec_of, unquantized_share,
 )  # fmt: skip
 from .weights.converted import (
-    DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FOLDERS, check_target, dtype_name, is_converted,
+    DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FOLDERS, check_target, is_converted,
     license_files, load_converted_component, logical_parameters, parse_dtype, read_converted_config,
     save_converted, stored_bytes,
 )  # fmt: skip
@@ -210,6 +210,7 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
         plan.t5_state = "dropped" if plan.drop_t5 else "absent"
         if not plan.drop_t5:
             _say(quiet, "No T5-XXL found: the converted model will run in T5-drop mode.")
+
     def loader(component: str) -> Callable:
         # No tensor cache across networks: a cached source tensor would stay in memory once
         # written; opening a file again costs only its header (mx.load is lazy).
@@ -331,12 +332,21 @@ def _variant(plan: Plan) -> Optional[str]:
     return detect_variant(model.config, hint=hint).name
 
 
-def estimate(plan: Plan) -> Dict[str, Dict[str, int]]:
-    """{component: {"parameters", "bytes"}} of the output, from shapes only (nothing is read)."""
+def estimate(plan: Plan, quiet: bool = True) -> Dict[str, Dict[str, int]]:
+    """{component: {"parameters", "bytes"}} of the output, from shapes only (nothing is read).
+
+    Also says when a group size leaves much of a network unquantized (widths that are not
+    multiples of it, e.g. SD3.5 Large's 2432 with group 128)."""
     out = {}
     for component, load in plan.loaders.items():
         model = load()
         out[component] = {"parameters": logical_parameters(model), "bytes": stored_bytes(model)}
+        spec = plan.specs.get(component)
+        share = unquantized_share(model, spec) if spec is not None else 0.0
+        if share > 0.05:
+            _say(quiet, f"Note: {share:.0%} of the {component}'s weights stay 16-bit: their input widths are "
+                        f"not multiples of group size {spec.group_size}; a smaller group size (e.g. 64) "
+                        "quantizes them.")  # fmt: skip
         del model
     return out
 
@@ -383,7 +393,7 @@ def convert(
         raise InputError("the shard size must be positive")
     plan = plan_conversion(hf_path, mlx_path, revision=revision, dtype=dtype, quantize=quantize,
                            drop_t5=drop_t5, force=force, token=token, quiet=quiet)  # fmt: skip
-    sizes = estimate(plan)
+    sizes = estimate(plan, quiet)
     total = sum(s["bytes"] for s in sizes.values())
     check_disk_space(plan.target, total + DISK_MARGIN_BYTES)
     _say(quiet, f"Converting {' + '.join(plan.inputs)} -> {plan.target} ({_human(total)}, {plan.dtype})")

@@ -54,7 +54,8 @@ class DequantizingLinear(nn.QuantizedLinear):
         nn.Module.__init__(new)
         new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
         new.min_rows = int(min_rows)
-        new.update(dict(layer.items()))
+        for key, value in layer.items():  # weight, scales, [biases], [bias]: shared, not copied
+            new[key] = value
         new.freeze()
         return new
 
@@ -62,7 +63,8 @@ class DequantizingLinear(nn.QuantizedLinear):
         plain = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
         nn.Module.__init__(plain)
         plain.group_size, plain.bits, plain.mode = self.group_size, self.bits, self.mode
-        plain.update(dict(self.items()))
+        for key, value in self.items():
+            plain[key] = value
         plain.freeze()
         return plain
 

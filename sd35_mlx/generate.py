@@ -147,6 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def _largest_size(jobs: List[GenerationSettings]):
+    sized = [(j.height, j.width) for j in jobs if j.height and j.width]
+    return max(sized, key=lambda hw: hw[0] * hw[1]) if sized else None
+
+
 def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     import mlx.core as mx
 
@@ -160,6 +165,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         quantize=args.quantize, revision=args.revision, variant=args.variant,
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
+        plan_size=_largest_size(jobs),
     )  # fmt: skip
     if not args.quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")

@@ -5,7 +5,8 @@
 the token comes from `token=`, `HF_TOKEN` or `hf auth login`) and returns the snapshot folder.
 The file list decides the layout: when the repo has the diffusers folders, neither the
 Stability single file, nor `text_encoders/`, nor `vae copy/`, nor the `*.fp16*` duplicates
-are downloaded. A local path is returned as it is.
+are downloaded. A converted sd35_mlx repo gives the files its config.json lists for the
+requested networks. A local path is returned as it is.
 
 Every failure becomes an `SD35Error` that says what to do (gated licence, login, typo,
 offline without a cached copy).
@@ -13,6 +14,7 @@ offline without a cached copy).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -33,7 +35,7 @@ OFFICIAL_REPOS = (
     "stabilityai/stable-diffusion-3-medium-diffusers",
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+_FP16 = re.compile(r"\.fp16[.-]")
 _SAI_TEXT_FILES = {
     "clip_l": ("clip_l.safetensors",),
     "clip_g": ("clip_g.safetensors",),
@@ -71,11 +73,14 @@ def _sai_checkpoint(files: Sequence[str]) -> Optional[str]:
 
 
 def repo_layout(files: Sequence[str]) -> str:
-    """"diffusers", "stability", "converted" (sd35_mlx) or "unknown", from a repo's file list."""
+    """"diffusers", "stability", "converted" (sd35_mlx), "component" or "unknown", from a file list."""
     # a converted sd35_mlx folder (sd35_mlx/weights/converted.py): config.json + <network>.safetensors
     if "config.json" in files and any(f in files for n in COMPONENTS
                                       for f in (f"{n}.safetensors", f"{n}.safetensors.index.json")):  # fmt: skip
         return "converted"
+    if "config.json" in files and any(f"{stem}.safetensors{tail}" in files for stem in ("diffusion_pytorch_model", "model")
+                                      for tail in ("", ".index.json")):  # fmt: skip
+        return "component"  # one diffusers component folder published as a repo
     if "model_index.json" in files or any(f"{sub}/config.json" in files for sub in DIFFUSERS_FOLDERS.values()):
         return "diffusers"
     if any("/" not in f and f.endswith(".safetensors") for f in files) or any(
@@ -85,8 +90,30 @@ def repo_layout(files: Sequence[str]) -> str:
     return "unknown"
 
 
-def files_to_download(files: Sequence[str], components: Iterable[str] = ALL_COMPONENTS) -> List[str]:
-    """The exact repo files the requested components need (see the module docstring)."""
+def _converted_files(files: Sequence[str], components: Sequence[str], config: Optional[dict]) -> List[str]:
+    """A converted sd35_mlx repo: config.json, scheduler/, and the requested networks' files
+    (as its config.json lists them; without it, by the converter's file naming)."""
+    wanted = ["config.json"] + [f for f in files if f.startswith("scheduler/")]
+    entries = (config or {}).get("components", {})
+    for component in components:
+        if component == "tokenizers":
+            folders = set((config or {}).get("tokenizers", {}).values()) or set(TOKENIZER_FOLDERS.values())
+            wanted += [f for f in files if f.split("/")[0] in folders]
+        elif component in entries:
+            wanted += [f for f in entries[component].get("files", []) if f in files]
+        elif config is None:
+            own = re.compile(re.escape(component) + r"(\.safetensors|-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)\Z")
+            wanted += [f for f in files if own.match(f)]
+    return sorted(dict.fromkeys(wanted))
+
+
+def files_to_download(
+    files: Sequence[str], components: Iterable[str] = ALL_COMPONENTS, converted_config: Optional[dict] = None
+) -> List[str]:
+    """The exact repo files the requested components need (see the module docstring).
+
+    `converted_config`: the config.json of a converted sd35_mlx repo, when already fetched.
+    """
     components = tuple(components)
     unknown = [c for c in components if c not in ALL_COMPONENTS]
     if unknown:
@@ -94,8 +121,10 @@ def files_to_download(files: Sequence[str], components: Iterable[str] = ALL_COMP
     present = set(files)
     layout = repo_layout(files)
     wanted: List[str] = []
-    if layout in ("unknown", "converted"):  # e.g. a converted sd35_mlx folder: everything but pickles
-        return sorted(f for f in files if Path(f).suffix.lower() not in PICKLE_SUFFIXES)
+    if layout == "converted":
+        return _converted_files(files, components, converted_config)
+    if layout in ("component", "unknown"):  # e.g. one component's folder: all but pickles and fp16 copies
+        return sorted(f for f in files if Path(f).suffix.lower() not in PICKLE_SUFFIXES and not _FP16.search(f))
     if layout == "diffusers":
         wanted += [f for f in ("model_index.json",) if f in present]
         wanted += [f for f in files if f.startswith("scheduler/")]
@@ -316,8 +345,6 @@ def resolve_model_path(
 
 
 def _download(repo_id: str, revision: Optional[str], components: Sequence[str], token: Optional[str]) -> Path:
-    from huggingface_hub import snapshot_download
-
     offline = _offline()
     files: Optional[List[str]] = None
     reason = "HF_HUB_OFFLINE=1 is set"
@@ -334,13 +361,25 @@ def _download(repo_id: str, revision: Optional[str], components: Sequence[str], 
         files = _list_cached(repo_id, revision)
         if files is None:
             raise SD35Error(_offline_message(repo_id, components, reason))
-    wanted = files_to_download(files, components)
+    converted_config = None
+    if repo_layout(files) == "converted":  # its config.json says which files hold which network
+        folder = _snapshot(repo_id, revision, ["config.json"], token, offline, components, reason)
+        converted_config = json.loads((folder / "config.json").read_text())
+    wanted = files_to_download(files, components, converted_config)
     if not wanted:
         raise SD35Error(
             f"{repo_id} has none of the files for {', '.join(components)}: it has "
             f"{', '.join(sorted(files)[:12])}{' …' if len(files) > 12 else ''}. Is it an SD3 / SD3.5 model?"
         )
-    log.info("%s: fetching %d files: %s", repo_id, len(wanted), ", ".join(wanted))
+    log.info("%s: needs %d files: %s", repo_id, len(wanted), ", ".join(wanted))
+    return _snapshot(repo_id, revision, wanted, token, offline, components, reason)
+
+
+def _snapshot(repo_id: str, revision: Optional[str], wanted: Sequence[str], token: Optional[str],
+              offline: bool, components: Sequence[str], reason: str) -> Path:  # fmt: skip
+    """snapshot_download of exactly `wanted` (from the cache only when offline)."""
+    from huggingface_hub import snapshot_download
+
     try:
         folder = snapshot_download(
             repo_id, revision=revision, allow_patterns=[_glob_escape(f) for f in wanted],

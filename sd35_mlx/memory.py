@@ -20,14 +20,14 @@ for the machine that will run the generation.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import CLIP_G, CLIP_L, T5_XXL, MMDiTConfig, SD3_VAE, T5Config, VAEConfig
+from .config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL, MMDiTConfig, T5Config, VAEConfig
 from .errors import InputError
 
 GB = 1e9

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -23,6 +23,11 @@ from .images import load_image, to_pil
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise
 from .settings import GenerationSettings, SkipLayerSettings
 from .variants import Variant, detect_variant, validate_size
+
+
+# Whether the denoiser frees the adaLN weights and the full position table while it runs
+# (the memory planner counts them out only then).
+TRIMS_TRANSFORMER = False
 
 
 @dataclass
@@ -57,6 +62,7 @@ class SD35Pipeline:
         tile_vae: Optional[bool] = None,
         stream_t5: bool = False,
         memory_budget: Optional[float] = None,
+        plan_size: Optional[Tuple[int, int]] = None,
     ):
         from .loading import load_tokenizers
 
@@ -85,7 +91,7 @@ class SD35Pipeline:
         if low_memory:
             self._transformer = None
         if memory_budget is not None:
-            self._apply_memory_plan(config, memory_budget)
+            self._apply_memory_plan(config, memory_budget, plan_size)
         self.timings: Dict[str, float] = {}
 
     # ---- construction ----
@@ -103,6 +109,7 @@ class SD35Pipeline:
         tile_vae: Optional[bool] = None,
         stream_t5: bool = False,
         memory_budget: Optional[float] = None,
+        plan_size: Optional[Tuple[int, int]] = None,
     ) -> "SD35Pipeline":
         """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
 
@@ -111,6 +118,7 @@ class SD35Pipeline:
         stream_t5: run T5 one block at a time from the memory-mapped file (slower, far less memory).
         memory_budget: GB the whole generation may use; the planner then chooses quantization,
             T5 mode (loaded, streamed or dropped) and VAE tiling, and refuses if nothing fits.
+        plan_size: (height, width) the plan is made for (default: the variant's default size).
         """
         from .hub import resolve_model_path
 
@@ -119,25 +127,28 @@ class SD35Pipeline:
         return cls(
             path, name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
             quantize=quantize, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget, plan_size=plan_size,
         )  # fmt: skip
 
-    def _apply_memory_plan(self, config, budget_gb: float) -> None:
-        """Choose quantization, T5 mode and tiling for the budget; what the user fixed stays."""
-        from .memory import MemoryEstimator, plan_memory
+    def _apply_memory_plan(self, config, budget_gb: float, size: Optional[Tuple[int, int]]) -> None:
+        """Choose quantization, T5 mode and tiling for the budget; what the user named stays."""
+        from .memory import plan_memory
         from .quantize import parse_quantize
 
         if budget_gb <= 0:
             raise InputError(f"memory budget must be positive (got {budget_gb} GB)")
         given = parse_quantize(self.quantize, defaults=False) if self.quantize else {}
-        fixed = {k: (v.bits if v else None) for k, v in given.items() if k in ("transformer", "t5")}
-        size = self.variant.default_size
-        self.plan = plan_memory(self._estimator(config), int(budget_gb * 1e9), size, size, fixed=fixed)
-        chosen = [p for p in self.plan.quantize_spec().split(",") if p and p.split("=")[0] not in given]
+        named = {item.split("=")[0].strip() for item in (self.quantize or "").split(",") if "=" in item}
+        fixed = {k: (given[k].bits if given[k] else None) for k in named & {"transformer", "t5"}}
+        height, width = size or (self.variant.default_size, self.variant.default_size)
+        self.plan = plan_memory(self._estimator(config), int(budget_gb * 1e9), height, width, fixed=fixed)
+        chosen = [p for p in self.plan.quantize_spec().split(",") if p and p.split("=")[0] not in named]
         self.quantize = ",".join(([self.quantize] if self.quantize else []) + chosen) or None
         self.use_t5 = self.use_t5 and self.plan.t5 != "dropped"
         self.stream_t5 = self.stream_t5 or self.plan.t5 == "streamed"
-        print(f"memory plan for {budget_gb:g} GB at {size}x{size}: {self.plan.describe()}")
+        if self.tile_vae is None:
+            self.tile_vae = self.plan.tile_vae or None  # None: still decided per image size
+        print(f"memory plan for {budget_gb:g} GB at {width}x{height}: {self.plan.describe()}")
 
     def _estimator(self, config):
         """Estimates from this model's own networks (built lazily: no weights are read)."""
@@ -148,7 +159,7 @@ class SD35Pipeline:
         kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.path).config)
         if enc.t5 is not None:
             kwargs["t5"] = enc.t5.config
-        return MemoryEstimator(config, **kwargs)
+        return MemoryEstimator(config, trimmed_transformer=TRIMS_TRANSFORMER, **kwargs)
 
     # ---- networks, loaded on demand ----
     def _quantize(self, model, component: str):

@@ -272,6 +272,20 @@ def quantize_network(model: M, spec: Optional[QuantSpec], component: str) -> M:
     return model
 
 
+def unquantized_share(model: nn.Module, spec: QuantSpec) -> float:
+    """Share of the weights the rule wanted but could not quantize: Linear layers outside
+    `keep` whose input width is not a multiple of the group size (e.g. SD3.5 Large's 2432
+    with group 128). 0.0 when everything eligible was quantized."""
+    keep = [re.compile(p) for p in spec.keep]
+    skipped = done = 0
+    for path, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            done += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        elif type(m) is nn.Linear and not any(k.fullmatch(path) for k in keep):
+            skipped += m.weight.size
+    return skipped / max(skipped + done, 1)
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
 
@@ -328,5 +342,5 @@ __all__ = [
     "COMPONENTS", "QUANTIZABLE", "TEXT_ENCODERS", "MODES", "DEFAULT_KEEP", "QuantSpec",
     "validate", "make_spec", "default_quantization", "parse_value", "parse_quantize",
     "describe", "quantizable_layers", "quantize_network", "dequantize_network",
-    "is_quantized", "quantized_paths", "spec_of",
+    "is_quantized", "quantized_paths", "spec_of", "unquantized_share",
 ]  # fmt: skip

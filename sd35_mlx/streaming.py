@@ -139,8 +139,8 @@ def infer_streamed_config(
     """`infer_config` of the T5 table, also for already-quantized tensors (packed shapes)."""
     from .weights.tables.t5 import infer_config
 
-    if not _is_prequantized(weights):
-        return infer_config(weights, hf_config)
+    if not _is_prequantized(weights) or "embed.weight" not in weights:
+        return infer_config(weights, hf_config)  # (raises, naming what is missing)
     d_model = weights["embed.weight"].shape[1]
     bits = quantize.bits if quantize is not None else _settings_from_shapes(weights, d_model)[0]
     shapes: Dict[str, object] = dict(weights)

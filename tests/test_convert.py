@@ -307,6 +307,8 @@ def test_cli_summary(source, tmp_path, capsys):
     for c in NETWORKS:
         assert f"  {c}" in text
     assert "4-bit g32" in text and "total" in text and "M params" in text
+    # the tiny T5's feed-forward output layer has input width 48: not a multiple of 32
+    assert "of the t5's weights stay 16-bit: their input widths are not multiples of group size 32" in text
     assert all(s["quantization"] for c, s in read_converted_config(out)["components"].items() if c != "vae")
 
 
@@ -321,22 +323,36 @@ def test_existing_output_is_not_touched_without_force(source, tmp_path, no_loadi
     assert sorted(os.listdir(out)) == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
 
 
-def test_force_replaces_only_when_complete(source, tmp_path):
+def test_force_replaces_a_converted_folder_only_when_complete(source, out4, tmp_path):
     out = tmp_path / "forced"
-    out.mkdir()
-    (out / "mine.txt").write_text("old")
-    convert(str(source), str(out), force=True, quiet=True)
-    assert not (out / "mine.txt").exists() and is_converted(out)
+    shutil.copytree(out4, out)
+    (out / "old-marker.txt").write_text("old")
+    convert(str(source), str(out), quantize="none", force=True, quiet=True)
+    assert not (out / "old-marker.txt").exists() and is_converted(out)
+    assert read_converted_config(out)["components"]["t5"]["quantization"] is None
     assert leftovers(tmp_path) == []
+
+
+def test_force_never_replaces_other_folders(source, tmp_path, monkeypatch, no_loading):
+    mine = tmp_path / "my-documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    with pytest.raises(InputError, match="not a converted sd35_mlx folder; --force only replaces"):
+        convert(str(source), str(mine), force=True, quiet=True)
+    monkeypatch.chdir(mine)
+    with pytest.raises(InputError, match="refusing to replace"):
+        convert(str(source), ".", force=True, quiet=True)
+    assert (mine / "thesis.txt").read_text() == "precious"
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 @pytest.mark.parametrize("existing", [False, True])
-def test_a_failure_mid_write_leaves_nothing(source, tmp_path, monkeypatch, exc, existing):
+def test_a_failure_mid_write_leaves_nothing(source, out4, tmp_path, monkeypatch, exc, existing):
     out = tmp_path / "fails"
     if existing:
-        out.mkdir()
+        shutil.copytree(out4, out)
         (out / "mine.txt").write_text("old")
+        before = sorted(os.listdir(out))
     calls = []
     real = mx.save_safetensors
 
@@ -352,7 +368,8 @@ def test_a_failure_mid_write_leaves_nothing(source, tmp_path, monkeypatch, exc, 
     assert len(calls) == 3
     assert leftovers(tmp_path) == []
     if existing:
-        assert sorted(os.listdir(out)) == ["mine.txt"] and (out / "mine.txt").read_text() == "old"
+        assert sorted(os.listdir(out)) == before and (out / "mine.txt").read_text() == "old"
+        assert read_converted_config(out)["components"]["t5"]["quantization"]["bits"] == 4
     else:
         assert not out.exists()
 

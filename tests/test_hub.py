@@ -25,6 +25,7 @@ from sd35_mlx.loading import load_text_encoders, load_tokenizers, load_transform
 REPO = "tiny-org/sd35-tiny"
 GATED = "tiny-org/sd35-gated"
 SAI_ONLY = "tiny-org/sd35-single-file"
+CONVERTED = "tiny-org/sd35-tiny-mlx"
 GOOD_TOKEN = "hf_accepted_licence"
 
 
@@ -44,11 +45,19 @@ def tiny(tmp_path_factory) -> TinyModel:
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
+def converted_folder(tiny, tmp_path_factory) -> Path:
+    convert = pytest.importorskip("sd35_mlx.convert").convert
+    out = tmp_path_factory.mktemp("converted") / "sd35-tiny-mlx"
+    return convert(tiny.both, out, dtype="float32", quantize="none", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, converted_folder):
     hub = FakeHub().start()
     hub.add_repo(REPO, repo_files(tiny.both))
     hub.add_repo(GATED, repo_files(tiny.both), gated=True, accepted_tokens=(GOOD_TOKEN,))
     hub.add_repo(SAI_ONLY, {**repo_files(tiny.stability), "README.md": b"single file\n"})
+    hub.add_repo(CONVERTED, repo_files(converted_folder))
     yield hub
     hub.stop()
 
@@ -124,6 +133,29 @@ def test_stability_only_repo(hub, tiny):
                                       "text_encoders/clip_g.safetensors", "text_encoders/t5xxl_fp16.safetensors"}  # fmt: skip
     model = load_transformer(SAI_ONLY)
     assert all(mx.array_equal(params(model)[k], v).item() for k, v in tiny.expected["transformer"].items())
+
+
+def test_converted_repo_downloads_per_network(hub, tiny, converted_folder):
+    vae = load_vae(CONVERTED)
+    assert set(hub.requested()) == {"config.json", "vae.safetensors"}
+    assert all(mx.array_equal(params(vae)[k], v).item() for k, v in tiny.expected["vae"].items())
+    hub.clear()
+    enc = load_text_encoders(CONVERTED)
+    assert set(hub.requested()) == {"clip_l.safetensors", "clip_g.safetensors", "t5.safetensors"}
+    assert all(mx.array_equal(params(enc.t5)[k], v).item() for k, v in tiny.expected["t5"].items())
+
+
+def test_converted_listing_without_its_config():
+    files = ["config.json", "README.md", "transformer-00001-of-00002.safetensors",
+             "transformer-00002-of-00002.safetensors", "transformer.safetensors.index.json",
+             "vae.safetensors", "t5.safetensors", "tokenizer/vocab.json"]  # fmt: skip
+    assert files_to_download(files, ["transformer"]) == [
+        "config.json", "transformer-00001-of-00002.safetensors", "transformer-00002-of-00002.safetensors",
+        "transformer.safetensors.index.json",
+    ]
+    config = {"components": {"vae": {"files": ["vae.safetensors"]}}, "tokenizers": {"clip_l": "tokenizer"}}
+    assert files_to_download(files, ["vae", "t5", "tokenizers"], config) == [
+        "config.json", "tokenizer/vocab.json", "vae.safetensors"]  # t5 not in its config: nothing
 
 
 # ------------------------------------------------------------------ offline

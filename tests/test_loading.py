@@ -239,6 +239,16 @@ def test_converted_folders_go_to_the_converted_loader(tmp_path, monkeypatch):
         loading.resolve_components(tmp_path)
 
 
+def test_a_real_converted_folder(tiny, tmp_path):
+    convert = pytest.importorskip("sd35_mlx.convert").convert
+    out = convert(tiny.both, tmp_path / "converted", dtype="float32", quantize="none", quiet=True)
+    assert_same_params(load_transformer(out), tiny.expected["transformer"])
+    assert_same_params(load_vae(out), tiny.expected["vae"])
+    enc = load_text_encoders(out, t5=False)
+    assert enc.t5 is None
+    assert_same_params(enc.clip_g, tiny.expected["clip_g"])
+
+
 def test_a_tensor_in_two_files_is_an_error(tiny, tmp_path):
     a = tiny.diffusers / "text_encoder" / "model.safetensors"
     b = shutil.copy(a, tmp_path / "copy.safetensors")

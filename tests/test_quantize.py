@@ -15,7 +15,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from sd35_mlx.config import CLIPConfig, MMDiTConfig, VAEConfig
+from sd35_mlx.config import MMDiTConfig, VAEConfig
 from sd35_mlx.errors import InputError
 from sd35_mlx.models.mmdit import MMDiT
 from sd35_mlx.models.vae import VAE

@@ -7,7 +7,6 @@ bit. Files are written by transformers' own model (official HF names) with rando
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx

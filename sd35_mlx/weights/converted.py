@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -275,12 +274,28 @@ def _remove_stale_temps(target: Path) -> None:
 
 
 def check_target(target: Union[str, os.PathLike], force: bool) -> Path:
-    """Refuse to touch an existing output unless `force` (before anything is loaded)."""
+    """Refuse to touch an existing output unless `force` (before anything is loaded).
+
+    Even with `force`, only a converted folder (or an empty one) is replaced: a typo such as
+    `--mlx-path . --force` must not delete the user's files.
+    """
     target = Path(target).expanduser()
-    if (target.exists() or target.is_symlink()) and not force:
+    if not (target.exists() or target.is_symlink()):
+        return target
+    if not force:
         raise InputError(
             f"{target} already exists; it was not touched. Choose another --mlx-path, or pass "
             "--force to replace it (the old folder is replaced only once the new one is complete)."
+        )
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise InputError(f"refusing to replace {target}: it is the current folder, one above it, or the home folder")
+    empty = target.is_dir() and not target.is_symlink() and not any(target.iterdir())
+    if not (empty or is_converted(target)):
+        raise InputError(
+            f"{target} exists and is not a converted sd35_mlx folder; --force only replaces converted "
+            "folders (or empty ones). It was not touched: remove it yourself or choose another --mlx-path."
         )
     return target
 

@@ -1,0 +1,497 @@
+"""Speed of sd35_mlx with full-size random networks, and of diffusers on the same shapes.
+
+    python benchmarks/bench_speed.py --model medium large --size 512 1024 --bits 16 8 4 --torch --write-docs
+    python benchmarks/bench_speed.py --model medium --size 256 --layers 2 --steps 2 --repeat 2   # quick CPU smoke run
+
+Measures, in one process (so the numbers are comparable):
+- seconds per denoising step, CFG batch 2, T5 at --t5-tokens (default 256: 333 text tokens),
+  through `sd35_mlx.denoise.Denoiser` exactly as the pipeline runs it ("pipeline"), and
+  optionally a bare `model(latents, t, context, pooled)` call ("plain", --plain), for each
+  --bits (16 = the --dtype, default bf16; 8 and 4 = `quantize_network` with `make_spec`);
+- T5-XXL encode (batch 2, --t5-tokens tokens) for each --t5-bits; CLIP-L and CLIP-G encode
+  (batch 2, 77 tokens); VAE decode at each --size (batch 1), and tiled decode where it tiles;
+- with --torch (PyTorch importable): diffusers' SD3Transformer2DModel (bf16, SDPA, no_grad),
+  transformers' T5EncoderModel and CLIPTextModelWithProjection, diffusers' AutoencoderKL.decode,
+  built with random init directly on the device (CUDA when available, else the CPU), on the
+  same shapes, and the ratios ours / theirs.
+Warm-up runs are excluded; figures are medians of the timed runs; MLX is synchronised with
+mx.eval, PyTorch with torch.cuda.synchronize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+import mlx.core as mx  # noqa: E402
+
+from sd35_mlx.config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL  # noqa: E402
+
+TARGET_VS_DIFFUSERS = 0.75
+TARGET_QUANT_VS_16 = 1.1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["medium"], choices=sorted(C.MODELS))
+    p.add_argument("--size", nargs="+", type=int, default=[512, 1024], help="image sides in pixels")
+    p.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4], help="transformer weights: 16 (= --dtype), 8, 4")
+    p.add_argument("--t5-bits", nargs="+", type=int, default=None, help="T5 weights (default: 16 and 4)")
+    p.add_argument("--t5-tokens", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per timed run (each step is a sample)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs (denoising: runs of --steps steps)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation, caches)")
+    p.add_argument("--layers", type=int, default=None, help="truncate every transformer stack (smoke runs)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(C.DTYPES))
+    p.add_argument("--device", default="default", choices=["default", "cpu", "gpu"], help="MLX device")
+    p.add_argument("--plain", action="store_true", help="also time a bare model(...) call per step")
+    p.add_argument("--only", nargs="+", default=["denoise", "t5", "clip", "vae"],
+                   choices=["denoise", "t5", "clip", "vae"], help="what to measure")  # fmt: skip
+    p.add_argument("--torch", action="store_true", help="also time diffusers/transformers (bf16, SDPA)")
+    p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
+    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
+    p.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+    args = p.parse_args(argv)
+    if args.t5_bits is None:
+        args.t5_bits = [16, 4]
+    for b in args.bits + args.t5_bits:
+        if b not in (4, 8, 16):
+            p.error(f"bits must be 16, 8 or 4 (got {b})")
+    for s in args.size:
+        if s % 16:
+            p.error(f"sizes must be multiples of 16 (got {s})")
+    return args
+
+
+def weights_label(bits: int, dtype_name: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype_name] if bits >= 16 else f"{bits}-bit"
+
+
+def free_memory() -> None:
+    gc.collect()
+    mx.clear_cache()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- MLX ----------------------------------------------------------------------------------------------
+def time_denoise_steps(step_fn, latents: mx.array, steps: int, warmup: int, repeat: int) -> C.Timing:
+    """Runs of `steps` steps, each step evaluated as the pipeline does; every step a sample."""
+    t = C.Timing()
+    for run in range(warmup + repeat):
+        x = latents
+        for i in range(steps):
+            start = time.perf_counter()
+            x = step_fn(x, i)
+            mx.eval(x)
+            if run >= warmup:
+                t.runs.append(time.perf_counter() - start)
+    return t
+
+
+def mlx_denoise(args, model_key: str, dtype) -> List[Dict[str, Any]]:
+    name, base_config = C.MODELS[model_key]
+    config = C.truncated(base_config, args.layers)
+    rows = []
+    for bits in args.bits:
+        t0 = time.perf_counter()
+        model = C.random_network("transformer", config, dtype, bits if bits < 16 else None)
+        build_s = time.perf_counter() - t0
+        weights = C.parameter_bytes(model)
+        log(f"[mlx] {name} {weights_label(bits, args.dtype)}: built in {build_s:.1f} s ({weights / C.GB:.2f} GB)")
+        for size in args.size:
+            h = w = size // 8
+            noise = mx.random.normal((1, h, w, 16), key=mx.random.key(size)).astype(mx.float32)
+            cond = C.random_conditioning(2, args.t5_tokens, dtype)
+            negative, positive = cond[0], cond[1]
+            row: Dict[str, Any] = dict(model=model_key, model_name=name, size=size, bits=bits,
+                                       weights=weights_label(bits, args.dtype), weight_bytes=weights,
+                                       depth=config.depth)  # fmt: skip
+            sigmas, sampler = C.schedule(args.steps)
+            if args.plain:
+                _plain_matmuls(model)
+                x2 = mx.concatenate([noise, noise]).astype(dtype)
+                ctx, pooled = cond.context, cond.pooled
+
+                def plain_step(_x, i):  # the velocity of the CFG batch, as one bare call
+                    t = mx.full((2,), float(sigmas[i]) * 1000.0, dtype=mx.float32)
+                    return model(x2, t, ctx, pooled)
+
+                row["plain"] = time_denoise_steps(plain_step, x2, args.steps, args.warmup, args.repeat).to_dict()
+                log(f"  {size}² plain    {C.fmt_seconds(row['plain']['median_s'])} per call")
+            t0 = time.perf_counter()
+            # the pipeline's Denoiser; weights kept (not freed) so the model serves every size
+            den, dropped = C.make_denoiser(model, positive, negative, sigmas=sigmas,
+                                           free_adaln=False, free_pos_embed=False)  # fmt: skip
+            row["setup_s"] = time.perf_counter() - t0
+            if dropped:
+                row["denoiser_options_ignored"] = dropped
+            timing = time_denoise_steps(lambda x, i: C.denoise_step(den, x, i, sampler), noise,
+                                        args.steps, args.warmup, args.repeat)  # fmt: skip
+            row["pipeline"] = timing.to_dict()
+            log(f"  {size}² pipeline {C.fmt_seconds(timing.median)} per step (setup {row['setup_s']:.2f} s)")
+            rows.append(row)
+            del den
+        del model
+        free_memory()
+    return rows
+
+
+def _plain_matmuls(model) -> None:
+    """Undo the Denoiser's dequantize-then-matmul swap so 'plain' is the bare quantized model."""
+    try:
+        from sd35_mlx.fast_quantized import use_quantized_matmul
+    except ImportError:
+        return
+    use_quantized_matmul(model)
+
+
+def mlx_t5(args, dtype) -> List[Dict[str, Any]]:
+    config = C.truncated(T5_XXL, args.layers)
+    ids = C.t5_ids(2, args.t5_tokens)
+    rows = []
+    for bits in args.t5_bits:
+        model = C.random_network("t5", config, dtype, bits if bits < 16 else None)
+        timing = C.time_calls(lambda: model(ids), C.mlx_sync, args.warmup, args.repeat)
+        rows.append(dict(stage="t5", bits=bits, weights=weights_label(bits, args.dtype),
+                         shape=f"2×{args.t5_tokens} tokens", depth=config.num_layers, **timing.to_dict()))  # fmt: skip
+        log(f"[mlx] T5-XXL {weights_label(bits, args.dtype)} encode: {C.fmt_seconds(timing.median)}")
+        del model
+        free_memory()
+    return rows
+
+
+def mlx_clip(args, dtype) -> List[Dict[str, Any]]:
+    ids = C.clip_ids(2)
+    models = {}
+    rows = []
+    for key, cfg in (("clip_l", CLIP_L), ("clip_g", CLIP_G)):
+        cfg = C.truncated(cfg, args.layers)
+        models[key] = model = C.random_network(key, cfg, dtype)
+        timing = C.time_calls(lambda: tuple(model(ids)), C.mlx_sync, args.warmup, args.repeat)
+        rows.append(dict(stage=key, weights=weights_label(16, args.dtype), shape="2×77 tokens",
+                         depth=cfg.num_layers, **timing.to_dict()))  # fmt: skip
+        log(f"[mlx] {key} encode: {C.fmt_seconds(timing.median)}")
+    both = C.time_calls(lambda: (tuple(models["clip_l"](ids)), tuple(models["clip_g"](ids))),
+                        C.mlx_sync, args.warmup, args.repeat)  # fmt: skip
+    rows.append(dict(stage="clip_lg", weights=weights_label(16, args.dtype), shape="2×77 tokens", **both.to_dict()))
+    log(f"[mlx] CLIP-L+G encode: {C.fmt_seconds(both.median)}")
+    del models
+    free_memory()
+    return rows
+
+
+def mlx_vae(args, dtype) -> List[Dict[str, Any]]:
+    from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE, decode_tiled
+
+    vae = C.random_network("vae", SD3_VAE, dtype)
+    rows = []
+    for size in args.size:
+        z = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(7)).astype(dtype)
+        timing = C.time_calls(lambda: vae.decode(z), C.mlx_sync, args.warmup, args.repeat)
+        rows.append(dict(stage="vae_decode", size=size, tiled=False, **timing.to_dict()))
+        log(f"[mlx] VAE decode {size}²: {C.fmt_seconds(timing.median)}")
+        if size // 8 > DEFAULT_DECODE_TILE:
+            timing = C.time_calls(lambda: decode_tiled(vae, z), C.mlx_sync, args.warmup, args.repeat)
+            rows.append(dict(stage="vae_decode", size=size, tiled=True, **timing.to_dict()))
+            log(f"[mlx] VAE decode {size}² tiled: {C.fmt_seconds(timing.median)}")
+    del vae
+    free_memory()
+    return rows
+
+
+# ---- PyTorch / diffusers ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def torch_build(device: str):
+    """Build modules directly on `device` in bf16 (no slow fp32 CPU init, no copy)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def torch_sync(device: str):
+    import torch
+
+    def sync(_result):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return sync
+
+
+def torch_denoise(args, model_key: str, device: str) -> List[Dict[str, Any]]:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    name, base = C.MODELS[model_key]
+    cfg = C.truncated(base, args.layers)
+    with torch_build(device):
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(
+            sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, num_layers=cfg.depth,
+            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
+            caption_projection_dim=cfg.hidden_size, pooled_projection_dim=cfg.pooled_dim,
+            out_channels=cfg.out_channels, pos_embed_max_size=cfg.pos_embed_max_size,
+            dual_attention_layers=tuple(cfg.dual_attention_layers), qk_norm="rms_norm" if cfg.qk_norm else None,
+        ).eval()  # fmt: skip
+    sync = torch_sync(device)
+    sigmas, _ = C.schedule(args.steps)
+    rows = []
+    for size in args.size:
+        h = w = size // 8
+        with torch.no_grad():
+            g = torch.Generator(device=device).manual_seed(size)
+            noise = torch.randn((1, 16, h, w), generator=g, device=device, dtype=torch.bfloat16)
+            ctx = torch.randn((2, C.CLIP_TOKENS + args.t5_tokens, 4096), generator=g, device=device, dtype=torch.bfloat16)
+            pooled = torch.randn((2, 2048), generator=g, device=device, dtype=torch.bfloat16)
+
+            # diffusers' StableDiffusion3Pipeline step: batch-2 forward, CFG, Euler update
+            def step(x, i):
+                x2 = torch.cat([x, x])
+                t = torch.full((2,), float(sigmas[i]) * 1000.0, device=device)
+                v = model(hidden_states=x2, encoder_hidden_states=ctx, pooled_projections=pooled,
+                          timestep=t, return_dict=False)[0]  # fmt: skip
+                v_uncond, v_cond = v.chunk(2)
+                v = v_uncond + C.CFG_SCALE * (v_cond - v_uncond)
+                return (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+
+            timing = C.Timing()
+            for run in range(args.warmup + args.repeat):
+                x = noise
+                for i in range(args.steps):
+                    sync(None)
+                    start = time.perf_counter()
+                    x = step(x, i)
+                    sync(x)
+                    if run >= args.warmup:
+                        timing.runs.append(time.perf_counter() - start)
+        rows.append(dict(model=model_key, size=size, **timing.to_dict()))
+        log(f"[diffusers] {name} {size}²: {C.fmt_seconds(timing.median)} per step")
+    del model
+    free_memory()
+    return rows
+
+
+def torch_t5(args, device: str) -> Dict[str, Any]:
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    c = C.truncated(T5_XXL, args.layers)
+    with torch_build(device):
+        torch.manual_seed(0)
+        model = T5EncoderModel(T5Config(
+            vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
+            num_heads=c.num_heads, relative_attention_num_buckets=c.relative_attention_num_buckets,
+            relative_attention_max_distance=c.relative_attention_max_distance, feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=c.layer_norm_eps, is_encoder_decoder=False, use_cache=False,
+        )).eval()  # fmt: skip
+    ids = torch.tensor(C.t5_ids(2, args.t5_tokens).tolist(), device=device)
+    with torch.no_grad():
+        timing = C.time_calls(lambda: model(input_ids=ids)[0], torch_sync(device), args.warmup, args.repeat)
+    log(f"[transformers] T5-XXL encode: {C.fmt_seconds(timing.median)}")
+    del model
+    free_memory()
+    return timing.to_dict()
+
+
+def torch_clip(args, device: str) -> Dict[str, Dict[str, Any]]:
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    ids = torch.tensor(C.clip_ids(2).tolist(), device=device)
+    out: Dict[str, Dict[str, Any]] = {}
+    models = {}
+    for key, c in (("clip_l", CLIP_L), ("clip_g", CLIP_G)):
+        c = C.truncated(c, args.layers)
+        with torch_build(device):
+            torch.manual_seed(0)
+            models[key] = model = CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                max_position_embeddings=c.max_positions, hidden_act=c.activation,
+                projection_dim=c.projection_dim, layer_norm_eps=c.layer_norm_eps,
+            )).eval()  # fmt: skip
+        with torch.no_grad():
+            timing = C.time_calls(lambda: model(ids, output_hidden_states=True), torch_sync(device),
+                                  args.warmup, args.repeat)  # fmt: skip
+        out[key] = timing.to_dict()
+        log(f"[transformers] {key} encode: {C.fmt_seconds(timing.median)}")
+    with torch.no_grad():
+        both = C.time_calls(
+            lambda: [m(ids, output_hidden_states=True) for m in models.values()], torch_sync(device),
+            args.warmup, args.repeat,
+        )  # fmt: skip
+    out["clip_lg"] = both.to_dict()
+    del models
+    free_memory()
+    return out
+
+
+def torch_vae(args, device: str) -> Dict[int, Dict[str, Any]]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    c = SD3_VAE
+    with torch_build(device):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            in_channels=c.in_channels, out_channels=c.in_channels, latent_channels=c.latent_channels,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+            norm_num_groups=c.norm_num_groups, sample_size=1024, scaling_factor=c.scaling_factor,
+            shift_factor=c.shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+        ).eval()  # fmt: skip
+    out = {}
+    for size in args.size:
+        g = torch.Generator(device=device).manual_seed(7)
+        z = torch.randn((1, 16, size // 8, size // 8), generator=g, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            timing = C.time_calls(lambda: vae.decode(z, return_dict=False)[0], torch_sync(device),
+                                  args.warmup, args.repeat)  # fmt: skip
+        out[size] = timing.to_dict()
+        log(f"[diffusers] VAE decode {size}²: {C.fmt_seconds(timing.median)}")
+    del vae
+    free_memory()
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def report(args, info, results) -> str:
+    on_gpu = info.get("torch_device", "").startswith("cuda") and info["mlx_backend"] != "cpu"
+    limit = TARGET_VS_DIFFUSERS if on_gpu else None  # the speed target is stated for the GPU
+    lines = []
+    if args.layers:
+        lines.append(C.truncation_note(args.layers))
+    lines.append(f"_{C.versions_line(info)}_  \n_command: `{info['command']}`_")
+    lines.append(
+        f"Settings: {args.dtype} activations; CFG batch 2; T5 {args.t5_tokens} tokens "
+        f"({C.CLIP_TOKENS + args.t5_tokens} text tokens); {args.warmup} warm-up run(s), then the median "
+        f"of {args.repeat} run(s) × {args.steps} step(s) (denoising) or of {args.repeat} run(s) (the rest)."
+    )  # fmt: skip
+    torch_steps = {(r["model"], r["size"]): r["median_s"] for r in results.get("diffusers_denoise", [])}
+    if results.get("denoise"):
+        sixteen = {(r["model"], r["size"]): r["pipeline"]["median_s"] for r in results["denoise"] if r["bits"] >= 16}
+        headers = ["model", "size", "weights", "s/step (pipeline)"]
+        if args.plain:
+            headers.append("s/step (plain call)")
+        headers += ["diffusers bf16", "ours / diffusers", "vs our 16-bit"]
+        rows = []
+        for r in results["denoise"]:
+            ours = r["pipeline"]["median_s"]
+            theirs = torch_steps.get((r["model"], r["size"]))
+            base16 = sixteen.get((r["model"], r["size"]))
+            row = [r["model_name"], f"{r['size']}²", r["weights"], C.fmt_seconds(ours)]
+            if args.plain:
+                row.append(C.fmt_seconds(r.get("plain", {}).get("median_s")))
+            row += [C.fmt_seconds(theirs), C.fmt_ratio(ratio(ours, theirs), limit),
+                    "–" if r["bits"] >= 16 else C.fmt_ratio(ratio(ours, base16), TARGET_QUANT_VS_16)]  # fmt: skip
+            rows.append(row)
+        lines.append("**Denoising step**\n\n" + C.markdown_table(headers, rows))
+    other = []
+    t_t5 = results.get("transformers_t5")
+    for r in results.get("t5", []):
+        theirs = t_t5["median_s"] if t_t5 else None
+        other.append(["T5-XXL encode", r["shape"], r["weights"], C.fmt_seconds(r["median_s"]),
+                      C.fmt_seconds(theirs), C.fmt_ratio(ratio(r["median_s"], theirs), limit)])  # fmt: skip
+    t_clip = results.get("transformers_clip", {})
+    names = {"clip_l": "CLIP-L encode", "clip_g": "CLIP-G encode", "clip_lg": "CLIP-L + CLIP-G encode"}
+    for r in results.get("clip", []):
+        theirs = t_clip.get(r["stage"], {}).get("median_s")
+        other.append([names[r["stage"]], r["shape"], r["weights"], C.fmt_seconds(r["median_s"]),
+                      C.fmt_seconds(theirs), C.fmt_ratio(ratio(r["median_s"], theirs), limit)])  # fmt: skip
+    t_vae = results.get("diffusers_vae", {})
+    for r in results.get("vae", []):
+        theirs = None if r["tiled"] else t_vae.get(r["size"], {}).get("median_s")
+        other.append([f"VAE decode{' (tiled)' if r['tiled'] else ''}", f"1×{r['size']}²",
+                      weights_label(16, args.dtype), C.fmt_seconds(r["median_s"]), C.fmt_seconds(theirs),
+                      C.fmt_ratio(ratio(r["median_s"], theirs), limit)])  # fmt: skip
+    if other:
+        headers = ["stage", "shape", "weights", "ours", "diffusers / transformers bf16", "ours / theirs"]
+        lines.append("**Text encoders and VAE**\n\n" + C.markdown_table(headers, other))
+    if limit is None and results.get("diffusers_denoise"):
+        lines.append("Ratios on the CPU are for information: the speed targets are stated for the GPU.")
+    return "\n\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    C.set_device(args.device)
+    dtype = C.DTYPES[args.dtype]
+    torch_device = None
+    if args.torch:
+        try:
+            import torch  # noqa: F401
+            import diffusers  # noqa: F401
+        except ImportError as e:
+            print(f"--torch: cannot import {e.name}; timing MLX only", file=sys.stderr)
+        else:
+            torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = C.machine_info(torch_device)
+    log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
+    if args.layers:
+        log(C.truncation_note(args.layers).replace("**", ""))
+    results: Dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    t_start = time.perf_counter()
+    if "denoise" in args.only:
+        results["denoise"], results["diffusers_denoise"] = [], []
+        for key in args.model:
+            results["denoise"] += mlx_denoise(args, key, dtype)
+            if torch_device:
+                results["diffusers_denoise"] += torch_denoise(args, key, torch_device)
+    if "t5" in args.only:
+        results["t5"] = mlx_t5(args, dtype)
+        if torch_device:
+            results["transformers_t5"] = torch_t5(args, torch_device)
+    if "clip" in args.only:
+        results["clip"] = mlx_clip(args, dtype)
+        if torch_device:
+            results["transformers_clip"] = torch_clip(args, torch_device)
+    if "vae" in args.only:
+        results["vae"] = mlx_vae(args, dtype)
+        if torch_device:
+            results["diffusers_vae"] = torch_vae(args, torch_device)
+    results["wall_s"] = time.perf_counter() - t_start
+
+    models = "-".join(args.model) if "denoise" in args.only else "encoders"
+    key = f"speed-{models}" + (f"-layers{args.layers}" if args.layers else "")
+    body = report(args, info, results)
+    title = ", ".join(C.MODELS[m][0] for m in args.model) if "denoise" in args.only else "text encoders and VAE"
+    body = f"### Speed: {title}\n\n{body}"
+    print("\n" + body + "\n")
+    path = C.write_json(args.results_dir, info, key, results)
+    log(f"results: {path}")
+    if args.write_docs:
+        C.update_docs(args.docs, info, key, body)
+        log(f"docs: {args.docs} (section {C.machine_slug(info)}, part {key})")
+    log(f"wall time {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
