@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", "-m", help="HF repo id, diffusers folder, single .safetensors file or converted folder")
     m.add_argument("--revision", help="hub revision (branch, tag or commit)")
     m.add_argument("--variant", help="variant hint, e.g. sd3.5-large-turbo (normally detected)")
+    m.add_argument("--tokenizers", help="repo id or folder with tokenizer/ folders, for single-file models (default: the official repo)")
     m.add_argument("--no-t5", action="store_true", help="T5-drop mode: never load T5; zeros stand in for its tokens")
     m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4'")
     m.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights/compute precision (T5 never runs in float16)")
@@ -165,7 +166,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         quantize=args.quantize, revision=args.revision, variant=args.variant,
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
-        plan_size=_largest_size(jobs),
+        plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
     )  # fmt: skip
     if not args.quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")

@@ -78,8 +78,9 @@ def repo_layout(files: Sequence[str]) -> str:
     if "config.json" in files and any(f in files for n in COMPONENTS
                                       for f in (f"{n}.safetensors", f"{n}.safetensors.index.json")):  # fmt: skip
         return "converted"
-    if "config.json" in files and any(f"{stem}.safetensors{tail}" in files for stem in ("diffusion_pytorch_model", "model")
-                                      for tail in ("", ".index.json")):  # fmt: skip
+    component_weights = [f"{stem}.safetensors{tail}" for stem in ("diffusion_pytorch_model", "model")
+                         for tail in ("", ".index.json")]  # fmt: skip
+    if "config.json" in files and any(f in files for f in component_weights):
         return "component"  # one diffusers component folder published as a repo
     if "model_index.json" in files or any(f"{sub}/config.json" in files for sub in DIFFUSERS_FOLDERS.values()):
         return "diffusers"
@@ -102,7 +103,8 @@ def _converted_files(files: Sequence[str], components: Sequence[str], config: Op
         elif component in entries:
             wanted += [f for f in entries[component].get("files", []) if f in files]
         elif config is None:
-            own = re.compile(re.escape(component) + r"(\.safetensors|-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)\Z")
+            tail = r"(\.safetensors|-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)\Z"
+            own = re.compile(re.escape(component) + tail)
             wanted += [f for f in files if own.match(f)]
     return sorted(dict.fromkeys(wanted))
 
@@ -246,7 +248,7 @@ def _translate(e: BaseException, repo_id: str, revision: Optional[str], token: O
                 f"access to {repo_id} was refused ({status}). If it is gated, accept its licence at "
                 f"{_endpoint()}/{repo_id} ; then log in with `hf auth login` (or set HF_TOKEN)."
             )
-        return SD35Error(f"the Hugging Face Hub answered with an error for {repo_id}: {_first_line(e)}. Try again later.")
+        return SD35Error(f"the Hugging Face Hub answered {repo_id} with an error: {_first_line(e)}. Try again later.")
     if isinstance(e, OSError) or type(e).__module__.startswith(("httpx", "requests", "urllib3")):
         return SD35Error(
             f"downloading {repo_id} failed: {_first_line(e)}. Check your network connection (and "

@@ -63,9 +63,8 @@ class SD35Pipeline:
         stream_t5: bool = False,
         memory_budget: Optional[float] = None,
         plan_size: Optional[Tuple[int, int]] = None,
+        tokenizers: Optional[str] = None,
     ):
-        from .loading import load_tokenizers
-
         self.path = Path(path)
         self.name = name
         self.dtype = dtype
@@ -76,9 +75,6 @@ class SD35Pipeline:
         self.stream_t5 = stream_t5
         self.memory_budget = memory_budget
         self.plan = None
-        self.tokenizers = load_tokenizers(self.path)
-        if self.use_t5 and self.tokenizers.t5 is None:
-            raise InputError(f"{path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
         self._transformer = None
         self._vae = None
         self._encoders = None
@@ -88,6 +84,9 @@ class SD35Pipeline:
         config = self._load_transformer().config
         self.context_dim = config.context_dim
         self.variant: Variant = detect_variant(config, hint=variant_hint or name)
+        self.tokenizers = self._load_tokenizers(tokenizers)
+        if self.use_t5 and self.tokenizers.t5 is None:
+            raise InputError(f"{path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
         if low_memory:
             self._transformer = None
         if memory_budget is not None:
@@ -110,6 +109,7 @@ class SD35Pipeline:
         stream_t5: bool = False,
         memory_budget: Optional[float] = None,
         plan_size: Optional[Tuple[int, int]] = None,
+        tokenizers: Optional[str] = None,
     ) -> "SD35Pipeline":
         """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
 
@@ -119,6 +119,8 @@ class SD35Pipeline:
         memory_budget: GB the whole generation may use; the planner then chooses quantization,
             T5 mode (loaded, streamed or dropped) and VAE tiling, and refuses if nothing fits.
         plan_size: (height, width) the plan is made for (default: the variant's default size).
+        tokenizers: where the tokenizer files are, when the model has none (Stability single
+            files); default: the official repo of the detected variant.
         """
         from .hub import resolve_model_path
 
@@ -127,8 +129,26 @@ class SD35Pipeline:
         return cls(
             path, name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
             quantize=quantize, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
-            memory_budget=memory_budget, plan_size=plan_size,
+            memory_budget=memory_budget, plan_size=plan_size, tokenizers=tokenizers,
         )  # fmt: skip
+
+    def _load_tokenizers(self, source: Optional[str]):
+        """From `source`, else the model path, else (Stability single files ship none) the
+        official diffusers repo of the detected variant, tokenizer files only (~3 MB)."""
+        from .errors import SD35Error
+        from .hub import resolve_model_path
+        from .loading import load_tokenizers
+
+        if source is not None:
+            return load_tokenizers(resolve_model_path(source, components=("tokenizers",)))
+        try:
+            return load_tokenizers(self.path)
+        except SD35Error as first:
+            repo = self.variant.repo_id
+            if repo is None:
+                raise InputError(f"{first} Pass tokenizers=<a diffusers repo id or folder> (CLI: --tokenizers).") from first
+            print(f"{self.path} has no tokenizer files; using those of {repo}")
+            return load_tokenizers(resolve_model_path(repo, components=("tokenizers",)))
 
     def _apply_memory_plan(self, config, budget_gb: float, size: Optional[Tuple[int, int]]) -> None:
         """Choose quantization, T5 mode and tiling for the budget; what the user named stays."""

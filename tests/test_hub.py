@@ -137,7 +137,7 @@ def test_stability_only_repo(hub, tiny):
 
 def test_converted_repo_downloads_per_network(hub, tiny, converted_folder):
     vae = load_vae(CONVERTED)
-    assert set(hub.requested()) == {"config.json", "vae.safetensors"}
+    assert set(hub.requested()) == {"config.json", "scheduler/scheduler_config.json", "vae.safetensors"}
     assert all(mx.array_equal(params(vae)[k], v).item() for k, v in tiny.expected["vae"].items())
     hub.clear()
     enc = load_text_encoders(CONVERTED)

@@ -84,7 +84,7 @@ def invert_rules(weights: Dict[str, mx.array], layout) -> Dict[str, mx.array]:
                 continue
             assert rule.when is None and rule.rename is None, "layout not invertible here"
             sources = [layout.prefix + s.format(**m.groupdict()) for s in rule.sources]
-            out.update(zip(sources, inverse[rule.transform](value, len(sources))))
+            out.update(zip(sources, inverse[rule.transform](value, len(sources)), strict=True))
             break
         else:
             raise AssertionError(f"no rule of {layout.name} makes {name}")

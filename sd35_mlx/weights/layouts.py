@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -203,9 +202,6 @@ def _which_clip(found: _Found, path: Path, hf_config: Optional[dict], folder_hin
 
 
 # ---- diffusers component folders ------------------------------------------------------------
-_FP16 = re.compile(r"\.fp16[.-]")
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -347,11 +343,16 @@ def _from_files(files: Iterable[Path], wanted: Sequence[str], *, where: str) -> 
     """Pick, per wanted network, the one file that holds it (dedicated files before all-in-one)."""
     candidates: Dict[str, List[Tuple[int, Path, _Found]]] = {}
     skipped: Dict[str, List[Path]] = {}
+    undecided: List[WeightFileError] = []  # CLIP files that do not say which CLIP they are
     for path in files:
         h = _header(path)
         found = _classify(h, diffusers_context=False)
         for f in found:
-            component = _which_clip(f, path, None, None) if f.component == "clip" else f.component
+            try:
+                component = _which_clip(f, path, None, None) if f.component == "clip" else f.component
+            except WeightFileError as e:
+                undecided.append(e)
+                continue
             if f.fp8:
                 skipped.setdefault(component, []).append(path)
                 continue
@@ -359,6 +360,8 @@ def _from_files(files: Iterable[Path], wanted: Sequence[str], *, where: str) -> 
     out: Dict[str, ComponentSource] = {}
     for component in wanted:
         options = candidates.get(component)
+        if not options and undecided and component in ("clip_l", "clip_g"):
+            raise undecided[0]
         if not options:
             if component in skipped:
                 log.warning(
