@@ -478,10 +478,11 @@ def main(argv=None) -> int:
             results["diffusers_vae"] = torch_vae(args, torch_device)
     results["wall_s"] = time.perf_counter() - t_start
 
-    models = "-".join(args.model) if "denoise" in args.only else "encoders"
-    key = f"speed-{models}" + (f"-layers{args.layers}" if args.layers else "")
+    parts = (args.model if "denoise" in args.only else []) + [s for s in ("t5", "clip", "vae") if s in args.only]
+    key = "speed-" + "-".join(parts) + (f"-layers{args.layers}" if args.layers else "")
     body = report(args, info, results)
-    title = ", ".join(C.MODELS[m][0] for m in args.model) if "denoise" in args.only else "text encoders and VAE"
+    names = {"t5": "T5-XXL", "clip": "CLIP-L/G", "vae": "VAE"}
+    title = ", ".join(C.MODELS[p][0] if p in C.MODELS else names[p] for p in parts)
     body = f"### Speed: {title}\n\n{body}"
     print("\n" + body + "\n")
     path = C.write_json(args.results_dir, info, key, results)

@@ -342,8 +342,28 @@ def table_for(label: str, size: str, config, seed: int, specs=SPECS,
     return rows
 
 
+REAL_CONFIGS = {
+    "transformer (3.5 Medium widths)": SD35_MEDIUM_MMDIT,
+    "transformer (3.5 Large widths)": SD35_LARGE_MMDIT,
+    "clip_l": CLIP_L,
+    "clip_g": CLIP_G,
+    "t5": T5_XXL,
+}
+KEEP_RULE = "cost > 1 and share of the real network < 1%"
+
+
+def real_shares(label: str, bits: int, group: int) -> Dict[str, float]:
+    """Each kind's share of the full-size network's Linear weights (built lazily: no memory)."""
+    model = build(REAL_CONFIGS[label])
+    paths = quantizable_layers(model, QuantSpec(bits, group, "affine"))
+    total = linear_params(model, paths)
+    return {kind: linear_params(model, [p for p in paths if re.fullmatch(pattern, p)]) / total
+            for kind, pattern in kinds_for(component_of(label)).items()}  # fmt: skip
+
+
 def sensitivity_for(label: str, config, seed: int, bits: int = 4, group: int = 64, small: bool = True) -> List[dict]:
     component = component_of(label)
+    real = real_shares(label, bits, group)
     weights = dict(tree_flatten(randomize(build(config), seed).parameters()))
     model = reference(config, weights)
     inputs = make_inputs(model, seed, small)
@@ -353,7 +373,8 @@ def sensitivity_for(label: str, config, seed: int, bits: int = 4, group: int = 6
     q = quantized_copy(config, weights, QuantSpec(bits, group, "affine"), component)
     all_err = errors(ref, outputs(q, inputs))
     del q
-    out = [dict(network=label, kind="(all Linear)", share=1.0, max_err=all_err[0], rms_err=all_err[1], cost=1.0)]
+    out = [dict(network=label, kind="(all Linear)", share=1.0, real_share=1.0, max_err=all_err[0],
+                rms_err=all_err[1], cost=1.0, rule_keeps=False, default_keeps=False)]  # fmt: skip
     for kind, pattern in kinds_for(component).items():
         rx = re.compile(pattern)
         paths = [p for p in all_paths if rx.fullmatch(p)]
@@ -365,7 +386,10 @@ def sensitivity_for(label: str, config, seed: int, bits: int = 4, group: int = 6
         del q
         # error share per weight share: > 1 = this kind costs more error than it saves memory
         cost = (e[1] / max(all_err[1], 1e-12)) / share
-        out.append(dict(network=label, kind=kind, share=share, max_err=e[0], rms_err=e[1], cost=cost))
+        keep = cost > 1.0 and real[kind] < 0.01
+        kept = any(re.fullmatch(k, p) for k in DEFAULT_KEEP[component] for p in paths)
+        out.append(dict(network=label, kind=kind, share=share, real_share=real[kind], max_err=e[0],
+                        rms_err=e[1], cost=cost, rule_keeps=keep, default_keeps=kept))  # fmt: skip
     return out
 
 
@@ -512,16 +536,27 @@ def write_report(rows: List[Row], sens: List[dict], loads: List[dict], real: Opt
         lines += [f"### {net} ({size})", "", "| spec | policy | max | rms | bits/w |", "|---|---|---|---|---|"]
         lines += [f"| {r.spec} | {r.policy} | {fmt(r.max_err)} | {fmt(r.rms_err)} | {r.bits_per_weight:.2f} |" for r in rs]
         lines.append("")
+    agree = all(s["rule_keeps"] == s["default_keeps"] for s in sens)
     lines += ["## 2. Sensitivity by layer kind (only that kind quantized, 4-bit g64)", "",
-              "`share` = the kind's share of the quantizable weights; `cost` = (its rms error / the "
-              "all-quantized rms error) / share: above 1, the kind costs more error than the memory "
-              "it saves.", ""]  # fmt: skip
+              "`share` = the kind's share of the quantizable weights of the network measured (two "
+              "blocks: embedders and final layer weigh much more than at full depth); `real share` = "
+              "its share in the full-size network; `cost` = (its rms error / the all-quantized rms "
+              "error) / share: above 1, the kind costs more error than the memory it saves. "
+              f"Rule: keep at 16-bit when {KEEP_RULE}. `DEFAULT_KEEP` "
+              + ("agrees with the rule on every kind." if agree else "**disagrees with the rule** (see the last columns)."),
+              ""]  # fmt: skip
     cur = None
     for s in sens:
         if s["network"] != cur:
             cur = s["network"]
-            lines += ["", f"### {cur}", "", "| kind | share | max | rms | cost |", "|---|---|---|---|---|"]
-        lines.append(f"| {s['kind']} | {s['share']:.4f} | {fmt(s['max_err'])} | {fmt(s['rms_err'])} | {s['cost']:.1f} |")
+            lines += ["", f"### {cur}", "", "| kind | share | real share | max | rms | cost | rule keeps | DEFAULT_KEEP keeps |",
+                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        yes = lambda b: "yes" if b else ""  # noqa: E731
+        lines.append(f"| {s['kind']} | {s['share']:.4f} | {s['real_share']:.4f} | {fmt(s['max_err'])} | "
+                     f"{fmt(s['rms_err'])} | {s['cost']:.1f} | {yes(s['rule_keeps'])} | {yes(s['default_keeps'])} |")  # fmt: skip
+    lines += ["", "## Sizes at full scale (GB, bf16 tensors and scales; computed from shapes)", "",
+              "| network | " + " | ".join(n for n, _ in SIZE_SPECS) + " |", "|---|" + "---|" * len(SIZE_SPECS)]
+    lines += [f"| {name} | " + " | ".join(f"{b / 1e9:.2f}" for b in row) + " |" for name, row in full_sizes()]
     if loads:
         lines += ["", "## 3. Converted folder vs original (tiny model, all five networks)", "",
                   "| model | load (median of 5) | weights on disk |", "|---|---|---|"]  # fmt: skip
@@ -534,15 +569,42 @@ def write_report(rows: List[Row], sens: List[dict], loads: List[dict], real: Opt
     (RESULTS / "quantization_error.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
+SIZE_SPECS = [("16-bit", None), ("8-bit", (8, 64, "affine")), ("6-bit", (6, 64, "affine")),
+              ("4-bit", (4, 64, "affine")), ("4-bit g32", (4, 32, "affine")), ("3-bit", (3, 64, "affine")),
+              ("mxfp4", (4, 32, "mxfp4"))]  # fmt: skip
+
+
+def full_sizes() -> List[Tuple[str, List[int]]]:
+    """Converted size of each full-size network per spec (lazy networks: nothing allocated)."""
+    from sd35_mlx.config import SD3_MEDIUM_MMDIT
+    from sd35_mlx.quantize import make_spec
+    from sd35_mlx.weights.converted import stored_bytes
+
+    nets = [("MMDiT SD3.5 Large", SD35_LARGE_MMDIT), ("MMDiT SD3.5 Medium", SD35_MEDIUM_MMDIT),
+            ("MMDiT SD3 Medium", SD3_MEDIUM_MMDIT), ("CLIP-L", CLIP_L), ("CLIP-G", CLIP_G), ("T5-XXL", T5_XXL)]  # fmt: skip
+    out = []
+    for name, cfg in nets:
+        component = {MMDiTConfig: "transformer", T5Config: "t5"}.get(type(cfg), "clip_g")
+        row = []
+        for _, s in SIZE_SPECS:
+            model = build(cfg)
+            model.set_dtype(mx.bfloat16)
+            if s is not None:
+                quantize_network(model, make_spec(component, *s), component)
+            row.append(stored_bytes(model))
+        out.append((name, row))
+    return out
+
+
 def enough_memory(config) -> bool:
-    """bf16 reference + a quantized copy + headroom must fit in physical memory."""
+    """bf16 weights (2 B/param) + the fp32 reference (4 B) + a quantized copy (< 1 B) must fit."""
     model = build(config)
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return False
-    return n * 2 * 2.4 < total * 0.8
+    return n * 7 < total * 0.8
 
 
 def main(argv=None) -> None:

@@ -3,9 +3,11 @@
 `mx.quantized_matmul` is the right kernel when few rows pass through a layer (it reads
 4-/8-bit weights: the matmul is memory-bound), but at the MMDiT's token counts (thousands
 of rows per step) it is much slower than a 16-bit matmul on some backends (measured: 2.2–2.5×
-slower on an H100 with MLX 0.32.4 CUDA, ~14× on the CPU at bf16). There, dequantizing the
+slower on an H100 with MLX 0.32.4 CUDA, 11–26× on a CPU at bf16). There, dequantizing the
 layer's weight just before its matmul is cheaper: the weight stays quantized in memory and
-the full-precision copy of ONE layer lives only until its matmul has run.
+each layer's full-precision copy lives only until its matmul has run (on a GPU, until the
+command buffer / CUDA graph holding that matmul finishes: MLX's in-flight limits bound how
+many such copies exist at once, see docs/performance.md).
 
     use_dequantized_matmul(transformer)        # in place; same parameters, same file format
     use_quantized_matmul(transformer)          # back to plain nn.QuantizedLinear
@@ -24,17 +26,27 @@ from mlx.utils import tree_map_with_path
 
 # Rows (tokens × batch) from which dequantize-then-matmul is used, per backend. Measured
 # with benchmarks/bench_quantized_matmul.py (docs/performance.md): on the CPU the quantized
-# kernel is slower at every size that matters; on CUDA it wins only for small row counts.
-DEFAULT_MIN_ROWS = {"cpu": 1, "gpu": 256}
+# kernel is slower at every size; on CUDA (H100) dequantize-then-matmul is faster from
+# 64–256 rows on. Metal is unmeasured here: the same threshold as CUDA until measured.
+DEFAULT_MIN_ROWS = {"cpu": 1, "cuda": 256, "metal": 256}
+
+
+def backend_name(device: Optional[mx.Device] = None) -> str:
+    device = device or mx.default_device()
+    if device.type == mx.cpu:
+        return "cpu"
+    return "cuda" if mx.cuda.is_available() else "metal"
 
 
 def default_min_rows(device: Optional[mx.Device] = None) -> int:
-    device = device or mx.default_device()
-    return DEFAULT_MIN_ROWS["cpu" if device.type == mx.cpu else "gpu"]
+    return DEFAULT_MIN_ROWS[backend_name(device)]
 
 
 def dequantized_weight(layer: nn.QuantizedLinear, dtype: Optional[mx.Dtype] = None) -> mx.array:
-    """The layer's weight (out, in) in full precision (`dtype`, default the scales' dtype)."""
+    """The layer's weight (out, in) in full precision (`dtype`, default the scales' dtype).
+
+    mx.dequantize, not the same arithmetic written as elementwise ops for mx.compile to
+    fuse: on an H100 the fused version ran at about half mx.dequantize's bandwidth."""
     return mx.dequantize(
         layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
         mode=layer.mode, dtype=dtype,
@@ -80,19 +92,20 @@ class DequantizingLinear(nn.QuantizedLinear):
 
 def use_dequantized_matmul(model: nn.Module, min_rows: Optional[int] = None) -> int:
     """Swap every nn.QuantizedLinear of `model` for a DequantizingLinear (in place, sharing
-    the arrays). min_rows: default per backend (`default_min_rows`). Returns the count."""
-    threshold = default_min_rows() if min_rows is None else int(min_rows)
+    the arrays). min_rows: None keeps the threshold of layers already swapped and gives new
+    ones the backend's default (`default_min_rows`). Returns the number of quantized layers."""
     count = 0
 
     def convert(_path: str, module: nn.Module) -> nn.Module:
         nonlocal count
         if isinstance(module, DequantizingLinear):
-            module.min_rows = threshold
             count += 1
+            if min_rows is not None:
+                module.min_rows = int(min_rows)
             return module
         if isinstance(module, nn.QuantizedLinear):
             count += 1
-            return DequantizingLinear.from_quantized(module, threshold)
+            return DequantizingLinear.from_quantized(module, default_min_rows() if min_rows is None else min_rows)
         return module
 
     leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
@@ -119,6 +132,6 @@ def use_quantized_matmul(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dequantized_weight",
+    "DEFAULT_MIN_ROWS", "DequantizingLinear", "backend_name", "default_min_rows", "dequantized_weight",
     "use_dequantized_matmul", "use_quantized_matmul",
 ]  # fmt: skip

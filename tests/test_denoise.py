@@ -34,7 +34,9 @@ CONFIG = MMDiTConfig(
 )  # fmt: skip
 STEPS = 6
 SLG = dict(layers=(1, 2), scale=2.8, start=0.01, end=0.5)  # active on steps 1 and 2 of 6
-EXACT = 1e-6  # fp32; the batched table is not guaranteed bit-identical to per-step rows
+# fp32. Bit-identical on the CPU; on CUDA (run with MLX_ENABLE_TF32=0) the batched table's
+# matmul tiles differ from per-step ones: 1.8e-6 measured on an H100.
+EXACT = 1e-6 if mx.default_device().type == mx.cpu else 1e-5
 
 
 def tiny_model(seed: int = 0) -> MMDiT:
@@ -113,7 +115,8 @@ def test_precomputed_and_freed_equals_plain(case, sampler):
     ours = denoiser_run(model, x0, pos, neg, sigmas, c["cfg"], SkipLayerSettings(**SLG) if c["slg"] else None,
                         sampler, free_adaln=True, free_pos_embed=True, compile=False)  # fmt: skip
     assert model.conditioning_freed and model.pos_embed_freed
-    assert rel_err(np.array(ours), np.array(ref)) <= EXACT
+    err = rel_err(np.array(ours), np.array(ref))
+    assert err <= EXACT, err
 
 
 def test_slg_steps_use_the_positive_half_of_the_table():
@@ -126,7 +129,8 @@ def test_slg_steps_use_the_positive_half_of_the_table():
     t = mx.full((2,), sigmas[2] * 1000.0, dtype=mx.float32)
     plain = model.pack_modulations(model.modulations(model.conditioning(t, pos.pooled)))
     assert den.table.shape == (STEPS, 4, model.num_modulation_chunks, 128)
-    assert rel_err(np.array(den.table[2, 2:]), np.array(plain)) <= EXACT
+    err = rel_err(np.array(den.table[2, 2:]), np.array(plain))
+    assert err <= EXACT, err
 
 
 def test_compiled_step_equals_uncompiled():
@@ -136,7 +140,8 @@ def test_compiled_step_equals_uncompiled():
     x0 = noise()
     plain = denoiser_run(tiny_model(), x0, pos, neg, sigmas, 4.5, slg, compile=False)
     compiled = denoiser_run(tiny_model(), x0, pos, neg, sigmas, 4.5, slg, compile=True)
-    assert rel_err(np.array(compiled), np.array(plain)) <= 1e-5
+    err = rel_err(np.array(compiled), np.array(plain))
+    assert err <= 1e-5, err
 
 
 def test_velocity_call_matches_step_and_keeps_the_old_contract():
@@ -149,10 +154,12 @@ def test_velocity_call_matches_step_and_keeps_the_old_contract():
     new = Denoiser(model, pos, neg, cfg=4.5, skip_layer_guidance=None, num_steps=STEPS, sigmas=sigmas)
     v_old, v_new = old(x, float(sigmas[0]), 0), new(x, float(sigmas[0]), 0)
     assert v_old.dtype == mx.float32
-    assert rel_err(np.array(v_new), np.array(v_old)) <= EXACT
+    err = rel_err(np.array(v_new), np.array(v_old))
+    assert err <= EXACT, err
     smp = make_sampler("euler", sigmas)
     stepped = new.step(x, 0, smp)
-    assert rel_err(np.array(stepped), np.array(smp.step(0, x, v_new))) <= 1e-6
+    err = rel_err(np.array(stepped), np.array(smp.step(0, x, v_new)))
+    assert err <= 1e-6, err
 
 
 def test_freed_adaln_raises_clearly():
@@ -200,7 +207,8 @@ def test_dequantize_then_matmul_equals_quantized_matmul(bits, mode, group):
     fast = DequantizingLinear.from_quantized(q, min_rows=1)
     x = mx.random.normal((2, 50, 128))
     ref = q(x)
-    assert rel_err(np.array(fast(x)), np.array(ref)) <= 1e-5
+    err = rel_err(np.array(fast(x)), np.array(ref))
+    assert err <= 1e-5, err
     # below the threshold the quantized kernel itself runs
     fast.min_rows = 1000
     np.testing.assert_array_equal(np.array(fast(x)), np.array(ref))
@@ -220,7 +228,8 @@ def test_quantized_transformer_fast_path_equals_slow_path():
     fast_model = quantized()
     fast = denoiser_run(fast_model, x0, pos, neg, sigmas, 4.5, slg, compile=False, dequantize_min_rows=1)
     assert any(isinstance(m, DequantizingLinear) for _, m in fast_model.named_modules())
-    assert rel_err(np.array(fast), np.array(slow)) <= 1e-5
+    err = rel_err(np.array(fast), np.array(slow))
+    assert err <= 1e-5, err
 
 
 def test_module_swap_keeps_parameters_and_round_trips():

@@ -136,9 +136,9 @@ def test_mmdit_default_policy_keeps_embedders_and_final_projection():
     model = quantize_network(MMDiT(cfg), make_spec("transformer", 4), "transformer")
     paths = quantized_paths(model)
     kept = [p for p, m in model.named_modules() if type(m) is nn.Linear]
-    assert sorted(kept) == ["context_embedder", "final_layer.linear", "t_embedder.fc1", "t_embedder.fc2",
-                            "y_embedder.fc1", "y_embedder.fc2"]  # fmt: skip
-    assert "final_layer.adaLN" in paths and "blocks.0.x.attn2.qkv" in paths and "blocks.1.context.adaLN" in paths
+    assert sorted(kept) == ["context_embedder", "final_layer.adaLN", "final_layer.linear", "t_embedder.fc1",
+                            "t_embedder.fc2", "y_embedder.fc1", "y_embedder.fc2"]  # fmt: skip
+    assert "blocks.0.x.attn2.qkv" in paths and "blocks.1.context.adaLN" in paths and "blocks.1.x.mlp.fc2" in paths
     assert isinstance(model.x_embedder, nn.Conv2d) and model.pos_embed.dtype == mx.float32
 
 

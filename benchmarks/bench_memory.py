@@ -1,0 +1,423 @@
+"""Peak memory per stage of a whole generation, with full-size random networks.
+
+    python benchmarks/bench_memory.py --size 1024 --write-docs                  # the GPU / Mac run
+    python benchmarks/bench_memory.py --size 256 --layers 1 --t5-tokens 16 --steps 1   # CPU smoke run
+
+The configurations of the memory targets:
+    medium-t5-4bit  SD3.5 Medium, 4-bit T5, 4-bit transformer        target ≤ 2.5 GB
+    medium-no-t5    SD3.5 Medium, T5 dropped, 4-bit transformer       target ≤ 2.0 GB
+    large-4bit      SD3.5 Large, 4-bit T5, 4-bit transformer          target ≤ 5 GB
+(CLIP-L, CLIP-G and the VAE stay 16-bit, as in the pipeline.)
+
+How: the random networks are first written as a converted sd35_mlx folder
+(`sd35_mlx.weights.converted.save_converted`: one network at a time, each built lazily,
+quantized, and evaluated + written one shard at a time, so building them needs about one
+shard of memory, and that memory is returned before anything is measured). Then each stage
+runs once, in the pipeline's order, loading its network lazily from that folder with the
+public loader (`sd35_mlx.loading.load_component`) and releasing it afterwards
+(`mx.clear_cache()`), as the pipeline's low-memory mode does:
+
+    encode   CLIP-L, CLIP-G, T5 (batch 2: prompt + negative), one network at a time
+    denoise  the pipeline's Denoiser (adaLN precomputed for the whole schedule and freed,
+             position table cropped) for --steps steps of a --schedule-steps schedule
+    decode   VAE decode, whole and tiled
+
+Each stage's peak is MLX's own counter (`mx.reset_peak_memory()` before, `mx.get_peak_memory()`
+after); it includes what is resident between stages (conditioning, latents). A configuration's
+peak is the largest peak of its stages. The memory planner's estimate (`sd35_mlx.memory`) is
+shown beside each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+import mlx.core as mx  # noqa: E402
+
+from sd35_mlx.config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL  # noqa: E402
+
+CONFIGS: Dict[str, Dict[str, Any]] = {
+    "medium-t5-4bit": dict(model="medium", transformer_bits=4, t5_bits=4, target=2.5e9,
+                           title="SD3.5 Medium, T5 4-bit, transformer 4-bit"),
+    "medium-no-t5": dict(model="medium", transformer_bits=4, t5_bits=None, target=2.0e9,
+                         title="SD3.5 Medium, T5 dropped, transformer 4-bit"),
+    "large-4bit": dict(model="large", transformer_bits=4, t5_bits=4, target=5.0e9,
+                       title="SD3.5 Large, T5 4-bit, transformer 4-bit"),
+}  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps run (the peak is reached in the first)")
+    p.add_argument("--schedule-steps", type=int, default=28, help="length of the schedule the adaLN table is built for")
+    p.add_argument("--t5-tokens", type=int, default=256)
+    p.add_argument("--layers", type=int, default=None, help="truncate every transformer stack (smoke runs)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(C.DTYPES))
+    p.add_argument("--device", default="default", choices=["default", "cpu", "gpu"])
+    p.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
+                   help="decode of a configuration: auto = tiled when the untiled decode would not fit its target")
+    p.add_argument("--workdir", type=Path, default=None, help="where the converted random weights go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the converted weights afterwards")
+    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
+    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
+    p.add_argument("--write-docs", action="store_true")
+    args = p.parse_args(argv)
+    if args.size % 16:
+        p.error("--size must be a multiple of 16")
+    if not 1 <= args.steps <= args.schedule_steps:
+        p.error("--steps must be between 1 and --schedule-steps")
+    return args
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Stage:
+    name: str
+    peak: int
+    resident_before: int  # MLX memory in use when the stage started (conditioning, latents)
+    weights: Optional[int]  # bytes of the network's parameters (as loaded)
+    seconds: float
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, peak_bytes=self.peak, resident_before_bytes=self.resident_before,
+                    weight_bytes=self.weights, seconds=self.seconds, **self.extra)  # fmt: skip
+
+
+def release() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+def measure(name: str, run: Callable[[Dict[str, Any]], Any]) -> tuple:
+    """Run one stage from a clean cache; `run(notes)` may record e.g. notes['weights']."""
+    release()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    notes: Dict[str, Any] = {}
+    start = time.perf_counter()
+    out = run(notes)
+    seconds = time.perf_counter() - start
+    peak = max(mx.get_peak_memory(), before)
+    release()
+    stage = Stage(name, peak, before, notes.pop("weights", None), seconds, notes)
+    log(f"  {name:<22} peak {C.fmt_gb(peak)}  (weights {C.fmt_gb(stage.weights)}, "
+        f"resident before {C.fmt_gb(before)}, {seconds:.1f} s)")  # fmt: skip
+    return stage, out
+
+
+# ---- the random converted folders ---------------------------------------------------------------------
+def write_random_folder(folder: Path, networks: Dict[str, tuple], dtype, seed: int = 0) -> float:
+    """save_converted of lazily built random networks {component: (config, bits)}; seconds."""
+    from sd35_mlx.quantize import make_spec
+    from sd35_mlx.weights.converted import save_converted
+
+    def loader(component, config):
+        def build():
+            mx.random.seed(seed + len(component))
+            return C.build_network(component, config, dtype)  # quantized by save_converted
+
+        return build
+
+    quant = {c: make_spec(c, bits) for c, (_, bits) in networks.items() if bits and bits < 16}
+    start = time.perf_counter()
+    save_converted(folder, {c: loader(c, cfg) for c, (cfg, _) in networks.items()}, quantization=quant,
+                   dtype=str(dtype).replace("mlx.core.", ""), max_shard_bytes=512 * 2**20,
+                   force=True)  # fmt: skip
+    release()
+    return time.perf_counter() - start
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+# ---- the stages ------------------------------------------------------------------------------------------
+def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
+    from sd35_mlx.conditioning import assemble
+    from sd35_mlx.loading import load_component
+    from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE, decode_tiled
+
+    configs = [CONFIGS[c] for c in args.configs]
+    models = sorted({c["model"] for c in configs})
+    t5_bits = sorted({c["t5_bits"] for c in configs if c["t5_bits"] is not None})
+    out: Dict[str, Any] = {"build_s": {}, "stages": {}}
+
+    encoders: Dict[str, tuple] = {
+        "clip_l": (C.truncated(CLIP_L, args.layers), None),
+        "clip_g": (C.truncated(CLIP_G, args.layers), None),
+        "vae": (SD3_VAE, None),
+    }
+    enc_folders = {}
+    for bits in t5_bits or [None]:
+        nets = dict(encoders)
+        if bits is not None:
+            nets["t5"] = (C.truncated(T5_XXL, args.layers), bits)
+        folder = work / f"encoders-t5-{bits or 'none'}"
+        log(f"writing random {', '.join(nets)} to {folder} …")
+        out["build_s"][folder.name] = write_random_folder(folder, nets, dtype)
+        enc_folders[bits] = folder
+        encoders = {}  # CLIPs and VAE once; later folders only hold another T5
+    first = next(iter(enc_folders.values()))
+    tr_folders = {}
+    for key in models:
+        bits_set = sorted({c["transformer_bits"] for c in configs if c["model"] == key})
+        for bits in bits_set:
+            folder = work / f"transformer-{key}-{bits}"
+            log(f"writing random {C.MODELS[key][0]} transformer ({bits}-bit) to {folder} …")
+            cfg = C.truncated(C.MODELS[key][1], args.layers)
+            out["build_s"][folder.name] = write_random_folder(folder, {"transformer": (cfg, bits)}, dtype)
+            tr_folders[(key, bits)] = folder
+    out["folder_bytes"] = {p.name: folder_bytes(p) for p in work.iterdir() if p.is_dir()}
+    log(f"built in {sum(out['build_s'].values()):.0f} s; measuring")
+    stages = out["stages"]
+
+    # -- encode: one encoder at a time, prompt + negative as one batch of 2
+    ids = C.clip_ids(2)
+    hidden = {}
+    for name in ("clip_l", "clip_g"):
+        def run(notes, name=name):
+            model = load_component(first, name, dtype)
+            notes["weights"] = C.parameter_bytes(model)
+            result = model(ids)
+            mx.eval(result.hidden, result.pooled)
+            return result
+
+        stages[name], hidden[name] = measure(name, run)
+    t5_out = {}
+    for bits, folder in enc_folders.items():
+        if bits is None:
+            continue
+
+        def run(notes, folder=folder):
+            model = load_component(folder, "t5", dtype)
+            notes["weights"] = C.parameter_bytes(model)
+            result = model(C.t5_ids(2, args.t5_tokens))
+            mx.eval(result)
+            return result
+
+        stages[f"t5-{bits}bit"], t5_out[bits] = measure(f"t5-{bits}bit", run)
+        try:  # the pipeline's stream_t5 mode: one block's weights in memory at a time
+            from sd35_mlx.streaming import streamed_t5
+        except ImportError:
+            continue
+
+        def run_streamed(notes, folder=folder):
+            model = streamed_t5(folder, dtype=dtype)
+            result = model(C.t5_ids(2, args.t5_tokens))
+            mx.eval(result)
+            return result
+
+        stages[f"t5-{bits}bit-streamed"], _ = measure(f"t5-{bits}bit-streamed", run_streamed)
+    t5_hidden = next(iter(t5_out.values()), None)
+    cond = assemble(hidden["clip_l"], hidden["clip_g"], t5_hidden, args.t5_tokens)
+    mx.eval(cond.context, cond.pooled)
+    del hidden, t5_out, t5_hidden
+    negative, positive = cond[0], cond[1]  # T5-dropped has the same shapes (zeros stand in)
+
+    # -- denoise
+    sigmas, sampler = C.schedule(args.schedule_steps)
+    noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
+    latents = {}
+    for (key, bits), folder in tr_folders.items():
+        def run(notes, folder=folder):
+            model = load_component(folder, "transformer", dtype)
+            notes["weights"] = C.parameter_bytes(model)
+            den, ignored = C.make_denoiser(model, positive, negative, sigmas=sigmas,
+                                           free_adaln=True, free_pos_embed=True)  # as the pipeline (low memory)
+            if ignored:
+                notes["denoiser_options_ignored"] = ignored
+            x = noise
+            for i in range(args.steps):
+                x = C.denoise_step(den, x, i, sampler)
+                mx.eval(x)
+            notes["weights"] = C.parameter_bytes(model)  # what stays after freeing adaLN / the full table
+            return x
+
+        name = f"denoise-{key}-{bits}bit"
+        stages[name], latents[key] = measure(name, run)
+    del cond, positive, negative
+
+    # -- decode (the decode stage is the same for every model: one latent shape)
+    z_latents = next(iter(latents.values()))
+    del latents
+    one_tile = args.size // 8 <= DEFAULT_DECODE_TILE  # decode_tiled is then the plain decode
+    for tiled in (False,) if one_tile else (False, True):
+        def run(notes, tiled=tiled):
+            vae = load_component(first, "vae", dtype)
+            z = vae.from_latents(z_latents).astype(dtype)
+            images = decode_tiled(vae, z) if tiled else vae.decode(z)
+            mx.eval(images)
+            notes["weights"] = C.parameter_bytes(vae.decoder)  # what a decode reads
+            return None
+
+        name = "decode-tiled" if tiled else "decode"
+        stages[name], _ = measure(name, run)
+    if one_tile:
+        stages["decode-tiled"] = stages["decode"]
+    return out
+
+
+# ---- configurations ------------------------------------------------------------------------------------
+def estimator(args, config: Dict[str, Any]):
+    from sd35_mlx.memory import MemoryEstimator
+
+    return MemoryEstimator(
+        C.truncated(C.MODELS[config["model"]][1], args.layers), t5=C.truncated(T5_XXL, args.layers),
+        vae=SD3_VAE, clip_l=C.truncated(CLIP_L, args.layers), clip_g=C.truncated(CLIP_G, args.layers),
+    )  # fmt: skip
+
+
+def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
+    """What the pipeline runs for this configuration under a memory budget of its target:
+    the planner's T5 mode (loaded / streamed / dropped) and VAE tiling, with the bits fixed.
+    Falls back to T5 loaded (or dropped) and tiling by `should_tile` when the planner fails."""
+    from sd35_mlx.models.vae_tiling import should_tile
+
+    bits, t5_bits = config["transformer_bits"], config["t5_bits"]
+    choice: Dict[str, Any] = {"t5_mode": "dropped" if t5_bits is None else "loaded",
+                              "tiled": should_tile(args.size, args.size, int(config["target"]))}  # fmt: skip
+    try:
+        from sd35_mlx.memory import plan_memory
+
+        est = estimator(args, config)
+        plan = plan_memory(est, int(config["target"]), args.size, args.size, t5_tokens=args.t5_tokens,
+                           allow_drop_t5=t5_bits is None, fixed={"transformer": bits, "t5": t5_bits})  # fmt: skip
+        choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, planner={"stages": dict(plan.stages), "peak": plan.peak})
+    except Exception as e:  # nothing fits, or the planner's API moved: say so, measure anyway
+        choice["planner_note"] = f"{type(e).__name__}: {e}"
+        try:
+            plan = estimator(args, config).plan(bits, t5_bits, choice["t5_mode"], choice["tiled"],
+                                                args.size, args.size, args.t5_tokens)  # fmt: skip
+            choice["planner"] = {"stages": dict(plan.stages), "peak": plan.peak}
+        except Exception as e2:
+            choice["planner"] = {"error": f"{type(e2).__name__}: {e2}"}
+    if args.tile != "auto":
+        choice["tiled"] = args.tile == "on"
+    return choice
+
+
+def summarise(args, stages: Dict[str, Stage]) -> List[Dict[str, Any]]:
+    rows = []
+    for key in args.configs:
+        cfg = CONFIGS[key]
+        choice = pipeline_choice(args, cfg)
+        encode = ["clip_l", "clip_g"]
+        if choice["t5_mode"] != "dropped":
+            name = f"t5-{cfg['t5_bits']}bit" + ("-streamed" if choice["t5_mode"] == "streamed" else "")
+            if name not in stages:  # no streaming available: the loaded T5 is what runs
+                name, choice["t5_mode"] = f"t5-{cfg['t5_bits']}bit", "loaded"
+            encode.append(name)
+        parts = {
+            "encode": max(stages[s].peak for s in encode),
+            "denoise": stages[f"denoise-{cfg['model']}-{cfg['transformer_bits']}bit"].peak,
+            "decode": stages["decode-tiled" if choice["tiled"] else "decode"].peak,
+        }
+        peak = max(parts.values())
+        full_size = not args.layers and args.size == 1024
+        rows.append(dict(config=key, title=cfg["title"], t5_mode=choice["t5_mode"], tiled_decode=choice["tiled"],
+                         stage_peaks=parts, peak=peak, target=cfg["target"] if full_size else None,
+                         planner=choice.get("planner", {}), planner_note=choice.get("planner_note")))  # fmt: skip
+    return rows
+
+
+def report(args, info, out, rows) -> str:
+    stages: Dict[str, Stage] = out["stages"]
+    lines = [f"### Peak memory: whole generation at {args.size}²"]
+    if args.layers:
+        lines.append(C.truncation_note(args.layers))
+    lines.append(f"_{C.versions_line(info)}_  \n_command: `{info['command']}`_")
+    lines.append(
+        f"Settings: {args.dtype}; CFG batch 2; T5 {args.t5_tokens} tokens; {args.steps} denoising step(s) of a "
+        f"{args.schedule_steps}-step schedule; networks loaded lazily from a converted folder and released "
+        "after their stage. GB = 10⁹ bytes; peaks are MLX's counter and include what is resident between "
+        "stages (conditioning, latents)."
+    )  # fmt: skip
+    headers = ["configuration", "T5", "VAE decode", "encode peak", "denoise peak", "decode peak", "**generation peak**",
+               "planner estimate", "target"]  # fmt: skip
+    table = []
+    for r in rows:
+        plan = r["planner"]
+        est = C.fmt_gb(plan["peak"]) if "peak" in plan else "n/a"
+        if "stages" in plan:
+            est += " (" + " / ".join(C.fmt_gb(plan["stages"].get(k)).replace(" GB", "") for k in ("encode", "denoise", "decode")) + ")"
+        target = "–"
+        if r["target"]:
+            target = f"≤ {r['target'] / C.GB:.1f} GB " + ("✓" if r["peak"] <= r["target"] else "✗")
+        p = r["stage_peaks"]
+        table.append([r["title"], r["t5_mode"], "tiled" if r["tiled_decode"] else "whole", C.fmt_gb(p["encode"]),
+                      C.fmt_gb(p["denoise"]), C.fmt_gb(p["decode"]), f"**{C.fmt_gb(r['peak'])}**", est, target])  # fmt: skip
+    lines.append(C.markdown_table(headers, table))
+    lines.append(
+        "T5 mode and VAE tiling are what the pipeline's memory planner (`sd35_mlx.memory.plan_memory`) "
+        "chooses for a budget of the target with these bits; planner estimate: its peak "
+        "(encode / denoise / decode, GB)."
+        + "".join(f" {r['title']}: {r['planner_note']}." for r in rows if r.get("planner_note"))
+    )
+    stage_rows = []
+    for s in {id(s): s for s in stages.values()}.values():  # decode-tiled may be decode itself
+        over = s.peak - (s.weights or 0) - s.resident_before
+        stage_rows.append([s.name, C.fmt_gb(s.weights), C.fmt_gb(s.resident_before), C.fmt_gb(s.peak),
+                           C.fmt_gb(over), f"{s.seconds:.1f} s"])  # fmt: skip
+    lines.append("**Per stage** (each measured once; weights = the network's parameters in use (the "
+                 "transformer's after the Denoiser freed its adaLN weights and full position table); "
+                 "above = peak − weights − resident before: activations and temporaries)\n\n"
+                 + C.markdown_table(["stage", "weights", "resident before", "peak", "above", "time"], stage_rows))  # fmt: skip
+    return "\n\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    C.set_device(args.device)
+    dtype = C.DTYPES[args.dtype]
+    info = C.machine_info()
+    log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
+    if args.layers:
+        log(C.truncation_note(args.layers).replace("**", ""))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="sd35-bench-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        out = run_stages(args, work, dtype)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = summarise(args, out["stages"])
+    body = report(args, info, out, rows)
+    print("\n" + body + "\n")
+    payload = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "configs": rows,
+        "stages": {k: v.to_dict() for k, v in out["stages"].items()},
+        "build_s": out["build_s"],
+        "folder_bytes": out["folder_bytes"],
+        "wall_s": time.perf_counter() - start,
+    }
+    key = f"memory-{args.size}" + (f"-layers{args.layers}" if args.layers else "")
+    path = C.write_json(args.results_dir, info, key, payload)
+    log(f"results: {path}")
+    if args.write_docs:
+        C.update_docs(args.docs, info, key, body)
+        log(f"docs: {args.docs} (section {C.machine_slug(info)}, part {key})")
+    log(f"wall time {payload['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
