@@ -7,6 +7,7 @@ Every flag maps to a field of `GenerationSettings` or an argument of
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -137,6 +138,12 @@ def plan(args: argparse.Namespace):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.memory_budget is not None and sys.platform.startswith("linux"):
+        # MLX's CUDA backend keeps a step's buffers alive until its command buffer finishes
+        # (~10 GB for Medium at 1024²); smaller buffers cut that to ~1.5 GB at the same speed
+        # (docs/performance.md). Must be set before MLX first touches the GPU.
+        os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
+        os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
     try:
         model, t5, jobs = plan(args)
         return run(args, model, t5, jobs)

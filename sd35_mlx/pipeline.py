@@ -25,11 +25,6 @@ from .settings import GenerationSettings, SkipLayerSettings
 from .variants import Variant, detect_variant, validate_size
 
 
-# Whether the denoiser frees the adaLN weights and the full position table while it runs
-# (the memory planner counts them out only then).
-TRIMS_TRANSFORMER = False
-
-
 @dataclass
 class PromptEmbeddings:
     """An encoded prompt (and its negative), reusable across generations."""
@@ -179,7 +174,7 @@ class SD35Pipeline:
         kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.path).config)
         if enc.t5 is not None:
             kwargs["t5"] = enc.t5.config
-        return MemoryEstimator(config, trimmed_transformer=TRIMS_TRANSFORMER, **kwargs)
+        return MemoryEstimator(config, trimmed_transformer=self.low_memory, **kwargs)
 
     # ---- networks, loaded on demand ----
     def _quantize(self, model, component: str):
@@ -329,16 +324,19 @@ class SD35Pipeline:
             latents = scale_noise(image_latents, noise, float(sigmas[0]))
             self.timings["encode_image"] = time.perf_counter() - t0
 
+        # With low_memory the pipeline owns the transformer for this one generation, so it
+        # may free the adaLN weights (precomputed for the whole schedule) and the full
+        # position table (cropped once) while denoising; it is reloaded lazily next time.
         denoiser = Denoiser(
             self._load_transformer(), embeddings.positive, embeddings.negative if use_cfg else None,
             cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
+            sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
         )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()
         try:
             for i in range(len(sigmas) - 1):
-                v = denoiser(latents, float(sigmas[i]), i)
-                latents = sampler.step(i, latents, v)
+                latents = denoiser.step(latents, i, sampler)
                 mx.eval(latents)
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)
         finally:
