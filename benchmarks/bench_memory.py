@@ -287,7 +287,8 @@ def estimator(args, config: Dict[str, Any]):
 def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
     """What the pipeline runs for this configuration under a memory budget of its target:
     the planner's T5 mode (loaded / streamed / dropped) and VAE tiling, with the bits fixed.
-    Falls back to T5 loaded (or dropped) and tiling by `should_tile` when the planner fails."""
+    When nothing fits by the planner's estimate, its smallest settings (T5 streamed, VAE
+    tiled) are measured and the planner's message is reported."""
     from sd35_mlx.models.vae_tiling import should_tile
 
     bits, t5_bits = config["transformer_bits"], config["t5_bits"]
@@ -297,11 +298,17 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
         from sd35_mlx.memory import plan_memory
 
         est = estimator(args, config)
-        plan = plan_memory(est, int(config["target"]), args.size, args.size, t5_tokens=args.t5_tokens,
-                           allow_drop_t5=t5_bits is None, fixed={"transformer": bits, "t5": t5_bits})  # fmt: skip
+        if t5_bits is None:  # T5 dropped is the configuration itself, not the planner's choice
+            plans = [est.plan(bits, None, "dropped", tile, args.size, args.size, args.t5_tokens) for tile in (False, True)]
+            plan = next((p for p in plans if p.peak <= config["target"]), plans[-1])
+        else:
+            plan = plan_memory(est, int(config["target"]), args.size, args.size, t5_tokens=args.t5_tokens,
+                               allow_drop_t5=False, fixed={"transformer": bits, "t5": t5_bits})  # fmt: skip
         choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, planner={"stages": dict(plan.stages), "peak": plan.peak})
     except Exception as e:  # nothing fits, or the planner's API moved: say so, measure anyway
-        choice["planner_note"] = f"{type(e).__name__}: {e}"
+        # the smallest settings the planner has for these bits: T5 streamed, VAE tiled
+        choice.update(t5_mode="dropped" if t5_bits is None else "streamed", tiled=True)
+        choice["planner_note"] = f"planner: {str(e).split(', most of it')[0]}"
         try:
             plan = estimator(args, config).plan(bits, t5_bits, choice["t5_mode"], choice["tiled"],
                                                 args.size, args.size, args.t5_tokens)  # fmt: skip

@@ -389,10 +389,15 @@ def report(args, info, results) -> str:
     if args.layers:
         lines.append(C.truncation_note(args.layers))
     lines.append(f"_{C.versions_line(info)}_  \n_command: `{info['command']}`_")
+    runs = f"{args.warmup} warm-up run(s), then the median of "
+    if "denoise" in args.only:
+        runs += f"{args.repeat} run(s) × {args.steps} step(s) for the denoising step"
+        runs += f", of {args.repeat} run(s) for the rest" if set(args.only) - {"denoise"} else ""
+    else:
+        runs += f"{args.repeat} run(s)"
     lines.append(
-        f"Settings: {args.dtype} activations; CFG batch 2; T5 {args.t5_tokens} tokens "
-        f"({C.CLIP_TOKENS + args.t5_tokens} text tokens); {args.warmup} warm-up run(s), then the median "
-        f"of {args.repeat} run(s) × {args.steps} step(s) (denoising) or of {args.repeat} run(s) (the rest)."
+        f"Settings: {args.dtype} weights and activations; CFG batch 2; T5 {args.t5_tokens} tokens "
+        f"({C.CLIP_TOKENS + args.t5_tokens} text tokens); {runs}."
     )  # fmt: skip
     torch_steps = {(r["model"], r["size"]): r["median_s"] for r in results.get("diffusers_denoise", [])}
     if results.get("denoise"):

@@ -84,6 +84,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_hash() -> str:
+    """Short hash of the package's sources: identifies the code where git is not available."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted((REPO / "sd35_mlx").rglob("*.py")):
+        h.update(str(f.relative_to(REPO)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def _git_commit() -> Optional[str]:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -120,6 +131,7 @@ def machine_info(torch_device: Optional[str] = None) -> Dict[str, Any]:
         "mlx_backend": mlx_backend(),
         "sd35_mlx": _version("sd35_mlx") or _package_version(),
         "git": _git_commit(),
+        "code_hash": code_hash(),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
     if info["mlx_backend"] != "cpu":
@@ -181,7 +193,8 @@ def versions_line(info: Dict[str, Any]) -> str:
         parts.append(f"torch device {info['torch_gpu']} (CUDA {info.get('torch_cuda')})")
     elif "torch_device" in info:
         parts.append(f"torch device {info['torch_device']}")
-    parts.append(f"sd35_mlx {info['sd35_mlx']}" + (f" (git {info['git']})" if info.get("git") else ""))
+    parts.append(f"sd35_mlx {info['sd35_mlx']} (" + (f"git {info['git']}, " if info.get("git") else "")
+                 + f"code {info['code_hash']})")
     parts.append(f"host CPU: {info['cpu']}, {info['cpu_cores']} cores; Python {info['python']}")
     return " · ".join(parts)
 
@@ -357,7 +370,7 @@ def write_json(results_dir: Path, info: Dict[str, Any], key: str, payload: Dict[
         except json.JSONDecodeError:
             data = {}
     data.setdefault("machine", {}).update({k: v for k, v in info.items() if k != "command"})
-    data.setdefault("runs", {})[key] = {"command": info["command"], "time_utc": info["time_utc"], **payload}
+    data.setdefault("runs", {})[key] = {"command": info["command"], "time_utc": info["time_utc"], "info": info, **payload}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
     tmp.replace(path)

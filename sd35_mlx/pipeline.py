@@ -78,7 +78,7 @@ class SD35Pipeline:
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
         self.context_dim = config.context_dim
-        self.variant: Variant = detect_variant(config, hint=variant_hint or name)
+        self.variant: Variant = detect_variant(config, hint=variant_hint or _recorded_variant(self.path) or name)
         self.tokenizers = self._load_tokenizers(tokenizers)
         if self.use_t5 and self.tokenizers.t5 is None:
             raise InputError(f"{path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
@@ -419,6 +419,13 @@ def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: 
     return mx.random.normal(
         (batch, height, width, channels), dtype=mx.float32, key=mx.random.key(seed), stream=mx.cpu
     )
+
+
+def _recorded_variant(path: Path) -> Optional[str]:
+    """The variant a converted folder recorded (Turbo and Large share one architecture)."""
+    from .weights.converted import is_converted, read_converted_config
+
+    return read_converted_config(path).get("variant") if is_converted(path) else None
 
 
 def _memory_budget_bytes() -> int:

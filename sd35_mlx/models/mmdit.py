@@ -185,7 +185,7 @@ class MMDiT(nn.Module):
             )
         self._require_conditioning()
         t = mx.array(timestep) if not isinstance(timestep, mx.array) else timestep
-        t_freq = timestep_embedding(t).astype(self.t_embedder.fc1.weight.dtype)
+        t_freq = timestep_embedding(t).astype(self.dtype)
         return self.t_embedder(t_freq) + self.y_embedder(pooled.astype(self.dtype))
 
     def modulations(self, c: mx.array) -> Modulations:
