@@ -236,7 +236,7 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
     noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
     latents = {}
     for (key, bits), folder in tr_folders.items():
-        def run(notes, folder=folder):
+        def run(notes, folder=folder, positive=positive, negative=negative):
             model = load_component(folder, "transformer", dtype)
             notes["weights"] = C.parameter_bytes(model)
             den, ignored = C.make_denoiser(model, positive, negative, sigmas=sigmas,

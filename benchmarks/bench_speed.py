@@ -129,7 +129,8 @@ def mlx_denoise(args, model_key: str, dtype) -> List[Dict[str, Any]]:
                 x2 = mx.concatenate([noise, noise]).astype(dtype)
                 ctx, pooled = cond.context, cond.pooled
 
-                def plain_step(_x, i):  # the velocity of the CFG batch, as one bare call
+                def plain_step(_x, i, model=model, x2=x2, ctx=ctx, pooled=pooled, sigmas=sigmas):
+                    # the velocity of the CFG batch, as one bare call
                     t = mx.full((2,), float(sigmas[i]) * 1000.0, dtype=mx.float32)
                     return model(x2, t, ctx, pooled)
 
@@ -142,8 +143,8 @@ def mlx_denoise(args, model_key: str, dtype) -> List[Dict[str, Any]]:
             row["setup_s"] = time.perf_counter() - t0
             if dropped:
                 row["denoiser_options_ignored"] = dropped
-            timing = time_denoise_steps(lambda x, i: C.denoise_step(den, x, i, sampler), noise,
-                                        args.steps, args.warmup, args.repeat)  # fmt: skip
+            timing = time_denoise_steps(lambda x, i, den=den, sampler=sampler: C.denoise_step(den, x, i, sampler),
+                                        noise, args.steps, args.warmup, args.repeat)  # fmt: skip
             row["pipeline"] = timing.to_dict()
             log(f"  {size}² pipeline {C.fmt_seconds(timing.median)} per step (setup {row['setup_s']:.2f} s)")
             rows.append(row)
@@ -168,7 +169,7 @@ def mlx_t5(args, dtype) -> List[Dict[str, Any]]:
     rows = []
     for bits in args.t5_bits:
         model = C.random_network("t5", config, dtype, bits if bits < 16 else None)
-        timing = C.time_calls(lambda: model(ids), C.mlx_sync, args.warmup, args.repeat)
+        timing = C.time_calls(lambda model=model: model(ids), C.mlx_sync, args.warmup, args.repeat)
         rows.append(dict(stage="t5", bits=bits, weights=weights_label(bits, args.dtype),
                          shape=f"2×{args.t5_tokens} tokens", depth=config.num_layers, **timing.to_dict()))  # fmt: skip
         log(f"[mlx] T5-XXL {weights_label(bits, args.dtype)} encode: {C.fmt_seconds(timing.median)}")
@@ -184,11 +185,11 @@ def mlx_clip(args, dtype) -> List[Dict[str, Any]]:
     for key, cfg in (("clip_l", CLIP_L), ("clip_g", CLIP_G)):
         cfg = C.truncated(cfg, args.layers)
         models[key] = model = C.random_network(key, cfg, dtype)
-        timing = C.time_calls(lambda: tuple(model(ids)), C.mlx_sync, args.warmup, args.repeat)
+        timing = C.time_calls(lambda model=model: tuple(model(ids)), C.mlx_sync, args.warmup, args.repeat)
         rows.append(dict(stage=key, weights=weights_label(16, args.dtype), shape="2×77 tokens",
                          depth=cfg.num_layers, **timing.to_dict()))  # fmt: skip
         log(f"[mlx] {key} encode: {C.fmt_seconds(timing.median)}")
-    both = C.time_calls(lambda: (tuple(models["clip_l"](ids)), tuple(models["clip_g"](ids))),
+    both = C.time_calls(lambda m=models: (tuple(m["clip_l"](ids)), tuple(m["clip_g"](ids))),
                         C.mlx_sync, args.warmup, args.repeat)  # fmt: skip
     rows.append(dict(stage="clip_lg", weights=weights_label(16, args.dtype), shape="2×77 tokens", **both.to_dict()))
     log(f"[mlx] CLIP-L+G encode: {C.fmt_seconds(both.median)}")
@@ -204,11 +205,11 @@ def mlx_vae(args, dtype) -> List[Dict[str, Any]]:
     rows = []
     for size in args.size:
         z = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(7)).astype(dtype)
-        timing = C.time_calls(lambda: vae.decode(z), C.mlx_sync, args.warmup, args.repeat)
+        timing = C.time_calls(lambda z=z, vae=vae: vae.decode(z), C.mlx_sync, args.warmup, args.repeat)
         rows.append(dict(stage="vae_decode", size=size, tiled=False, **timing.to_dict()))
         log(f"[mlx] VAE decode {size}²: {C.fmt_seconds(timing.median)}")
         if size // 8 > DEFAULT_DECODE_TILE:
-            timing = C.time_calls(lambda: decode_tiled(vae, z), C.mlx_sync, args.warmup, args.repeat)
+            timing = C.time_calls(lambda z=z, vae=vae: decode_tiled(vae, z), C.mlx_sync, args.warmup, args.repeat)
             rows.append(dict(stage="vae_decode", size=size, tiled=True, **timing.to_dict()))
             log(f"[mlx] VAE decode {size}² tiled: {C.fmt_seconds(timing.median)}")
     del vae
@@ -268,7 +269,7 @@ def torch_denoise(args, model_key: str, device: str) -> List[Dict[str, Any]]:
             pooled = torch.randn((2, 2048), generator=g, device=device, dtype=torch.bfloat16)
 
             # diffusers' StableDiffusion3Pipeline step: batch-2 forward, CFG, Euler update
-            def step(x, i):
+            def step(x, i, model=model, ctx=ctx, pooled=pooled):
                 x2 = torch.cat([x, x])
                 t = torch.full((2,), float(sigmas[i]) * 1000.0, device=device)
                 v = model(hidden_states=x2, encoder_hidden_states=ctx, pooled_projections=pooled,
@@ -309,7 +310,7 @@ def torch_t5(args, device: str) -> Dict[str, Any]:
         )).eval()  # fmt: skip
     ids = torch.tensor(C.t5_ids(2, args.t5_tokens).tolist(), device=device)
     with torch.no_grad():
-        timing = C.time_calls(lambda: model(input_ids=ids)[0], torch_sync(device), args.warmup, args.repeat)
+        timing = C.time_calls(lambda model=model: model(input_ids=ids)[0], torch_sync(device), args.warmup, args.repeat)
     log(f"[transformers] T5-XXL encode: {C.fmt_seconds(timing.median)}")
     del model
     free_memory()
@@ -334,13 +335,13 @@ def torch_clip(args, device: str) -> Dict[str, Dict[str, Any]]:
                 projection_dim=c.projection_dim, layer_norm_eps=c.layer_norm_eps,
             )).eval()  # fmt: skip
         with torch.no_grad():
-            timing = C.time_calls(lambda: model(ids, output_hidden_states=True), torch_sync(device),
+            timing = C.time_calls(lambda model=model: model(ids, output_hidden_states=True), torch_sync(device),
                                   args.warmup, args.repeat)  # fmt: skip
         out[key] = timing.to_dict()
         log(f"[transformers] {key} encode: {C.fmt_seconds(timing.median)}")
     with torch.no_grad():
         both = C.time_calls(
-            lambda: [m(ids, output_hidden_states=True) for m in models.values()], torch_sync(device),
+            lambda ms=models: [m(ids, output_hidden_states=True) for m in ms.values()], torch_sync(device),
             args.warmup, args.repeat,
         )  # fmt: skip
     out["clip_lg"] = both.to_dict()
@@ -368,7 +369,7 @@ def torch_vae(args, device: str) -> Dict[int, Dict[str, Any]]:
         g = torch.Generator(device=device).manual_seed(7)
         z = torch.randn((1, 16, size // 8, size // 8), generator=g, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            timing = C.time_calls(lambda: vae.decode(z, return_dict=False)[0], torch_sync(device),
+            timing = C.time_calls(lambda z=z, vae=vae: vae.decode(z, return_dict=False)[0], torch_sync(device),
                                   args.warmup, args.repeat)  # fmt: skip
         out[size] = timing.to_dict()
         log(f"[diffusers] VAE decode {size}²: {C.fmt_seconds(timing.median)}")
@@ -395,10 +396,12 @@ def report(args, info, results) -> str:
         runs += f", of {args.repeat} run(s) for the rest" if set(args.only) - {"denoise"} else ""
     else:
         runs += f"{args.repeat} run(s)"
-    lines.append(
-        f"Settings: {args.dtype} weights and activations; CFG batch 2; T5 {args.t5_tokens} tokens "
-        f"({C.CLIP_TOKENS + args.t5_tokens} text tokens); {runs}."
-    )  # fmt: skip
+    shapes = ""
+    if "denoise" in args.only:
+        shapes += f"CFG batch 2; T5 {args.t5_tokens} tokens ({C.CLIP_TOKENS + args.t5_tokens} text tokens); "
+    elif "t5" in args.only:
+        shapes += f"T5 {args.t5_tokens} tokens; "
+    lines.append(f"Settings: {args.dtype} weights and activations; {shapes}{runs}.")
     torch_steps = {(r["model"], r["size"]): r["median_s"] for r in results.get("diffusers_denoise", [])}
     if results.get("denoise"):
         sixteen = {(r["model"], r["size"]): r["pipeline"]["median_s"] for r in results["denoise"] if r["bits"] >= 16}
@@ -451,8 +454,8 @@ def main(argv=None) -> int:
     torch_device = None
     if args.torch:
         try:
-            import torch  # noqa: F401
             import diffusers  # noqa: F401
+            import torch  # noqa: F401
         except ImportError as e:
             print(f"--torch: cannot import {e.name}; timing MLX only", file=sys.stderr)
         else:

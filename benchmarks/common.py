@@ -18,6 +18,7 @@ import datetime as _dt
 import importlib.metadata
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -39,8 +40,12 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from sd35_mlx.config import (  # noqa: E402
-    CLIP_G, CLIP_L, SD3_MEDIUM_MMDIT, SD35_LARGE_MMDIT, SD35_MEDIUM_MMDIT, SD3_VAE, T5_XXL,
-    CLIPConfig, MMDiTConfig, T5Config,
+    SD3_MEDIUM_MMDIT,
+    SD35_LARGE_MMDIT,
+    SD35_MEDIUM_MMDIT,
+    CLIPConfig,
+    MMDiTConfig,
+    T5Config,
 )  # fmt: skip
 
 GB = 1e9
@@ -380,7 +385,7 @@ def write_json(results_dir: Path, info: Dict[str, Any], key: str, payload: Dict[
 def _json_default(o: Any):
     if hasattr(o, "to_dict"):
         return o.to_dict()
-    if isinstance(o, float) and o != o:
+    if isinstance(o, float) and math.isnan(o):
         return None
     return str(o)
 
@@ -440,7 +445,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def fmt_seconds(s: Optional[float]) -> str:
-    if s is None or s != s:
+    if s is None or math.isnan(s):
         return "–"
     if s < 1:
         return f"{s * 1000:.1f} ms"
@@ -448,7 +453,7 @@ def fmt_seconds(s: Optional[float]) -> str:
 
 
 def fmt_ratio(r: Optional[float], limit: Optional[float] = None) -> str:
-    if r is None or r != r:
+    if r is None or math.isnan(r):
         return "–"
     text = f"{r:.2f}×"
     if limit is not None:

@@ -208,6 +208,11 @@ class SD35Pipeline:
             for name in ("clip_l", "clip_g", "t5"):
                 if getattr(enc, name) is not None:
                     setattr(enc, name, self._quantize(getattr(enc, name), name))
+            from .fast_quantized import use_dequantized_matmul
+
+            for name in ("clip_l", "clip_g", "t5"):  # quantized encoders: dequantize before large matmuls
+                if getattr(enc, name) is not None:
+                    use_dequantized_matmul(getattr(enc, name))
             if streaming:
                 from .quantize import parse_quantize
                 from .streaming import streamed_t5

