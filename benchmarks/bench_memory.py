@@ -258,16 +258,16 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
     z_latents = next(iter(latents.values()))
     del latents
     one_tile = args.size // 8 <= DEFAULT_DECODE_TILE  # decode_tiled is then the plain decode
-    for tiled in (False,) if one_tile else (False, True):
-        def run(notes, tiled=tiled):
+    for tiled, tile in ((False, None),) if one_tile else ((False, None), (True, DEFAULT_DECODE_TILE), (True, 32)):
+        def run(notes, tiled=tiled, tile=tile):
             vae = load_component(first, "vae", dtype)
             z = vae.from_latents(z_latents).astype(dtype)
-            images = decode_tiled(vae, z) if tiled else vae.decode(z)
+            images = decode_tiled(vae, z, tile=tile) if tiled else vae.decode(z)
             mx.eval(images)
             notes["weights"] = C.parameter_bytes(vae.decoder)  # what a decode reads
             return None
 
-        name = "decode-tiled" if tiled else "decode"
+        name = ("decode-tiled" if tile == DEFAULT_DECODE_TILE else f"decode-tiled-{tile * 8}px") if tiled else "decode"
         stages[name], _ = measure(name, run)
     if one_tile:
         stages["decode-tiled"] = stages["decode"]

@@ -283,6 +283,10 @@ def build_network(component: str, config, dtype: mx.Dtype, bits: Optional[int] =
         from sd35_mlx.quantize import make_spec, quantize_network
 
         quantize_network(model, make_spec(component, bits), component)
+        if component != "transformer":  # the pipeline does this for quantized encoders; the Denoiser for the transformer
+            from sd35_mlx.fast_quantized import use_dequantized_matmul
+
+            use_dequantized_matmul(model)
     return model
 
 

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 
 from .config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL, MMDiTConfig, T5Config, VAEConfig
 from .errors import InputError
+from .models.vae_tiling import DEFAULT_DECODE_TILE
 
 GB = 1e9
 BYTES_16 = 2
@@ -91,6 +92,7 @@ class Plan:
     t5: str  # "loaded", "streamed" or "dropped"
     tile_vae: bool
     stages: Dict[str, int] = field(default_factory=dict)
+    decode_tile: Optional[int] = None  # latents per tile side when tiled
 
     @property
     def peak(self) -> int:
@@ -108,7 +110,7 @@ class Plan:
         tr = f"{self.transformer_bits}-bit" if self.transformer_bits else "16-bit"
         t5 = "dropped" if self.t5 == "dropped" else f"{self.t5_bits or 16}-bit, {self.t5}"
         stages = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.stages.items())
-        return f"transformer {tr}; T5 {t5}; VAE {'tiled' if self.tile_vae else 'untiled'} (estimated peak: {stages})"
+        return f"transformer {tr}; T5 {t5}; VAE {f'tiled ({self.decode_tile * 8} px tiles)' if self.tile_vae and self.decode_tile else ('tiled' if self.tile_vae else 'untiled')} (estimated peak: {stages})"
 
 
 class MemoryEstimator:
@@ -195,21 +197,23 @@ class MemoryEstimator:
             activations += batch * c.num_heads * tokens * tokens * BYTES_16
         return weights + activations
 
-    def decode(self, height: int, width: int, tiled: bool) -> int:
+    def decode(self, height: int, width: int, tiled, tile_latents: Optional[int] = None) -> int:
         from .models.vae_tiling import DEFAULT_DECODE_TILE, decode_activation_bytes
 
         decoder = sum(p.size * BYTES_16 for k, p in tree_flatten(self.vae.parameters()) if not k.startswith("encoder"))
-        tile = DEFAULT_DECODE_TILE * 8  # pixels
+        tile = (tile_latents or DEFAULT_DECODE_TILE) * 8  # pixels
         h, w = (min(height, tile), min(width, tile)) if tiled else (height, width)
         return decoder + decode_activation_bytes(h, w, self.vae_config, device=self.device)
 
-    def plan(self, transformer_bits, t5_bits, t5_mode, tile, height, width, t5_tokens) -> Plan:
+    def plan(self, transformer_bits, t5_bits, t5_mode, tile, height, width, t5_tokens,
+             tile_latents: Optional[int] = None) -> Plan:
         stages = {
             "encode": self.encode(t5_bits, t5_mode),
             "denoise": self.denoise(transformer_bits, height, width, t5_tokens),  # T5-drop zeros are tokens too
-            "decode": self.decode(height, width, tile),
+            "decode": self.decode(height, width, tile, tile_latents),
         }
-        return Plan(transformer_bits, t5_bits if t5_mode != "dropped" else None, t5_mode, tile, stages)
+        return Plan(transformer_bits, t5_bits if t5_mode != "dropped" else None, t5_mode, tile, stages,
+                    (tile_latents or DEFAULT_DECODE_TILE) if tile else None)
 
 
 def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[int]]] = None):
@@ -236,6 +240,10 @@ def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[in
         yield tr, t5, mode
 
 
+# Decode tile sides (latents) tried in order, largest (fewest seams, fastest) first.
+DECODE_TILES = (64, 48, 32)
+
+
 def plan_memory(
     estimator: MemoryEstimator,
     budget_bytes: int,
@@ -249,8 +257,8 @@ def plan_memory(
     """The best-quality settings whose estimated peak fits `budget_bytes`, else InputError."""
     tried: List[Plan] = []
     for tr, t5, mode in candidates(allow_drop_t5, fixed):
-        for tile in (False, True):
-            p = estimator.plan(tr, t5, mode, tile, height, width, t5_tokens)
+        for tile, tile_latents in ((False, None),) + tuple((True, t) for t in DECODE_TILES):
+            p = estimator.plan(tr, t5, mode, tile, height, width, t5_tokens, tile_latents)
             tried.append(p)
             if p.peak <= budget_bytes:
                 return p

@@ -359,7 +359,10 @@ class SD35Pipeline:
         if tile is None:
             budget = int(self.memory_budget * 1e9) if self.memory_budget else _memory_budget_bytes()
             tile = should_tile(latents.shape[1] * 8, latents.shape[2] * 8, budget)
-        images = decode_tiled(vae, z) if tile else vae.decode(z)
+        if tile and self.plan is not None and self.plan.decode_tile:
+            images = decode_tiled(vae, z, tile=self.plan.decode_tile)
+        else:
+            images = decode_tiled(vae, z) if tile else vae.decode(z)
         mx.eval(images)
         return images.astype(mx.float32)
 

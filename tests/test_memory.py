@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from sd35_mlx.config import CLIP_G, CLIP_L, SD3_VAE, SD35_LARGE_MMDIT, SD35_MEDIUM_MMDIT, T5_XXL, T5Config
 from sd35_mlx.errors import InputError
 from sd35_mlx.memory import (
+    DECODE_TILES,
     GB, MemoryEstimator, candidates, default_budget_bytes, network_bytes, plan_memory,
 )  # fmt: skip
 from sd35_mlx.models.clip import CLIPTextEncoder
@@ -177,12 +178,12 @@ def choice(plan):
     "model, size, budget_gb, expected",
     [
         ("medium", 1024, 20, (None, None, "loaded", False)),  # everything 16-bit, untiled
-        ("medium", 1024, 9, (None, 8, "loaded", False)),  # T5 quantized
+        ("medium", 1024, 11, (None, None, "loaded", True)),  # the VAE tiled first (it only costs time)
         ("medium", 1024, 6, (None, 8, "loaded", True)),  # ... and the VAE tiled
         ("medium", 1024, 4, (8, None, "streamed", True)),  # T5 streamed, transformer 8-bit
         ("medium", 1024, 2.5, (4, None, "streamed", True)),  # the 2.5 GB target
         ("medium", 512, 6, (None, 8, "loaded", False)),  # at 512² the decode is one tile anyway
-        ("medium", 512, 2.0, (4, None, "streamed", False)),
+        ("medium", 512, 2.0, (4, None, "streamed", True)),  # smaller tiles than the image
         ("large", 1024, 30, (None, None, "loaded", False)),
         ("large", 1024, 12, (8, None, "streamed", False)),  # the 16-bit transformer alone is 16.3 GB
         ("large", 1024, 6, (4, None, "streamed", True)),
@@ -209,13 +210,15 @@ def test_plan_is_the_best_that_fits(request, model, size):
     """For a sweep of budgets: the plan fits, and no better candidate (earlier in the ladder,
     tiled or not) does; below the smallest plan, a refusal."""
     est = request.getfixturevalue(model)
-    ladder = [est.plan(tr, t5, mode, tile, size, size, 256)
-              for tr, t5, mode in candidates() for tile in (False, True)]  # fmt: skip
+    tiles = ((False, None),) + tuple((True, t) for t in DECODE_TILES)
+    ladder = [est.plan(tr, t5, mode, tile, size, size, 256, t)
+              for tr, t5, mode in candidates() for tile, t in tiles]  # fmt: skip
     smallest = min(p.peak for p in ladder)
     for budget in np.linspace(smallest, 1.1 * max(p.peak for p in ladder), 25).astype(np.int64):
         plan = plan_memory(est, int(budget), size, size)
         assert plan.peak <= budget
-        better = ladder[: [choice(p) for p in ladder].index(choice(plan))]
+        keys = [choice(p) + (p.decode_tile,) for p in ladder]
+        better = ladder[: keys.index(choice(plan) + (plan.decode_tile,))]
         assert all(p.peak > budget for p in better)
     with pytest.raises(InputError):
         plan_memory(est, smallest - 1, size, size)
@@ -234,7 +237,7 @@ def test_t5_is_never_dropped_for_memory(medium, large):
 
 
 def test_refusal_names_the_smallest_plan_and_its_stage(medium):
-    smallest = medium.plan(4, None, "streamed", True, 1024, 1024, 256)
+    smallest = medium.plan(4, None, "streamed", True, 1024, 1024, 256, DECODE_TILES[-1])
     with pytest.raises(InputError) as e:
         plan_memory(medium, int(2.0 * GB), 1024, 1024)
     msg = str(e.value)

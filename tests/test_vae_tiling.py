@@ -222,7 +222,7 @@ def test_decode_memory_estimate_bounds_measured_peak(dtype):
 def test_should_tile_and_tile_for_budget():
     cpu, gpu = mx.Device(mx.DeviceType.cpu), mx.Device(mx.DeviceType.gpu)
     need = decode_activation_bytes(1024, 1024, SD3_VAE, 2, device=gpu)
-    assert need == 1024 * 1024 * 256 * 24  # convs dominate at 1024^2 in bf16 on GPU
+    assert need == 1024 * 1024 * 256 * 44  # convs dominate at 1024^2 in bf16 on GPU (H100-measured k)
     assert decode_activation_bytes(1024, 1024, SD3_VAE, 2, device=cpu) == 1024 * 1024 * 256 * CONV_BYTES_CPU
     # attention grows with N^2 and dominates for very large images
     n = (4096 // 8) ** 2

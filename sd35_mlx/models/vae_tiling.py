@@ -168,13 +168,14 @@ def encode_tiled(
 # CPU: measured 123-126 for fp32 and bf16 (two widths, three sizes), +15% margin
 # (tests/test_vae_tiling.py checks that it bounds the measured peak). MLX's CPU conv
 # unfolds its input 9x in fp32 whatever the weights' dtype.
-# GPU: an estimate [UNVERIFIED until measured on Apple silicon] from the Metal conv kernels
-# (implicit GEMM / Winograd, ~2.25x input and output workspaces) plus GroupNorm's fp32 copy.
+# GPU: measured on an H100 (MLX 0.32.4 CUDA, bf16): 17 for an untiled 1024² decode and 40
+# for one 512² tile (benchmarks/bench_memory.py); the larger one +10%, scaled with the
+# dtype. Apple silicon is not measured yet.
 CONV_BYTES_CPU = 144.0
 
 
 def _conv_bytes_gpu(dtype_bytes: int) -> float:
-    return 8.0 * dtype_bytes + 8.0
+    return 20.0 * dtype_bytes + 4.0
 
 
 def decode_activation_bytes(
@@ -188,12 +189,12 @@ def decode_activation_bytes(
     """Estimated peak activation memory of one untiled `vae.decode` to height x width pixels.
 
         convs     = batch * H * W * C1 * k          k = CONV_BYTES_CPU (144) on CPU,
-                                                     8 * dtype_bytes + 8 (24 bf16) on GPU
+                                                     20 * dtype_bytes + 4 (44 bf16) on GPU
         attention = 2 * batch * N^2 * dtype_bytes    N = (H/8) * (W/8): the mid block's
                                                      single-head N x N score matrix, x2 margin
         estimate  = max(convs, attention)           (they peak at different stages)
 
-    SD3 at 1024x1024 in bf16: convs 1M px * 256 * 24 = 6.4 GB on GPU (39 GB on CPU),
+    SD3 at 1024x1024 in bf16: convs 1M px * 256 * 44 = 11.8 GB on GPU (39 GB on CPU),
     attention 2 * 16384^2 * 2 = 1.1 GB. Weights are not included.
     """
     device = device or mx.default_device()
