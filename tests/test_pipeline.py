@@ -205,3 +205,18 @@ def test_memory_budget_plans_and_refuses(tiny, capsys):
     assert "memory plan" in capsys.readouterr().out
     with pytest.raises(InputError, match="nothing fits"):
         SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=1e-6)
+
+
+def test_preview_is_a_cheap_rgb_image_of_the_latents(ours):
+    """The preview map is measured from the VAE: decoding a constant latent equals the map."""
+    from sd35_mlx.preview import calibrate
+
+    noise, _ = noise_pair(23)
+    img = ours.preview(noise)
+    assert img.size == (W, H) and img.mode == "RGB"
+    vae = ours._load_vae()
+    proj = calibrate(vae)
+    z = mx.full((1, 4, 4, 16), 0.5)
+    decoded = vae.decode(vae.from_latents(z)).astype(mx.float32).mean(axis=(1, 2))[0]
+    approx = 0.5 * proj[:-1].sum(axis=0) + proj[-1]
+    assert float(mx.abs(decoded - approx).max()) < 0.5 * float(mx.abs(decoded).max()) + 0.1
