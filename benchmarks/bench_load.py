@@ -36,7 +36,6 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from statistics import median
 from typing import Any, Dict, List

@@ -8,7 +8,6 @@ stops by simply not asking for the next one. The preview is a fixed linear proje
 import sys
 import threading
 
-import mlx.core as mx
 
 import sd35_mlx
 from sd35_mlx.settings import GenerationSettings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import mlx.core as mx
 
@@ -28,4 +28,3 @@ class StepCallback(Protocol):
         """Return False to stop generation after this step."""
 
 
-StageCallback = Callable[[str, float], None]  # (stage name, seconds)

@@ -6,7 +6,7 @@ converted model folder carry them in its config.json.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Tuple, Type, TypeVar
 
 T = TypeVar("T")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
 from . import __version__
-from .callbacks import GenerationInterrupted, StageCallback, StepCallback, StepInfo
+from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .conditioning import Conditioning, assemble
 from .denoise import Denoiser
 from .errors import InputError

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import nchw_to_nhwc, rel_err, to_numpy
+from reference import rel_err, to_numpy
 from tiny_model import TinySpec, make_tiny_model
 
 from sd35_mlx.pipeline import SD35Pipeline, initial_noise

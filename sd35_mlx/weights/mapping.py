@@ -16,7 +16,7 @@ mis-shaped parameters before anything is loaded.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
