@@ -24,21 +24,14 @@ from sd35_mlx.streaming import StreamedT5, streamed_t5, t5_weights_provider
 from sd35_mlx.weights.safetensors_file import load_tensors
 from sd35_mlx.weights.tables.t5 import DIFFUSERS, SINGLE_FILE, load_t5
 
-VOCAB = 300
+from test_t5 import VOCAB, hf_config as t5_test_config  # noqa: E402
 SAI_PREFIX = "text_encoders.t5xxl.transformer."
 
 
 def hf_config(**overrides) -> HFT5Config:
-    # inner (heads*d_kv = 128) != d_model (64) != d_ff (192): a mix-up of dims cannot pass;
-    # all multiples of 64 so that every layer can be quantized with group size 64.
-    values = dict(
-        vocab_size=VOCAB, d_model=64, d_kv=32, d_ff=192, num_layers=3, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
-        dropout_rate=0.0, layer_norm_epsilon=1e-6,
-    )  # fmt: skip
-    values.update(overrides)
-    return HFT5Config(**values)
+    # test_t5's tiny config with every width a multiple of 64, so that every layer can be
+    # quantized with group size 64 (inner 128 != d_model 64 != d_ff 192 still).
+    return t5_test_config(**{"d_kv": 32, "d_ff": 192, **overrides})
 
 
 def hf_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> dict:
