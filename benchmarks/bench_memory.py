@@ -240,7 +240,8 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
             model = load_component(folder, "transformer", dtype)
             notes["weights"] = C.parameter_bytes(model)
             den, ignored = C.make_denoiser(model, positive, negative, sigmas=sigmas,
-                                           free_adaln=True, free_pos_embed=True)  # as the pipeline (low memory)
+                                           free_adaln=True, free_pos_embed=True,  # as the pipeline (low memory)
+                                           split_cfg=True)  # as the pipeline under a memory budget
             if ignored:
                 notes["denoiser_options_ignored"] = ignored
             x = noise
@@ -281,6 +282,7 @@ def estimator(args, config: Dict[str, Any]):
     return MemoryEstimator(
         C.truncated(C.MODELS[config["model"]][1], args.layers), t5=C.truncated(T5_XXL, args.layers),
         vae=SD3_VAE, clip_l=C.truncated(CLIP_L, args.layers), clip_g=C.truncated(CLIP_G, args.layers),
+        trimmed_transformer=True, split_cfg=True,  # as the pipeline runs under a memory budget
     )  # fmt: skip
 
 

@@ -58,12 +58,15 @@ class Denoiser:
         free_pos_embed: bool = False,
         compile: bool = True,
         dequantize_min_rows: Optional[int] = None,
+        split_cfg: bool = False,
     ):
         """sigmas: the schedule (num_steps + 1 values); with it every step's modulations
         are precomputed. free_adaln (needs sigmas) / free_pos_embed: drop those weights
         from the transformer (see the module docstring). compile: mx.compile the step.
         dequantize_min_rows: rows from which quantized layers dequantize before their
-        matmul (default per backend; fast_quantized.py)."""
+        matmul (default per backend; fast_quantized.py). split_cfg: run the negative and
+        positive passes one after the other (batch 1 each, evaluated in between) instead of
+        as one batch of 2: half the activation memory, somewhat slower."""
         if free_adaln and sigmas is None:
             raise InputError("free_adaln needs the schedule (sigmas=) to precompute the modulations")
         self.transformer = transformer
@@ -95,6 +98,7 @@ class Denoiser:
         mx.eval(self._ctx)
         self._compile = compile
         self._fns = {}
+        self.split_cfg = bool(split_cfg) and self.batched is not None
 
     # ---- schedule ----
     def slg_active(self, step: int) -> bool:
@@ -122,6 +126,8 @@ class Denoiser:
         """Velocity (float32) for `latents` at `sigma` (step index `step`, 0-based)."""
         self._prepare_positions(latents)
         mods = self.modulations_at(step, sigma)
+        if self.split_cfg:
+            return self._split_velocity(latents, mods, step)
         return self._fn(self._kind(step), euler=False)(latents, mods)
 
     def step(self, latents: mx.array, step: int, sampler: Sampler) -> mx.array:
@@ -136,7 +142,37 @@ class Denoiser:
         mods = self.modulations_at(step, sigma)
         # dt in float32, the difference taken in float32 (as EulerSampler does)
         dt = np.float32(sampler.sigmas[step + 1]) - np.float32(sigma)
+        if self.split_cfg:
+            return latents.astype(mx.float32) + mx.array(dt) * self._split_velocity(latents, mods, step)
         return self._fn(self._kind(step), euler=True)(latents, mods, mx.array(dt, dtype=mx.float32))
+
+    def _split_velocity(self, latents: mx.array, mods: mx.array, step: int) -> mx.array:
+        """CFG (and SLG) as separate batch-1 passes, each evaluated before the next starts,
+        so only one pass's activations are ever alive."""
+        n = self._n_pos
+        v_uncond = self._pass(())(latents, self._ctx[:-n], mods[:-n])
+        mx.eval(v_uncond)
+        v_cond = self._pass(())(latents, self._ctx_pos, mods[-n:])
+        mx.eval(v_cond)
+        v = v_uncond + self.cfg * (v_cond - v_uncond)
+        if self.slg_active(step):
+            v_skip = self._pass(tuple(self.slg.layers))(latents, self._ctx_pos, mods[-n:])
+            v = v + float(self.slg.scale) * (v_cond - v_skip)
+        return v
+
+    def _pass(self, skip_layers: tuple) -> Callable:
+        key = ("pass", skip_layers)
+        if key not in self._fns:
+            tr, dtype = self.transformer, self.dtype
+
+            def one_pass(latents: mx.array, ctx: mx.array, mods: mx.array) -> mx.array:
+                return tr.forward_packed(latents.astype(dtype), ctx, mods, skip_layers).astype(mx.float32)
+
+            if self._compile:
+                mx.eval(self.transformer.parameters())
+                one_pass = mx.compile(one_pass)
+            self._fns[key] = one_pass
+        return self._fns[key]
 
     # ---- internals ----
     def _kind(self, step: int) -> str:

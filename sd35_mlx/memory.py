@@ -126,7 +126,7 @@ class MemoryEstimator:
 
     def __init__(self, mmdit: MMDiTConfig, t5: T5Config = T5_XXL, vae: VAEConfig = SD3_VAE,
                  clip_l=CLIP_L, clip_g=CLIP_G, *, device: Optional[mx.Device] = None,
-                 trimmed_transformer: bool = False):  # fmt: skip
+                 trimmed_transformer: bool = False, split_cfg: bool = False):  # fmt: skip
         from .models.clip import CLIPTextEncoder
         from .models.mmdit import MMDiT
         from .models.t5 import T5Encoder
@@ -135,6 +135,7 @@ class MemoryEstimator:
         self.mmdit_config, self.vae_config = mmdit, vae
         self.device = device or mx.default_device()
         self.trimmed_transformer = trimmed_transformer
+        self.split_cfg = split_cfg  # CFG as two batch-1 passes: one pass's activations alive
         self.transformer = MMDiT(mmdit)  # lazy: nothing is allocated
         self.t5 = T5Encoder(t5)
         self.clips = [CLIPTextEncoder(clip_l), CLIPTextEncoder(clip_g)]
@@ -209,7 +210,8 @@ class MemoryEstimator:
              tile_latents: Optional[int] = None) -> Plan:
         stages = {
             "encode": self.encode(t5_bits, t5_mode),
-            "denoise": self.denoise(transformer_bits, height, width, t5_tokens),  # T5-drop zeros are tokens too
+            # T5-drop zeros are tokens too
+            "denoise": self.denoise(transformer_bits, height, width, t5_tokens, batch=1 if self.split_cfg else 2),
             "decode": self.decode(height, width, tile, tile_latents),
         }
         return Plan(transformer_bits, t5_bits if t5_mode != "dropped" else None, t5_mode, tile, stages,

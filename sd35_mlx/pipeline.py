@@ -174,7 +174,7 @@ class SD35Pipeline:
         kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.path).config)
         if enc.t5 is not None:
             kwargs["t5"] = enc.t5.config
-        return MemoryEstimator(config, trimmed_transformer=self.low_memory, **kwargs)
+        return MemoryEstimator(config, trimmed_transformer=self.low_memory, split_cfg=True, **kwargs)
 
     # ---- networks, loaded on demand ----
     def _quantize(self, model, component: str):
@@ -336,6 +336,7 @@ class SD35Pipeline:
             self._load_transformer(), embeddings.positive, embeddings.negative if use_cfg else None,
             cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
             sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
+            split_cfg=self.memory_budget is not None,  # half the activations under a budget
         )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()

@@ -243,3 +243,19 @@ def test_module_swap_keeps_parameters_and_round_trips():
     assert all(np.array_equal(np.array(after[k]), before[k]) for k in before)
     assert use_quantized_matmul(model) == len(paths)
     assert all(type(m) is nn.QuantizedLinear for p, m in model.named_modules() if p in paths)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_split_cfg_equals_the_batch_of_two(sampler, compile):
+    """Negative and positive passes run separately (half the activations) give the same latents,
+    with skip-layer guidance on some steps."""
+    pos, neg = prompts()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    slg = SkipLayerSettings(**SLG)
+    x0 = noise()
+    batched = denoiser_run(tiny_model(), x0, pos, neg, sigmas, 4.5, slg, sampler, compile=compile)
+    split = denoiser_run(tiny_model(), x0, pos, neg, sigmas, 4.5, slg, sampler, compile=compile, split_cfg=True)
+    ref = reference_run(tiny_model(), x0, pos, neg, sigmas, 4.5, SkipLayerGuidance(**SLG), sampler)
+    assert rel_err(np.array(split), np.array(batched)) <= 1e-5
+    assert rel_err(np.array(split), np.array(ref)) <= 1e-5
