@@ -243,7 +243,7 @@ def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[in
 
 
 # Decode tile sides (latents) tried in order, largest (fewest seams, fastest) first.
-DECODE_TILES = (64, 48, 32)
+DECODE_TILES = (64, 32)  # 512 and 256 px: the sizes measured in docs/benchmarks.md
 
 
 def plan_memory(
