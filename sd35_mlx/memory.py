@@ -192,11 +192,18 @@ class MemoryEstimator:
             weights += grid * c.hidden_size * BYTES_16  # its crop
             weights += self.modulation_table_bytes(steps, batch)
         tokens = grid + 77 + t5_tokens
-        # residual streams, qkv, attention output and the 4x MLP intermediate of one block
-        activations = batch * tokens * c.hidden_size * BYTES_16 * 16
-        if self.on_cpu:  # MLX's CPU attention builds the (tokens x tokens) scores per head
+        if self.on_cpu:
+            # residual streams, qkv, attention output and the 4x MLP intermediate of one block,
+            # plus MLX's CPU attention, which builds the (tokens x tokens) scores per head
+            activations = batch * tokens * c.hidden_size * BYTES_16 * 16
             activations += batch * c.num_heads * tokens * tokens * BYTES_16
-        return weights + activations
+        else:
+            # Fitted to H100 measurements (MLX 0.32.4 CUDA, 1024², Medium and Large, batch 1
+            # and 2; docs/benchmarks.md): a fixed ~1 GB the backend holds during a step, a
+            # per-token-width term and a smaller per-batch one. Apple silicon: unmeasured.
+            width = tokens * c.hidden_size
+            activations = GPU_STEP_FIXED + width * (GPU_STEP_PER_WIDTH + GPU_STEP_PER_BATCH_WIDTH * batch)
+        return int(weights + activations)
 
     def decode(self, height: int, width: int, tiled, tile_latents: Optional[int] = None) -> int:
         from .models.vae_tiling import DEFAULT_DECODE_TILE, decode_activation_bytes
@@ -241,6 +248,11 @@ def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[in
             continue
         yield tr, t5, mode
 
+
+# Denoise-step memory above the weights on a GPU, bytes (see MemoryEstimator.denoise).
+GPU_STEP_FIXED = 1.0e9
+GPU_STEP_PER_WIDTH = 73.0
+GPU_STEP_PER_BATCH_WIDTH = 17.6
 
 # Decode tile sides (latents) tried in order, largest (fewest seams, fastest) first.
 DECODE_TILES = (64, 32)  # 512 and 256 px: the sizes measured in docs/benchmarks.md
