@@ -419,12 +419,7 @@ def main(argv=None) -> int:
         "wall_s": time.perf_counter() - start,
     }
     key = f"memory-{args.size}" + (f"-layers{args.layers}" if args.layers else "")
-    path = C.write_json(args.results_dir, info, key, payload)
-    log(f"results: {path}")
-    if args.write_docs:
-        C.update_docs(args.docs, info, key, body)
-        log(f"docs: {args.docs} (section {C.machine_slug(info)}, part {key})")
-    log(f"wall time {payload['wall_s']:.0f} s")
+    C.publish(args, info, key, body, payload, log)
     return 0
 
 

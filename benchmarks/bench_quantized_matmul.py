@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common as C  # noqa: E402
 import mlx.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +51,7 @@ GB = 1e9
 
 def timed(fn: Callable[[], mx.array], reps: int, warmup: int = 1) -> float:
     """Median seconds of `fn` (evaluated each time) after `warmup` runs."""
-    for _ in range(warmup):
-        mx.eval(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return C.time_calls(fn, C.mlx_sync, warmup, reps).median
 
 
 # ---- 1. one layer ----

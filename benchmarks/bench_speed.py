@@ -493,12 +493,7 @@ def main(argv=None) -> int:
     title = ", ".join(C.MODELS[p][0] if p in C.MODELS else names[p] for p in parts)
     body = f"### Speed: {title}\n\n{body}"
     print("\n" + body + "\n")
-    path = C.write_json(args.results_dir, info, key, results)
-    log(f"results: {path}")
-    if args.write_docs:
-        C.update_docs(args.docs, info, key, body)
-        log(f"docs: {args.docs} (section {C.machine_slug(info)}, part {key})")
-    log(f"wall time {results['wall_s']:.0f} s")
+    C.publish(args, info, key, body, results, log)
     return 0
 
 

@@ -441,6 +441,16 @@ def update_docs(path: Path, info: Dict[str, Any], key: str, body: str) -> None:
     path.write_text(text)
 
 
+def publish(args, info: Dict[str, Any], key: str, body: str, payload: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """Write the JSON results and, with --write-docs, this script's part of docs/benchmarks.md."""
+    path = write_json(args.results_dir, info, key, payload)
+    log(f"results: {path}")
+    if args.write_docs:
+        update_docs(args.docs, info, key, body)
+        log(f"docs: {args.docs} (section {machine_slug(info)}, part {key})")
+    log(f"wall time {payload['wall_s']:.0f} s")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:

@@ -10,8 +10,8 @@ equivalents on the same shapes when --torch is given. Prints a table; nothing is
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,29 +19,18 @@ import mlx.nn as nn
 from sd35_mlx.config import SD3_VAE
 from sd35_mlx.models.vae import VAE, GroupNorm
 
+sys.path.insert(0, str(Path(__file__).parent))
+import common as C  # noqa: E402
+
 
 def timed(fn, repeat: int) -> float:
-    mx.eval(fn())
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
+    return C.time_calls(fn, C.mlx_sync, 1, repeat).median
 
 
 def torch_timed(fn, repeat: int) -> float:
     import torch
 
-    fn()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
+    return C.time_calls(fn, lambda _: torch.cuda.synchronize(), 1, repeat).median
 
 
 def main() -> None:
