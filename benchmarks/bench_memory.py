@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="default", choices=["default", "cpu", "gpu"])
     p.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
                    help="decode of a configuration: auto = tiled when the untiled decode would not fit its target")
+    p.add_argument("--throttle", default="budget", choices=["budget", "off", "floor"],
+                   help="budget (the pipeline under --memory-budget): MLX's memory limit set just below the "
+                        "configuration's target; off: MLX's default limit; floor: 1 byte (each stage's own need)")
     p.add_argument("--workdir", type=Path, default=None, help="where the converted random weights go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the converted weights afterwards")
     p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
@@ -105,14 +108,18 @@ def release() -> None:
     mx.clear_cache()
 
 
-def measure(name: str, run: Callable[[Dict[str, Any]], Any]) -> tuple:
-    """Run one stage from a clean cache; `run(notes)` may record e.g. notes['weights']."""
+def measure(name: str, run: Callable[[Dict[str, Any]], Any], limit: Optional[int] = None) -> tuple:
+    """Run one stage from a clean cache under MLX memory limit `limit` (None: MLX's default);
+    `run(notes)` may record e.g. notes['weights']."""
+    from sd35_mlx.memory import memory_limit
+
     release()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
-    notes: Dict[str, Any] = {}
+    notes: Dict[str, Any] = {"memory_limit_bytes": limit}
     start = time.perf_counter()
-    out = run(notes)
+    with memory_limit(limit):
+        out = run(notes)
     seconds = time.perf_counter() - start
     peak = max(mx.get_peak_memory(), before)
     release()
@@ -150,14 +157,12 @@ def folder_bytes(folder: Path) -> int:
 
 # ---- the stages ------------------------------------------------------------------------------------------
 def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
-    from sd35_mlx.conditioning import assemble
-    from sd35_mlx.loading import load_component
-    from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE, decode_tiled
-
-    configs = [CONFIGS[c] for c in args.configs]
-    models = sorted({c["model"] for c in configs})
-    t5_bits = sorted({c["t5_bits"] for c in configs if c["t5_bits"] is not None})
-    out: Dict[str, Any] = {"build_s": {}, "stages": {}}
+    """Write the random folders, then measure the stages once per memory limit: under
+    `--throttle budget` each configuration runs with the limit its own target gives."""
+    configs = {k: CONFIGS[k] for k in args.configs}
+    models = sorted({c["model"] for c in configs.values()})
+    t5_bits = sorted({c["t5_bits"] for c in configs.values() if c["t5_bits"] is not None})
+    out: Dict[str, Any] = {"build_s": {}, "stages": {}, "limits": {}}
 
     encoders: Dict[str, tuple] = {
         "clip_l": (C.truncated(CLIP_L, args.layers), None),
@@ -174,10 +179,9 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
         out["build_s"][folder.name] = write_random_folder(folder, nets, dtype)
         enc_folders[bits] = folder
         encoders = {}  # CLIPs and VAE once; later folders only hold another T5
-    first = next(iter(enc_folders.values()))
     tr_folders = {}
     for key in models:
-        bits_set = sorted({c["transformer_bits"] for c in configs if c["model"] == key})
+        bits_set = sorted({c["transformer_bits"] for c in configs.values() if c["model"] == key})
         for bits in bits_set:
             folder = work / f"transformer-{key}-{bits}"
             log(f"writing random {C.MODELS[key][0]} transformer ({bits}-bit) to {folder} …")
@@ -186,8 +190,36 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
             tr_folders[(key, bits)] = folder
     out["folder_bytes"] = {p.name: folder_bytes(p) for p in work.iterdir() if p.is_dir()}
     log(f"built in {sum(out['build_s'].values()):.0f} s; measuring")
-    stages = out["stages"]
 
+    groups: Dict[Optional[int], List[str]] = {}
+    for key, cfg in configs.items():
+        groups.setdefault(memory_limit_for(args, cfg), []).append(key)
+    for limit, keys in groups.items():
+        label = "default" if limit is None else f"{limit / C.GB:.2f} GB"
+        log(f"memory limit {label}: {', '.join(keys)}")
+        group = [configs[k] for k in keys]
+        stages = measure_stages(args, dtype, group, enc_folders, tr_folders, limit)
+        out["stages"][label] = stages
+        out["limits"].update({k: label for k in keys})
+    return out
+
+
+def memory_limit_for(args, config: Dict[str, Any]) -> Optional[int]:
+    """MLX's memory limit while a configuration runs: as the pipeline under a budget of its target
+    (`budget`), MLX's default (`off`), or 1 byte (`floor`: every queued buffer is waited for,
+    so the peak is what the stage itself needs)."""
+    from sd35_mlx.memory import throttle_bytes
+
+    return {"budget": throttle_bytes(int(config["target"])), "off": None, "floor": 1}[args.throttle]
+
+
+def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optional[int]) -> Dict[str, Stage]:
+    from sd35_mlx.conditioning import assemble
+    from sd35_mlx.loading import load_component
+    from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE, decode_tiled
+
+    stages: Dict[str, Stage] = {}
+    first = next(iter(enc_folders.values()))
     # -- encode: one encoder at a time, prompt + negative as one batch of 2
     ids = C.clip_ids(2)
     hidden = {}
@@ -199,11 +231,10 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
             mx.eval(result.hidden, result.pooled)
             return result
 
-        stages[name], hidden[name] = measure(name, run)
+        stages[name], hidden[name] = measure(name, run, limit)
     t5_out = {}
-    for bits, folder in enc_folders.items():
-        if bits is None:
-            continue
+    for bits in sorted({c["t5_bits"] for c in configs if c["t5_bits"] is not None}):
+        folder = enc_folders[bits]
 
         def run(notes, folder=folder):
             model = load_component(folder, "t5", dtype)
@@ -212,7 +243,7 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
             mx.eval(result)
             return result
 
-        stages[f"t5-{bits}bit"], t5_out[bits] = measure(f"t5-{bits}bit", run)
+        stages[f"t5-{bits}bit"], t5_out[bits] = measure(f"t5-{bits}bit", run, limit)
         try:  # the pipeline's stream_t5 mode: one block's weights in memory at a time
             from sd35_mlx.streaming import streamed_t5
         except ImportError:
@@ -224,7 +255,7 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
             mx.eval(result)
             return result
 
-        stages[f"t5-{bits}bit-streamed"], _ = measure(f"t5-{bits}bit-streamed", run_streamed)
+        stages[f"t5-{bits}bit-streamed"], _ = measure(f"t5-{bits}bit-streamed", run_streamed, limit)
     t5_hidden = next(iter(t5_out.values()), None)
     cond = assemble(hidden["clip_l"], hidden["clip_g"], t5_hidden, args.t5_tokens)
     mx.eval(cond.context, cond.pooled)
@@ -235,8 +266,8 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
     sigmas, sampler = C.schedule(args.schedule_steps)
     noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
     latents = {}
-    for (key, bits), folder in tr_folders.items():
-        def run(notes, folder=folder, positive=positive, negative=negative):
+    for key, bits in sorted({(c["model"], c["transformer_bits"]) for c in configs}):
+        def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative):
             model = load_component(folder, "transformer", dtype)
             notes["weights"] = C.parameter_bytes(model)
             den, ignored = C.make_denoiser(model, positive, negative, sigmas=sigmas,
@@ -244,15 +275,17 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
                                            split_cfg=True)  # as the pipeline under a memory budget
             if ignored:
                 notes["denoiser_options_ignored"] = ignored
-            x = noise
+            x, notes["step_s"] = noise, []
             for i in range(args.steps):
+                t0 = time.perf_counter()
                 x = C.denoise_step(den, x, i, sampler)
                 mx.eval(x)
+                notes["step_s"].append(time.perf_counter() - t0)
             notes["weights"] = C.parameter_bytes(model)  # what stays after freeing adaLN / the full table
             return x
 
         name = f"denoise-{key}-{bits}bit"
-        stages[name], latents[key] = measure(name, run)
+        stages[name], latents[key] = measure(name, run, limit)
     del cond, positive, negative
 
     # -- decode (the decode stage is the same for every model: one latent shape)
@@ -268,11 +301,18 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
             notes["weights"] = C.parameter_bytes(vae.decoder)  # what a decode reads
             return None
 
-        name = ("decode-tiled" if tile == DEFAULT_DECODE_TILE else f"decode-tiled-{tile * 8}px") if tiled else "decode"
-        stages[name], _ = measure(name, run)
+        name = decode_stage_name(tile)
+        stages[name], _ = measure(name, run, limit)
     if one_tile:
-        stages["decode-tiled"] = stages["decode"]
-    return out
+        for tile in (DEFAULT_DECODE_TILE, 32):
+            stages[decode_stage_name(tile)] = stages["decode"]
+    return stages
+
+
+def decode_stage_name(tile: Optional[int]) -> str:
+    from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE
+
+    return "decode" if tile is None else "decode-tiled" if tile == DEFAULT_DECODE_TILE else f"decode-tiled-{tile * 8}px"
 
 
 # ---- configurations ------------------------------------------------------------------------------------
@@ -293,39 +333,41 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
     tiled) are measured and the planner's message is reported."""
     from sd35_mlx.models.vae_tiling import should_tile
 
+    from sd35_mlx.memory import DECODE_TILES, plan_memory
+
     bits, t5_bits = config["transformer_bits"], config["t5_bits"]
     choice: Dict[str, Any] = {"t5_mode": "dropped" if t5_bits is None else "loaded",
-                              "tiled": should_tile(args.size, args.size, int(config["target"]))}  # fmt: skip
+                              "tiled": should_tile(args.size, args.size, int(config["target"])), "tile": None}  # fmt: skip
+    est = estimator(args, config)
+    tilings = ((False, None),) + tuple((True, t) for t in DECODE_TILES)
     try:
-        from sd35_mlx.memory import plan_memory
-
-        est = estimator(args, config)
         if t5_bits is None:  # T5 dropped is the configuration itself, not the planner's choice
-            plans = [est.plan(bits, None, "dropped", tile, args.size, args.size, args.t5_tokens) for tile in (False, True)]
-            plan = next((p for p in plans if p.peak <= config["target"]), plans[-1])
+            plans = [est.plan(bits, None, "dropped", tiled, args.size, args.size, args.t5_tokens, tile)
+                     for tiled, tile in tilings]  # fmt: skip
+            plan = next((p for p in plans if p.peak <= config["target"]), None)
+            if plan is None:
+                raise ValueError(f"nothing fits a {config['target'] / C.GB:.2f} GB budget (smallest plan "
+                                 f"{min(p.peak for p in plans) / C.GB:.2f} GB)")  # fmt: skip
         else:
             plan = plan_memory(est, int(config["target"]), args.size, args.size, t5_tokens=args.t5_tokens,
                                allow_drop_t5=False, fixed={"transformer": bits, "t5": t5_bits})  # fmt: skip
-        choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, planner={"stages": dict(plan.stages), "peak": plan.peak})
-    except Exception as e:  # nothing fits, or the planner's API moved: say so, measure anyway
-        # the smallest settings the planner has for these bits: T5 streamed, VAE tiled
-        choice.update(t5_mode="dropped" if t5_bits is None else "streamed", tiled=True)
+    except Exception as e:  # nothing fits by the estimate: say so, measure the smallest settings anyway
         choice["planner_note"] = f"planner: {str(e).split(', most of it')[0]}"
-        try:
-            plan = estimator(args, config).plan(bits, t5_bits, choice["t5_mode"], choice["tiled"],
-                                                args.size, args.size, args.t5_tokens)  # fmt: skip
-            choice["planner"] = {"stages": dict(plan.stages), "peak": plan.peak}
-        except Exception as e2:
-            choice["planner"] = {"error": f"{type(e2).__name__}: {e2}"}
+        plan = est.plan(bits, t5_bits, "dropped" if t5_bits is None else "streamed", True, args.size, args.size,
+                        args.t5_tokens, DECODE_TILES[-1])  # fmt: skip
+    choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, tile=plan.decode_tile,
+                  planner={"stages": dict(plan.stages), "peak": plan.peak})  # fmt: skip
     if args.tile != "auto":
         choice["tiled"] = args.tile == "on"
+        choice["tile"] = choice["tile"] or DECODE_TILES[0] if choice["tiled"] else None
     return choice
 
 
-def summarise(args, stages: Dict[str, Stage]) -> List[Dict[str, Any]]:
+def summarise(args, out: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for key in args.configs:
         cfg = CONFIGS[key]
+        stages = out["stages"][out["limits"][key]]
         choice = pipeline_choice(args, cfg)
         encode = ["clip_l", "clip_g"]
         if choice["t5_mode"] != "dropped":
@@ -336,18 +378,18 @@ def summarise(args, stages: Dict[str, Stage]) -> List[Dict[str, Any]]:
         parts = {
             "encode": max(stages[s].peak for s in encode),
             "denoise": stages[f"denoise-{cfg['model']}-{cfg['transformer_bits']}bit"].peak,
-            "decode": stages["decode-tiled" if choice["tiled"] else "decode"].peak,
+            "decode": stages[decode_stage_name(choice["tile"] if choice["tiled"] else None)].peak,
         }
         peak = max(parts.values())
         full_size = not args.layers and args.size == 1024
-        rows.append(dict(config=key, title=cfg["title"], t5_mode=choice["t5_mode"], tiled_decode=choice["tiled"],
+        rows.append(dict(config=key, title=cfg["title"], t5_mode=choice["t5_mode"], memory_limit=out["limits"][key],
+                         tiled_decode=choice["tiled"], decode_tile_px=choice["tile"] and choice["tile"] * 8,
                          stage_peaks=parts, peak=peak, target=cfg["target"] if full_size else None,
                          planner=choice.get("planner", {}), planner_note=choice.get("planner_note")))  # fmt: skip
     return rows
 
 
 def report(args, info, out, rows) -> str:
-    stages: Dict[str, Stage] = out["stages"]
     lines = [f"### Peak memory: whole generation at {args.size}²"]
     if args.layers:
         lines.append(C.truncation_note(args.layers))
@@ -356,7 +398,13 @@ def report(args, info, out, rows) -> str:
         f"Settings: {args.dtype}; CFG batch 2; T5 {args.t5_tokens} tokens; {args.steps} denoising step(s) of a "
         f"{args.schedule_steps}-step schedule; networks loaded lazily from a converted folder and released "
         "after their stage. GB = 10⁹ bytes; peaks are MLX's counter and include what is resident between "
-        "stages (conditioning, latents)."
+        "stages (conditioning, latents). "
+        + {"budget": "Each configuration runs as the pipeline does under `--memory-budget` of its target: MLX's memory "
+                     "limit is `sd35_mlx.memory.throttle_bytes(target)`, so evaluation waits for queued GPU work "
+                     "whenever active memory passes it.",
+           "off": "MLX's default memory limit (`--throttle off`): no waiting for queued GPU work.",
+           "floor": "MLX's memory limit is 1 byte (`--throttle floor`): evaluation waits for all queued work at every "
+                    "buffer, so each peak is what the stage itself needs."}[args.throttle]
     )  # fmt: skip
     headers = ["configuration", "T5", "VAE decode", "encode peak", "denoise peak", "decode peak", "**generation peak**",
                "planner estimate", "target"]  # fmt: skip
@@ -370,7 +418,8 @@ def report(args, info, out, rows) -> str:
         if r["target"]:
             target = f"≤ {r['target'] / C.GB:.1f} GB " + ("✓" if r["peak"] <= r["target"] else "✗")
         p = r["stage_peaks"]
-        table.append([r["title"], r["t5_mode"], "tiled" if r["tiled_decode"] else "whole", C.fmt_gb(p["encode"]),
+        decode = f"{r['decode_tile_px']}-px tiles" if r["tiled_decode"] else "whole"
+        table.append([r["title"], r["t5_mode"], decode, C.fmt_gb(p["encode"]),
                       C.fmt_gb(p["denoise"]), C.fmt_gb(p["decode"]), f"**{C.fmt_gb(r['peak'])}**", est, target])  # fmt: skip
     lines.append(C.markdown_table(headers, table))
     lines.append(
@@ -380,14 +429,18 @@ def report(args, info, out, rows) -> str:
         + "".join(f" {r['title']}: {r['planner_note']}." for r in rows if r.get("planner_note"))
     )
     stage_rows = []
-    for s in {id(s): s for s in stages.values()}.values():  # decode-tiled may be decode itself
+    stages = [s for group in out["stages"].values() for s in {id(s): s for s in group.values()}.values()]
+    for s in stages:  # decode-tiled may be decode itself
         over = s.peak - (s.weights or 0) - s.resident_before
+        steps = s.extra.get("step_s") or []
+        step = f"{1000 * min(steps[1:] or steps):.0f} ms" if steps else "–"  # the first step compiles
         stage_rows.append([s.name, C.fmt_gb(s.weights), C.fmt_gb(s.resident_before), C.fmt_gb(s.peak),
-                           C.fmt_gb(over), f"{s.seconds:.1f} s"])  # fmt: skip
+                           C.fmt_gb(over), C.fmt_gb(s.extra.get("memory_limit_bytes")), f"{s.seconds:.1f} s", step])  # fmt: skip
     lines.append("**Per stage** (each measured once; weights = the network's parameters in use (the "
                  "transformer's after the Denoiser freed its adaLN weights and full position table); "
                  "above = peak − weights − resident before: activations and temporaries)\n\n"
-                 + C.markdown_table(["stage", "weights", "resident before", "peak", "above", "time"], stage_rows))  # fmt: skip
+                 + C.markdown_table(["stage", "weights", "resident before", "peak", "above", "memory limit", "time",
+                                   "step"], stage_rows))  # fmt: skip
     return "\n\n".join(lines)
 
 
@@ -407,18 +460,19 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    rows = summarise(args, out["stages"])
+    rows = summarise(args, out)
     body = report(args, info, out, rows)
     print("\n" + body + "\n")
     payload = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "configs": rows,
-        "stages": {k: v.to_dict() for k, v in out["stages"].items()},
+        "stages": {g: {k: v.to_dict() for k, v in group.items()} for g, group in out["stages"].items()},
+        "limits": out["limits"],
         "build_s": out["build_s"],
         "folder_bytes": out["folder_bytes"],
         "wall_s": time.perf_counter() - start,
     }
-    key = f"memory-{args.size}" + (f"-layers{args.layers}" if args.layers else "")
+    key = f"memory-{args.size}" + (f"-layers{args.layers}" if args.layers else "") + ("" if args.throttle == "budget" else f"-throttle-{args.throttle}")
     C.publish(args, info, key, body, payload, log)
     return 0
 

@@ -139,9 +139,10 @@ def plan(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.memory_budget is not None and sys.platform.startswith("linux"):
-        # MLX's CUDA backend keeps a step's buffers alive until its command buffer finishes
-        # (~10 GB for Medium at 1024²); smaller buffers cut that to ~1.5 GB at the same speed
-        # (docs/performance.md). Must be set before MLX first touches the GPU.
+        # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has run.
+        # The pipeline holds MLX to the budget (memory.memory_limit), which waits at buffer
+        # boundaries: small buffers keep the overshoot near 0.05 GB (1000 MB on an H100 by
+        # default: up to 0.25 GB) at the same speed (docs/memory.md). Set before MLX starts.
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
     try:

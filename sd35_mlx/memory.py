@@ -20,8 +20,9 @@ for the machine that will run the generation.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,6 +46,45 @@ def default_budget_bytes() -> int:
         return int(0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 16 * 10**9
+
+
+# How far below a budget MLX's memory limit is set (see `memory_limit`): evaluation checks the
+# limit as it commits work, so the peak passes it by up to one command buffer's temporaries.
+# Measured on an H100 with 100 MB buffers (MLX_MAX_MB_PER_BUFFER=100, as the CLI sets on
+# Linux): at most 0.06 GB over. MLX CUDA's default H100 buffers (1000 MB): up to 0.25 GB.
+THROTTLE_MARGIN = int(0.1 * GB)
+THROTTLE_MARGIN_LARGE_BUFFERS = int(0.3 * GB)
+
+
+def throttle_margin() -> int:
+    """THROTTLE_MARGIN, or the larger one under MLX CUDA with its default (large) buffers."""
+    small_buffers = int(os.environ.get("MLX_MAX_MB_PER_BUFFER", "0") or 0) in range(1, 101)
+    on_cuda = hasattr(mx, "cuda") and mx.cuda.is_available()
+    return THROTTLE_MARGIN_LARGE_BUFFERS if on_cuda and not small_buffers else THROTTLE_MARGIN
+
+
+def throttle_bytes(budget_bytes: int) -> int:
+    """The MLX memory limit that keeps a generation within `budget_bytes`."""
+    return max(budget_bytes - throttle_margin(), budget_bytes // 2)
+
+
+@contextmanager
+def memory_limit(limit_bytes: Optional[int]) -> Iterator[None]:
+    """Hold MLX to `limit_bytes` inside the block (None: leave it alone), then restore.
+
+    MLX's GPU backends free an operation's inputs only once its command buffer has run, and
+    evaluation queues up to 10 buffers ahead, so without a limit a transformer step keeps the
+    temporaries of many layers (dequantized weights, activations) alive at once: 1-10 GB on
+    an H100. Past the limit, evaluation waits for queued work to finish before adding more.
+    """
+    if limit_bytes is None:
+        yield
+        return
+    previous = mx.set_memory_limit(int(limit_bytes))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
 
 
 def _quantized_linear_bytes(weight_elements: int, bits: int, group_size: int) -> int:
@@ -85,7 +125,7 @@ def network_bytes(model: nn.Module, bits: Optional[int] = None, group_size: int 
 
 @dataclass(frozen=True)
 class Plan:
-    """What was chosen and the estimated peak of each stage (bytes)."""
+    """What was chosen and the estimated need of each stage (bytes)."""
 
     transformer_bits: Optional[int]
     t5_bits: Optional[int]
@@ -110,7 +150,7 @@ class Plan:
         tr = f"{self.transformer_bits}-bit" if self.transformer_bits else "16-bit"
         t5 = "dropped" if self.t5 == "dropped" else f"{self.t5_bits or 16}-bit, {self.t5}"
         stages = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.stages.items())
-        return f"transformer {tr}; T5 {t5}; VAE {f'tiled ({self.decode_tile * 8} px tiles)' if self.tile_vae and self.decode_tile else ('tiled' if self.tile_vae else 'untiled')} (estimated peak: {stages})"
+        return f"transformer {tr}; T5 {t5}; VAE {f'tiled ({self.decode_tile * 8} px tiles)' if self.tile_vae and self.decode_tile else ('tiled' if self.tile_vae else 'untiled')} (estimated need: {stages})"
 
 
 class MemoryEstimator:
@@ -198,11 +238,10 @@ class MemoryEstimator:
             activations = batch * tokens * c.hidden_size * BYTES_16 * 16
             activations += batch * c.num_heads * tokens * tokens * BYTES_16
         else:
-            # Fitted to H100 measurements (MLX 0.32.4 CUDA, 1024², Medium and Large, batch 1
-            # and 2; docs/benchmarks.md): a fixed ~1 GB the backend holds during a step, a
-            # per-token-width term and a smaller per-batch one. Apple silicon: unmeasured.
-            width = tokens * c.hidden_size
-            activations = GPU_STEP_FIXED + width * (GPU_STEP_PER_WIDTH + GPU_STEP_PER_BATCH_WIDTH * batch)
+            # What a step itself needs, measured on an H100 with every queued buffer waited for
+            # (bench_memory --throttle floor: Medium 0.35 GB, Large 0.52 GB above the weights at
+            # 1024², batch 1). Queued work beyond that is held to the budget by `memory_limit`.
+            activations = batch * tokens * c.hidden_size * GPU_STEP_BYTES_PER_TOKEN_WIDTH
         return int(weights + activations)
 
     def decode(self, height: int, width: int, tiled, tile_latents: Optional[int] = None) -> int:
@@ -249,10 +288,9 @@ def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[in
         yield tr, t5, mode
 
 
-# Denoise-step memory above the weights on a GPU, bytes (see MemoryEstimator.denoise).
-GPU_STEP_FIXED = 1.0e9
-GPU_STEP_PER_WIDTH = 73.0
-GPU_STEP_PER_BATCH_WIDTH = 17.6
+# Denoise-step memory above the weights on a GPU, bytes per token x hidden x batch
+# (MemoryEstimator.denoise): about 25 live 16-bit tensors of the hidden width.
+GPU_STEP_BYTES_PER_TOKEN_WIDTH = 52.0
 
 # Decode tile sides (latents) tried in order, largest (fewest seams, fastest) first.
 DECODE_TILES = (64, 32)  # 512 and 256 px: the sizes measured in docs/benchmarks.md
@@ -268,19 +306,23 @@ def plan_memory(
     allow_drop_t5: bool = True,
     fixed: Optional[Dict[str, Optional[int]]] = None,
 ) -> Plan:
-    """The best-quality settings whose estimated peak fits `budget_bytes`, else InputError."""
+    """The best-quality settings whose estimated need fits `budget_bytes`, else InputError.
+
+    A plan fits when its largest stage fits under `throttle_bytes(budget_bytes)`, the memory
+    limit the pipeline then sets: the rest of the budget is room for queued GPU work (speed).
+    """
     tried: List[Plan] = []
     for tr, t5, mode in candidates(allow_drop_t5, fixed):
         for tile, tile_latents in ((False, None),) + tuple((True, t) for t in DECODE_TILES):
             p = estimator.plan(tr, t5, mode, tile, height, width, t5_tokens, tile_latents)
             tried.append(p)
-            if p.peak <= budget_bytes:
+            if p.peak <= throttle_bytes(budget_bytes):
                 return p
     smallest = min(tried, key=lambda p: p.peak)
     stage = max(smallest.stages, key=smallest.stages.get)
     raise InputError(
         f"nothing fits a {budget_bytes / GB:.2f} GB budget at {width}x{height}: the smallest plan "
-        f"({smallest.describe()}) needs about {smallest.peak / GB:.2f} GB, most of it in the "
+        f"({smallest.describe()}) needs about {(smallest.peak + throttle_margin()) / GB:.2f} GB, most of it in the "
         f"{stage} stage. {_ADVICE[stage]} Or raise --memory-budget."
     )
 

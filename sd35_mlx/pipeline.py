@@ -88,6 +88,12 @@ class SD35Pipeline:
             self._apply_memory_plan(config, memory_budget, plan_size)
         self.timings: Dict[str, float] = {}
 
+    def _within_budget(self):
+        """Hold MLX's memory limit just below the budget while a stage runs (see memory_limit)."""
+        from .memory import memory_limit, throttle_bytes
+
+        return memory_limit(throttle_bytes(int(self.memory_budget * 1e9)) if self.memory_budget else None)
+
     # ---- construction ----
     @classmethod
     def from_pretrained(
@@ -264,19 +270,20 @@ class SD35Pipeline:
         enc = self._load_encoders()
         tok = self.tokenizers
         outputs = {}
-        for name, label, tokenizer in (("clip_l", "CLIP-L", tok.clip_l), ("clip_g", "CLIP-G", tok.clip_g)):
-            batch = tokenizer.tokenize(texts)
-            _report_truncation(label, batch, verbose)
-            outputs[name] = getattr(enc, name)(mx.array(batch.ids))
-            mx.eval(outputs[name])
-            if self.low_memory:
-                setattr(enc, name, None)
-        t5_hidden = None
-        if self.use_t5:
-            batch = tok.t5.tokenize(texts, max_length=t5_length)
-            _report_truncation("T5", batch, verbose)
-            t5_hidden = enc.t5(mx.array(batch.ids))
-            mx.eval(t5_hidden)
+        with self._within_budget():
+            for name, label, tokenizer in (("clip_l", "CLIP-L", tok.clip_l), ("clip_g", "CLIP-G", tok.clip_g)):
+                batch = tokenizer.tokenize(texts)
+                _report_truncation(label, batch, verbose)
+                outputs[name] = getattr(enc, name)(mx.array(batch.ids))
+                mx.eval(outputs[name])
+                if self.low_memory:
+                    setattr(enc, name, None)
+            t5_hidden = None
+            if self.use_t5:
+                batch = tok.t5.tokenize(texts, max_length=t5_length)
+                _report_truncation("T5", batch, verbose)
+                t5_hidden = enc.t5(mx.array(batch.ids))
+                mx.eval(t5_hidden)
         cond = assemble(outputs["clip_l"], outputs["clip_g"], t5_hidden, t5_length, joint_dim=self.context_dim)
         n = len(prompts)
         positive = Conditioning(cond.context[:n], cond.pooled[:n])
@@ -288,8 +295,11 @@ class SD35Pipeline:
     def encode_image(self, image: mx.array) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
         vae = self._load_vae()
-        mean, _ = vae.encode(image.astype(self.dtype))
-        return vae.to_latents(mean.astype(mx.float32))
+        with self._within_budget():
+            mean, _ = vae.encode(image.astype(self.dtype))
+            latents = vae.to_latents(mean.astype(mx.float32))
+            mx.eval(latents)
+        return latents
 
     def generate_latents(
         self,
@@ -332,18 +342,20 @@ class SD35Pipeline:
         # With low_memory the pipeline owns the transformer for this one generation, so it
         # may free the adaLN weights (precomputed for the whole schedule) and the full
         # position table (cropped once) while denoising; it is reloaded lazily next time.
-        denoiser = Denoiser(
-            self._load_transformer(), embeddings.positive, embeddings.negative if use_cfg else None,
-            cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
-            sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
-            split_cfg=self.memory_budget is not None,  # half the activations under a budget
-        )  # fmt: skip
+        with self._within_budget():
+            denoiser = Denoiser(
+                self._load_transformer(), embeddings.positive, embeddings.negative if use_cfg else None,
+                cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
+                sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
+                split_cfg=self.memory_budget is not None,  # half the activations under a budget
+            )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()
         try:
             for i in range(len(sigmas) - 1):
-                latents = denoiser.step(latents, i, sampler)
-                mx.eval(latents)
+                with self._within_budget():  # per step: the caller's code between steps runs unlimited
+                    latents = denoiser.step(latents, i, sampler)
+                    mx.eval(latents)
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)
         finally:
             self.timings["denoise"] = time.perf_counter() - t0
@@ -360,11 +372,12 @@ class SD35Pipeline:
         if tile is None:
             budget = int(self.memory_budget * 1e9) if self.memory_budget else _memory_budget_bytes()
             tile = should_tile(latents.shape[1] * 8, latents.shape[2] * 8, budget)
-        if tile and self.plan is not None and self.plan.decode_tile:
-            images = decode_tiled(vae, z, tile=self.plan.decode_tile)
-        else:
-            images = decode_tiled(vae, z) if tile else vae.decode(z)
-        mx.eval(images)
+        with self._within_budget():
+            if tile and self.plan is not None and self.plan.decode_tile:
+                images = decode_tiled(vae, z, tile=self.plan.decode_tile)
+            else:
+                images = decode_tiled(vae, z) if tile else vae.decode(z)
+            mx.eval(images)
         return images.astype(mx.float32)
 
     def preview(self, latents: mx.array, upscale: int = 8):

@@ -207,6 +207,49 @@ def test_memory_budget_plans_and_refuses(tiny, capsys):
         SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=1e-6)
 
 
+def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypatch):
+    """Encode, every denoising step and the decode run under MLX's memory limit
+    throttle_bytes(budget); the caller's limit is back after each (and between steps)."""
+    from sd35_mlx import memory
+    from sd35_mlx.denoise import Denoiser
+    from sd35_mlx.models import vae as vae_module
+
+    root, _ = tiny
+    real_set = mx.set_memory_limit
+    current = {"limit": real_set(10**12)}
+    real_set(current["limit"])
+    original = current["limit"]
+
+    def recording_set(limit):
+        current["limit"] = limit
+        return real_set(limit)
+
+    monkeypatch.setattr(memory.mx, "set_memory_limit", recording_set)
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, []).append(current["limit"])
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    pipe = SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=50.0)
+    monkeypatch.setattr(vae_module.VAE, "decode", spy("decode", vae_module.VAE.decode))
+    monkeypatch.setattr(Denoiser, "step", spy("step", Denoiser.step))
+    enc = pipe._load_encoders()
+    enc.clip_g = spy("encode", enc.clip_g)
+    s = GenerationSettings(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, steps=3, cfg=4.0, t5_length=77)
+    between = []
+    for info in pipe.generate_latents(s, noise=noise_pair(3)[0]):
+        between.append(current["limit"])
+    pipe.decode(info.latents)
+    limit = memory.throttle_bytes(int(50.0 * 1e9))
+    assert seen["encode"] == [limit] and seen["decode"] == [limit] and seen["step"] == [limit] * 3
+    assert between == [original] * 3 and current["limit"] == original
+    assert pipe.plan is not None and pipe.plan.peak <= limit
+
+
 def test_preview_is_a_cheap_rgb_image_of_the_latents(ours):
     """The preview map is measured from the VAE: decoding a constant latent equals the map."""
     from sd35_mlx.preview import calibrate

@@ -282,3 +282,27 @@ def test_latent_scaling_matches_sd3_convention():
     want = (np.array(z) - SD3_VAE.shift_factor) * SD3_VAE.scaling_factor
     assert np.allclose(np.array(vae.to_latents(z)), want, atol=1e-6)
     assert np.allclose(np.array(vae.from_latents(vae.to_latents(z))), np.array(z), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, bound", [(mx.float32, 1e-6), (mx.bfloat16, 1e-2)])
+def test_fused_group_norm_matches_torch(dtype, bound):
+    """The compiled GroupNorm + SiLU the GPUs run (tested here on the CPU) and the plain one
+    both equal torch's GroupNorm followed by SiLU."""
+    from sd35_mlx.models.vae import GroupNorm
+
+    norm = GroupNorm(8, 64, 1e-6)
+    norm.weight = mx.random.normal((64,)) + 1
+    norm.bias = mx.random.normal((64,))
+    x = (3 * mx.random.normal((2, 12, 10, 64)) + 1.5).astype(dtype)
+    ref = torch.nn.GroupNorm(8, 64, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(np.array(norm.weight)))
+        ref.bias.copy_(torch.from_numpy(np.array(norm.bias)))
+        want = torch.nn.functional.silu(ref(torch.from_numpy(np.array(x.astype(mx.float32))).permute(0, 3, 1, 2)))
+    want = want.permute(0, 2, 3, 1).numpy()
+    for fused in (False, True):
+        got = norm(x, silu=True, fused=fused)
+        assert got.dtype == dtype
+        assert rel_err(np.array(got.astype(mx.float32)), want) < bound, fused
+    plain, fused = (np.array(norm(x, fused=f).astype(mx.float32)) for f in (False, True))
+    assert rel_err(fused, plain) < bound / 10  # without SiLU as well
