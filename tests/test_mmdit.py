@@ -311,3 +311,32 @@ def test_full_size_tables_and_counts(cfg, n_diffusers, n_sai, n_params):
         weights = apply_rules(tensors, layout.rules, layout=layout.name, prefix=layout.prefix)
         assert infer_config(weights) == cfg
         check_against_model(model, weights, layout=layout.name)
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the fused layout kernel is CUDA-only")
+@pytest.mark.parametrize("dtype, qk_norm", [(mx.bfloat16, True), (mx.float32, True), (mx.bfloat16, False)])
+def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
+    """The CUDA kernel's q, k, v (one pass, (B, N, heads, d) layout) equal split + norm + concat."""
+    from sd35_mlx.models import joint_heads as jh
+    from sd35_mlx.models.mmdit_blocks import Attention
+
+    hidden, heads = 256, 4
+    ctx_attn, x_attn = (Attention(hidden, heads, qk_norm) for _ in range(2))
+    for a in (ctx_attn, x_attn):
+        if qk_norm:
+            a.q_norm.weight, a.k_norm.weight = mx.random.normal((64,)), mx.random.normal((64,))
+        a.set_dtype(dtype)
+    qkv_c = mx.random.normal((2, 7, 3 * hidden)).astype(dtype)
+    qkv_x = (3 * mx.random.normal((2, 37, 3 * hidden))).astype(dtype)
+    try:
+        jh.FUSE_ON_CUDA = False
+        plain = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
+        jh.FUSE_ON_CUDA = True
+        assert jh._use_kernel(x_attn, qkv_c, qkv_x)
+        fused = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
+    finally:
+        jh.FUSE_ON_CUDA = True
+    bound = 1e-6 if dtype == mx.float32 else 1e-2  # bf16: one rounding step apart at most
+    for p, f in zip(plain, fused):
+        assert p.shape == f.shape
+        assert rel_err(np.array(f.astype(mx.float32)), np.array(p.astype(mx.float32))) < bound

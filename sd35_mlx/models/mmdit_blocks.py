@@ -18,6 +18,8 @@ from typing import Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .joint_heads import heads, joint_heads
+
 NORM_EPS = 1e-6
 Chunks = Tuple[mx.array, ...]  # each (B, 1, H), ready to broadcast over tokens
 
@@ -59,12 +61,7 @@ class Attention(nn.Module):
 
     def heads(self, x: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
         """(B, L, H) -> q, k, v of shape (B, heads, L, head_dim), q/k normalised."""
-        b, n, h = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, h // self.num_heads)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
+        return heads(self, self.qkv(x))
 
 
 class MLP(nn.Module):
@@ -137,15 +134,11 @@ class JointBlock(nn.Module):
         xm, cm = modulation
         n_ctx = ctx.shape[1]
         x_norm = layer_norm(x)
-        q, k, v = self.x.attn.heads(modulate(x_norm, xm[0], xm[1]))
-        cq, ck, cv = self.context.attn.heads(modulate(layer_norm(ctx), cm[0], cm[1]))
+        qkv_x = self.x.attn.qkv(modulate(x_norm, xm[0], xm[1]))
+        qkv_c = self.context.attn.qkv(modulate(layer_norm(ctx), cm[0], cm[1]))
         # One attention over [context, image] tokens: no mask and no positional term inside
         # attention, so the concatenation order does not change the result.
-        joint = attention(
-            mx.concatenate([cq, q], axis=2),
-            mx.concatenate([ck, k], axis=2),
-            mx.concatenate([cv, v], axis=2),
-        )
+        joint = attention(*joint_heads(self.context.attn, qkv_c, self.x.attn, qkv_x))
         ctx_attn, x_attn = joint[:, :n_ctx], joint[:, n_ctx:]
 
         x = x + xm[2] * self.x.attn.proj(x_attn)
