@@ -424,8 +424,9 @@ def report(args, info, out, rows) -> str:
     lines.append(C.markdown_table(headers, table))
     lines.append(
         "T5 mode and VAE tiling are what the pipeline's memory planner (`sd35_mlx.memory.plan_memory`) "
-        "chooses for a budget of the target with these bits; planner estimate: its peak "
-        "(encode / denoise / decode, GB)."
+        "chooses for a budget of the target with these bits; planner estimate: its estimated need of each "
+        "stage (encode / denoise / decode, GB; a plan fits when its largest need is within the memory limit, "
+        "and queued GPU work fills the rest of the budget)."
         + "".join(f" {r['title']}: {r['planner_note']}." for r in rows if r.get("planner_note"))
     )
     stage_rows = []
