@@ -29,13 +29,14 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .errors import InputError, SD35Error, WeightFileError
+from .errors import CLIPProjectionWarning, InputError, SD35Error, WeightFileError
 from .quantize import (
     COMPONENTS, MODES, QUANTIZABLE, QuantSpec, dequantize_network, make_spec, parse_quantize,
     quantize_network, spec_of, unquantized_share,
@@ -73,6 +74,7 @@ class Plan:
     variant: Optional[str] = None
     t5_state: str = "present"
     notes: Dict[str, str] = field(default_factory=dict)  # per component, for the summary
+    findings: Dict[str, str] = field(default_factory=dict)  # per component, about the weights
 
 
 def _say(quiet: bool, *args) -> None:
@@ -215,7 +217,10 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
         # No tensor cache across networks: a cached source tensor would stay in memory once
         # written; opening a file again costs only its header (mx.load is lazy).
         def load():
-            model = _load_source(component, sources[component], _component_dtype(component, plan.dtype))
+            with warnings.catch_warnings():  # reported once in the summary instead (loads run twice)
+                warnings.simplefilter("ignore", CLIPProjectionWarning)
+                model = _load_source(component, sources[component], _component_dtype(component, plan.dtype))
+            _check_projection(plan, component, model, ", ".join(str(f) for f in sources[component].files))
             return quantize_network(model, plan.specs.get(component), component)
 
         return load
@@ -236,6 +241,17 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
                     "(and tokenizer_3/) from the diffusers repo into the converted folder.")  # fmt: skip
 
 
+def _check_projection(plan: Plan, component: str, model, source: str) -> None:
+    """Spec §4.2: a CLIP-L text_projection that is not the identity is reported, not refused
+    (it is converted as stored; see sd35_mlx.weights.tables.clip)."""
+    if component == "clip_l":
+        from .weights.tables.clip import clip_l_projection_note
+
+        note = clip_l_projection_note(model, source)
+        if note is not None:
+            plan.findings[component] = note
+
+
 def entry_dtype(entry: dict) -> str:
     return entry.get("dtype") or "16-bit"
 
@@ -252,6 +268,7 @@ def _plan_requantize(plan: Plan, folder: Path, quiet: bool) -> None:
     def loader(component: str) -> Callable:
         def load():
             model = load_converted_component(folder, component, _component_dtype(component, plan.dtype))
+            _check_projection(plan, component, model, f"converted folder {folder}")
             new = plan.specs.get(component)
             if new != old.get(component):
                 if spec_of(model) is not None:
@@ -344,9 +361,10 @@ def estimate(plan: Plan, quiet: bool = True) -> Dict[str, Dict[str, int]]:
         spec = plan.specs.get(component)
         share = unquantized_share(model, spec) if spec is not None else 0.0
         if share > 0.05:
+            hint = (f"; a smaller group size (--q-group-size {spec.group_size // 2}) quantizes more of them"
+                    if spec.group_size > 32 else "")  # fmt: skip
             _say(quiet, f"Note: {share:.0%} of the {component}'s weights stay 16-bit: their input widths are "
-                        f"not multiples of group size {spec.group_size}; a smaller group size (e.g. 64) "
-                        "quantizes them.")  # fmt: skip
+                        f"not multiples of group size {spec.group_size}{hint}.")  # fmt: skip
         del model
     return out
 
@@ -422,6 +440,11 @@ def convert(
                 f"   (folder with tokenizers: {_human(folder_bytes)})")  # fmt: skip
     if plan.t5_state != "present":
         _say(quiet, f"  T5: {plan.t5_state} (the model runs in T5-drop mode)")
+    for note in plan.findings.values():
+        if quiet:
+            log.warning("%s", note)
+        else:
+            _say(quiet, f"  Note: {note}")
     _say(quiet, f"Done: {plan.target}")
     if upload_repo:
         upload(plan.target, upload_repo, token=token, quiet=quiet)

@@ -15,3 +15,9 @@ class WeightMappingError(SD35Error, ValueError):
 
 class InputError(SD35Error, ValueError):
     """A generation or conversion argument is invalid."""
+
+
+class CLIPProjectionWarning(UserWarning):
+    """A CLIP-L's `text_projection` is not the identity, so its pooled vector differs from
+    Stability's reference (which uses the unprojected vector). Filter it with
+    `warnings.filterwarnings("ignore", category=CLIPProjectionWarning)`."""

@@ -94,7 +94,10 @@ def _load_source(component: str, source: ComponentSource, dtype: Optional[mx.Dty
     if component == "vae":
         return vae.load_vae(tensors, source.layout, files=files, dtype=dtype, hf_config=source.hf_config)
     if component in ("clip_l", "clip_g"):
-        return clip.load_clip(tensors, source.layout, files=files, dtype=dtype, hf_config=source.hf_config)
+        model = clip.load_clip(tensors, source.layout, files=files, dtype=dtype, hf_config=source.hf_config)
+        if component == "clip_l":  # spec §4.2: SD3 means CLIP-L's projection to be the identity
+            clip.warn_if_clip_l_projected(model, ", ".join(files))
+        return model
     if component == "t5":
         return t5.load_t5(tensors, source.layout, files=files, dtype=_t5_dtype(dtype), hf_config=source.hf_config)
     raise SD35Error(f"unknown component {component!r}")
@@ -115,7 +118,12 @@ def _load_converted(folder: Path, component: str, dtype: Optional[mx.Dtype]):
     module = _converted()
     if component == "t5":
         dtype = _t5_dtype(dtype)
-    return module.load_converted_component(folder, component, dtype=dtype)
+    model = module.load_converted_component(folder, component, dtype=dtype)
+    if component == "clip_l":  # spec §4.2, as in _load_source
+        from .weights.tables.clip import warn_if_clip_l_projected
+
+        warn_if_clip_l_projected(model, f"converted folder {folder}")
+    return model
 
 
 def load_component(path: str | os.PathLike, component: str, dtype: Optional[mx.Dtype] = None):

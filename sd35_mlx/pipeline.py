@@ -211,6 +211,8 @@ class SD35Pipeline:
 
             streaming = self.use_t5 and self.stream_t5
             enc = load_text_encoders(self.path, dtype=self.dtype, t5=self.use_t5 and not streaming)
+            if self.use_t5 and not streaming and enc.t5 is None:
+                self.use_t5 = False  # the loader found no T5 weights and said so: T5-drop mode
             for name in ("clip_l", "clip_g", "t5"):
                 if getattr(enc, name) is not None:
                     setattr(enc, name, self._quantize(getattr(enc, name), name))

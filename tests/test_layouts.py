@@ -32,7 +32,7 @@ CONTEXT_DIM = 32
 
 
 # ------------------------------------------------------------------ the tiny model, every layout
-def reference_modules(seed: int = 0) -> Dict[str, torch.nn.Module]:
+def reference_modules(seed: int = 0, identity_clip_l_projection: bool = True) -> Dict[str, torch.nn.Module]:
     """Tiny torch reference networks; widths that Stability files (no config.json) can load:
     heads of 64, VAE channels divisible by 32 GroupNorm groups."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -61,6 +61,9 @@ def reference_modules(seed: int = 0) -> Dict[str, torch.nn.Module]:
     )
     for i, m in enumerate(modules.values()):
         randomize(m, seed=seed * 10 + i).eval()
+    if identity_clip_l_projection:  # as in the official diffusers text_encoder/
+        with torch.no_grad():
+            modules["clip_l"].text_projection.weight.copy_(torch.eye(modules["clip_l"].text_projection.weight.shape[0]))
     modules["t5"] = modules["t5"].half()  # the official T5 files are fp16
     return modules
 
@@ -205,9 +208,9 @@ def _write_stability(folder: Path, sai: Dict[str, Dict[str, mx.array]], negate: 
     save_state_dict(fp8, folder / "text_encoders" / "t5xxl_fp8_e4m3fn.safetensors")
 
 
-def build_tiny_model(base: Path, seed: int = 0) -> TinyModel:
+def build_tiny_model(base: Path, seed: int = 0, identity_clip_l_projection: bool = True) -> TinyModel:
     base = Path(base)
-    modules = reference_modules(seed)
+    modules = reference_modules(seed, identity_clip_l_projection)
     dif = base / "diffusers"
     _diffusers_folder(dif, modules)
     hf = {c: json.loads((dif / sub / "config.json").read_text()) for c, sub in layouts.DIFFUSERS_FOLDERS.items()}

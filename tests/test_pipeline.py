@@ -196,6 +196,23 @@ def test_staged_unstaged_and_streamed_t5_give_identical_latents(tiny, ours):
     assert np.array_equal(staged, streamed)
 
 
+def test_a_folder_without_t5_weights_runs_in_t5_drop_mode(tiny, tmp_path):
+    """The loader says it continues without T5; the pipeline then really does (T5-drop),
+    giving the latents of t5=False and saying so in the metadata."""
+    import shutil
+
+    root, _ = tiny
+    no_t5 = tmp_path / "no_t5"
+    shutil.copytree(root, no_t5, ignore=shutil.ignore_patterns("text_encoder_3"))
+    noise, _ = noise_pair(29)
+    s = GenerationSettings(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, steps=2, cfg=4.0, t5_length=77)
+    pipe = SD35Pipeline.from_pretrained(no_t5, dtype=mx.float32)
+    got = to_numpy(final_latents(pipe, s, noise))
+    assert not pipe.use_t5 and pipe.metadata(s)["t5"].startswith("dropped")
+    dropped = SD35Pipeline.from_pretrained(root, dtype=mx.float32, t5=False)
+    assert np.array_equal(got, to_numpy(final_latents(dropped, s, noise)))
+
+
 def test_memory_budget_plans_and_refuses(tiny, capsys):
     from sd35_mlx.errors import InputError
 

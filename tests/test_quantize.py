@@ -197,3 +197,18 @@ def test_keeping_the_sensitive_layers_pays_off(tiny_networks):
     e_default = bench.errors(ref, bench.outputs(default, inputs))[1]
     e_all = bench.errors(ref, bench.outputs(everything, inputs))[1]
     assert e_default < 0.7 * e_all, (e_default, e_all)
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the dequantize kernel is CUDA-only")
+@pytest.mark.parametrize("bits, group_size, dtype", [(4, 64, mx.bfloat16), (8, 64, mx.bfloat16), (4, 32, mx.float16),
+                                                     (8, 128, mx.float32)])  # fmt: skip
+def test_dequantize_kernel_equals_mx_dequantize_on_cuda(bits, group_size, dtype):
+    from sd35_mlx import fast_quantized as fq
+
+    layer = nn.QuantizedLinear(512, 96, bias=True, group_size=group_size, bits=bits)
+    layer.set_dtype(dtype)
+    assert fq._use_dequantize_kernel(layer, dtype)
+    ours = fq.dequantized_weight(layer, dtype)
+    want = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size, bits)
+    assert ours.dtype == want.dtype and ours.shape == want.shape == (96, 512)
+    assert mx.array_equal(ours, want).item()

@@ -26,6 +26,7 @@ class TinySpec:
 
 
 def build_components(spec: TinySpec, t5_vocab_size: int):
+    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -55,6 +56,8 @@ def build_components(spec: TinySpec, t5_vocab_size: int):
     for i, m in enumerate((clip_l, clip_g, t5, transformer, vae)):
         randomize(m, seed=spec.seed * 10 + i)
         m.eval()
+    with torch.no_grad():  # as in the official diffusers text_encoder/ (tests/test_clip_projection.py: other values)
+        clip_l.text_projection.weight.copy_(torch.eye(clip_l.text_projection.weight.shape[0]))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return dict(transformer=transformer, vae=vae, text_encoder=clip_l, text_encoder_2=clip_g,
                 text_encoder_3=t5, scheduler=scheduler)  # fmt: skip

@@ -109,6 +109,6 @@ class CLIPTextEncoder(nn.Module):
         x = self.final_norm(x)
         idx = self.first_eos_index(input_ids)
         pooled = mx.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
-        if "text_projection" in self:
+        if "text_projection" in self:  # CLIP-L's should be the identity: weights/tables/clip.py checks
             pooled = self.text_projection(pooled)
         return CLIPOutput(hidden=penultimate, pooled=pooled)

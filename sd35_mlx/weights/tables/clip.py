@@ -3,17 +3,22 @@
 The same names appear in diffusers `text_encoder/`, `text_encoder_2/`, in SAI
 `text_encoders/clip_{l,g}.safetensors` (no prefix) and under
 `text_encoders.clip_{l,g}.transformer.` in all-in-one checkpoints (spec §2.1, §2.2, §2.5).
+
+Also the CLIP-L `text_projection` check (spec §4.2): see `warn_if_clip_l_projected`.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from typing import Mapping, Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ...config import CLIPConfig
-from ...errors import InputError, WeightMappingError
+from ...errors import CLIPProjectionWarning, InputError, WeightMappingError
 from ...models.clip import CLIPTextEncoder
 from ..mapping import NetworkLayout, Rule, concat, load_network
 
@@ -128,3 +133,77 @@ def load_clip(
         tensors, layout, CLIPTextEncoder, lambda w: infer_config(w, hf_config),
         files=files, dtype=dtype, config=config,
     )  # fmt: skip
+
+
+# ---- CLIP-L's text_projection (spec §4.2) -------------------------------------------------------
+# SD3 conditions on CLIP-L's *unprojected* pooled vector: Stability's reference never projects
+# it and its clip_l.safetensors has no projection. Diffusers' text_encoder/ carries one that is
+# meant to be the identity (diffusers' own single-file loader injects torch.eye(768)) and
+# applies it as stored. We apply it as stored too (diffusers is our parity oracle) and warn
+# when it is not the identity. Skipping the matmul for an identity is not worth a second code
+# path: it is 1.2 MFLOPs per prompt, 1e-4 of CLIP-L's ~13 GFLOPs over 77 tokens.
+
+# The identity is exact in every float format (0 and 1 are representable), so a stored
+# torch.eye deviates by exactly 0. The tolerance forgives one bf16 rounding of each diagonal
+# entry (bf16 unit roundoff 2^-8) with a factor 2 to spare: a projection within it moves the
+# pooled vector by at most 2^-7 of its norm, about two bf16 roundings of the vector itself.
+IDENTITY_TOLERANCE = 2.0**-7
+
+
+def _projection_weight(model: CLIPTextEncoder) -> Optional[mx.array]:
+    if "text_projection" not in model:
+        return None
+    layer = model.text_projection
+    if isinstance(layer, nn.QuantizedLinear):  # a converted folder may store it quantized
+        return mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size,
+                             layer.bits, mode=layer.mode, dtype=mx.float32)  # fmt: skip
+    return layer.weight.astype(mx.float32)
+
+
+def projection_deviation(model: CLIPTextEncoder) -> Optional[float]:
+    """How far the `text_projection` W is from the identity: an upper bound on ‖W − I‖₂,
+    i.e. on how much (relative to its norm) it can move the pooled vector.
+
+    √(‖W − I‖₁ · ‖W − I‖∞) (max column sum times max row sum), which bounds the spectral
+    norm and equals it for a diagonal deviation, without an SVD. None when the network has no
+    projection; inf when W is not square. Evaluates only this one (D, D) matrix.
+    """
+    w = _projection_weight(model)
+    if w is None:
+        return None
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        return math.inf
+    delta = mx.abs(w - mx.eye(w.shape[0], dtype=mx.float32))
+    return float(mx.sqrt(delta.sum(axis=0).max() * delta.sum(axis=1).max()).item())
+
+
+def clip_l_projection_note(model: CLIPTextEncoder, source: str) -> Optional[str]:
+    """What a non-identity CLIP-L `text_projection` means (None when there is none or it is
+    the identity within `IDENTITY_TOLERANCE`). `source` names the file(s) or folder in the message.
+    Call it for the CLIP-L only: CLIP-G's projection is a real, learned one."""
+    deviation = projection_deviation(model)
+    if deviation is None or deviation <= IDENTITY_TOLERANCE:
+        return None
+    if math.isinf(deviation):
+        how = f"it maps {model.config.hidden_size} -> {model.config.projection_dim} features"
+    else:
+        how = f"||W - I||_2 <= {deviation:.3g}; tolerance {IDENTITY_TOLERANCE:.3g}"
+    return (
+        f"CLIP-L text encoder ({source}): its text_projection is not the identity ({how}). SD3 "
+        "conditions on the unprojected pooled CLIP-L vector, as Stability's reference does (its "
+        "clip_l.safetensors has no projection), so with this file the pooled vector, and the "
+        "images, differ from Stability's reference. sd35_mlx applies the projection as stored, "
+        "as diffusers does. For Stability's behaviour, use a CLIP-L without text_projection "
+        "(Stability's text_encoders/clip_l.safetensors)."
+    )
+
+
+def warn_if_clip_l_projected(model: CLIPTextEncoder, source: str, stacklevel: int = 1) -> Optional[str]:
+    """Issue a `CLIPProjectionWarning` when the CLIP-L's projection is not the identity;
+    returns the message (None: nothing to say). `stacklevel` as in `warnings.warn`, counted
+    from this function's caller (1: the caller's line). Python shows a given text once per
+    line it is attributed to, and the text names the source: each file warns once per process."""
+    note = clip_l_projection_note(model, source)
+    if note is not None:
+        warnings.warn(note, CLIPProjectionWarning, stacklevel=stacklevel + 1)
+    return note
