@@ -33,15 +33,31 @@ LOGVAR_RANGE = (-30.0, 20.0)
 FUSE_GROUP_NORM_ON_GPU = True
 
 
+# Up to this many positions the statistics are reduced in two stages (SMALL_CHUNKS partial
+# means first): one reduction over all positions leaves too few outputs to fill a GPU (H100,
+# 128² x 512: 0.63 -> 0.31 ms); above it the single reduction is faster.
+SMALL_POSITIONS = 128 * 128
+SMALL_CHUNKS = 16
+
+
+def _group_stats_mean(xg: mx.array) -> mx.array:
+    """Mean over positions (axis 1) and channels within a group (axis 3) of (B, P, G, C/G)."""
+    b, p, g, cg = xg.shape
+    if p <= SMALL_POSITIONS and p % SMALL_CHUNKS == 0 and p >= 4 * SMALL_CHUNKS:
+        partial = xg.reshape(b, SMALL_CHUNKS, p // SMALL_CHUNKS, g, cg).mean(axis=2)  # equal chunks: exact
+        return partial.mean(axis=(1, 3), keepdims=True)
+    # Two single-axis reductions: one reduction over axes (1, 3) together hits a slow
+    # strided kernel on CUDA (103 ms vs 0.25 ms for a 512²x256 tensor on an H100).
+    return xg.mean(axis=1, keepdims=True).mean(axis=3, keepdims=True)
+
+
 def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool) -> mx.array:
     """PyTorch-ordered GroupNorm of NHWC `x` in fp32, optionally followed by SiLU."""
     b, h, w, c = x.shape
     xg = x.astype(mx.float32).reshape(b, h * w, groups, c // groups)
-    # Two single-axis reductions: one reduction over axes (1, 3) together hits a slow
-    # strided kernel on CUDA (103 ms vs 0.25 ms for a 512²x256 tensor on an H100).
-    mean = xg.mean(axis=1, keepdims=True).mean(axis=3, keepdims=True)
+    mean = _group_stats_mean(xg)
     d = xg - mean
-    var = mx.square(d).mean(axis=1, keepdims=True).mean(axis=3, keepdims=True)
+    var = _group_stats_mean(mx.square(d))
     y = (d * mx.rsqrt(var + eps)).reshape(b, h, w, c)
     y = y * weight.astype(mx.float32) + bias.astype(mx.float32)
     if silu:
