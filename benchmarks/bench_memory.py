@@ -266,13 +266,14 @@ def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optiona
     sigmas, sampler = C.schedule(args.schedule_steps)
     noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
     latents = {}
-    for key, bits in sorted({(c["model"], c["transformer_bits"]) for c in configs}):
-        def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative):
+    runs = {(c["model"], c["transformer_bits"], pipeline_choice(args, c)["split_cfg"]) for c in configs}
+    for key, bits, split in sorted(runs):
+        def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative, split=split):
             model = load_component(folder, "transformer", dtype)
             notes["weights"] = C.parameter_bytes(model)
             den, ignored = C.make_denoiser(model, positive, negative, sigmas=sigmas,
                                            free_adaln=True, free_pos_embed=True,  # as the pipeline (low memory)
-                                           split_cfg=True)  # as the pipeline under a memory budget
+                                           split_cfg=split)  # as the pipeline's plan for the target
             if ignored:
                 notes["denoiser_options_ignored"] = ignored
             x, notes["step_s"] = noise, []
@@ -284,7 +285,7 @@ def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optiona
             notes["weights"] = C.parameter_bytes(model)  # what stays after freeing adaLN / the full table
             return x
 
-        name = f"denoise-{key}-{bits}bit"
+        name = denoise_stage_name(key, bits, split)
         stages[name], latents[key] = measure(name, run, limit)
     del cond, positive, negative
 
@@ -309,6 +310,10 @@ def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optiona
     return stages
 
 
+def denoise_stage_name(model: str, bits: int, split_cfg: bool) -> str:
+    return f"denoise-{model}-{bits}bit" + ("-split-cfg" if split_cfg else "")
+
+
 def decode_stage_name(tile: Optional[int]) -> str:
     from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE
 
@@ -322,7 +327,7 @@ def estimator(args, config: Dict[str, Any]):
     return MemoryEstimator(
         C.truncated(C.MODELS[config["model"]][1], args.layers), t5=C.truncated(T5_XXL, args.layers),
         vae=SD3_VAE, clip_l=C.truncated(CLIP_L, args.layers), clip_g=C.truncated(CLIP_G, args.layers),
-        trimmed_transformer=True, split_cfg=True,  # as the pipeline runs under a memory budget
+        trimmed_transformer=True, split_cfg=True,  # as the pipeline: CFG in two passes when one does not fit
     )  # fmt: skip
 
 
@@ -342,8 +347,8 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
     tilings = ((False, None),) + tuple((True, t) for t in DECODE_TILES)
     try:
         if t5_bits is None:  # T5 dropped is the configuration itself, not the planner's choice
-            plans = [est.plan(bits, None, "dropped", tiled, args.size, args.size, args.t5_tokens, tile)
-                     for tiled, tile in tilings]  # fmt: skip
+            plans = [est.plan(bits, None, "dropped", tiled, args.size, args.size, args.t5_tokens, tile, split)
+                     for split in (False, True) for tiled, tile in tilings]  # fmt: skip
             plan = next((p for p in plans if p.peak <= config["target"]), None)
             if plan is None:
                 raise ValueError(f"nothing fits a {config['target'] / C.GB:.2f} GB budget (smallest plan "
@@ -355,7 +360,7 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
         choice["planner_note"] = f"planner: {str(e).split(', most of it')[0]}"
         plan = est.plan(bits, t5_bits, "dropped" if t5_bits is None else "streamed", True, args.size, args.size,
                         args.t5_tokens, DECODE_TILES[-1])  # fmt: skip
-    choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, tile=plan.decode_tile,
+    choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, tile=plan.decode_tile, split_cfg=plan.split_cfg,
                   planner={"stages": dict(plan.stages), "peak": plan.peak})  # fmt: skip
     if args.tile != "auto":
         choice["tiled"] = args.tile == "on"
@@ -377,12 +382,13 @@ def summarise(args, out: Dict[str, Any]) -> List[Dict[str, Any]]:
             encode.append(name)
         parts = {
             "encode": max(stages[s].peak for s in encode),
-            "denoise": stages[f"denoise-{cfg['model']}-{cfg['transformer_bits']}bit"].peak,
+            "denoise": stages[denoise_stage_name(cfg["model"], cfg["transformer_bits"], choice["split_cfg"])].peak,
             "decode": stages[decode_stage_name(choice["tile"] if choice["tiled"] else None)].peak,
         }
         peak = max(parts.values())
         full_size = not args.layers and args.size == 1024
-        rows.append(dict(config=key, title=cfg["title"], t5_mode=choice["t5_mode"], memory_limit=out["limits"][key],
+        rows.append(dict(config=key, title=cfg["title"], t5_mode=choice["t5_mode"], split_cfg=choice["split_cfg"],
+                         memory_limit=out["limits"][key],
                          tiled_decode=choice["tiled"], decode_tile_px=choice["tile"] and choice["tile"] * 8,
                          stage_peaks=parts, peak=peak, target=cfg["target"] if full_size else None,
                          planner=choice.get("planner", {}), planner_note=choice.get("planner_note")))  # fmt: skip
@@ -406,7 +412,7 @@ def report(args, info, out, rows) -> str:
            "floor": "MLX's memory limit is 1 byte (`--throttle floor`): evaluation waits for all queued work at every "
                     "buffer, so each peak is what the stage itself needs."}[args.throttle]
     )  # fmt: skip
-    headers = ["configuration", "T5", "VAE decode", "encode peak", "denoise peak", "decode peak", "**generation peak**",
+    headers = ["configuration", "T5", "CFG", "VAE decode", "encode peak", "denoise peak", "decode peak", "**generation peak**",
                "planner estimate", "target"]  # fmt: skip
     table = []
     for r in rows:
@@ -419,11 +425,11 @@ def report(args, info, out, rows) -> str:
             target = f"≤ {r['target'] / C.GB:.1f} GB " + ("✓" if r["peak"] <= r["target"] else "✗")
         p = r["stage_peaks"]
         decode = f"{r['decode_tile_px']}-px tiles" if r["tiled_decode"] else "whole"
-        table.append([r["title"], r["t5_mode"], decode, C.fmt_gb(p["encode"]),
+        table.append([r["title"], r["t5_mode"], "two passes" if r["split_cfg"] else "one batch", decode, C.fmt_gb(p["encode"]),
                       C.fmt_gb(p["denoise"]), C.fmt_gb(p["decode"]), f"**{C.fmt_gb(r['peak'])}**", est, target])  # fmt: skip
     lines.append(C.markdown_table(headers, table))
     lines.append(
-        "T5 mode and VAE tiling are what the pipeline's memory planner (`sd35_mlx.memory.plan_memory`) "
+        "T5 mode, CFG passes and VAE tiling are what the pipeline's memory planner (`sd35_mlx.memory.plan_memory`) "
         "chooses for a budget of the target with these bits; planner estimate: its estimated need of each "
         "stage (encode / denoise / decode, GB; a plan fits when its largest need is within the memory limit, "
         "and queued GPU work fills the rest of the budget)."

@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4'")
     m.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights/compute precision (T5 never runs in float16)")
     m.add_argument("--keep-loaded", action="store_true", help="keep every network in memory (faster for many images, more memory)")
-    m.add_argument("--memory-budget", type=float, metavar="GB",
-                   help="fit the whole generation in GB: chooses quantization, T5 mode and VAE tiling (and says so)")
+    m.add_argument("--memory-budget", type=_budget, default="auto", metavar="GB",
+                   help="fit the whole generation in GB: chooses quantization, T5 mode, CFG passes and VAE tiling "
+                        "(and says so). Default 'auto': what this machine can give (Metal's recommended working "
+                        "set, else 85%% of RAM; not with --keep-loaded); 'off': no plan")
     m.add_argument("--stream-t5", action="store_true", help="run T5 one block at a time from disk (slower, far less memory)")
     m.add_argument("--tile-vae", choices=("auto", "on", "off"), default="auto", help="tiled VAE decode")
 
@@ -111,8 +113,8 @@ def plan(args: argparse.Namespace):
         prompts = [base.prompt]
     else:
         raise InputError("no prompt: pass --prompt, --prompt-file or --from-image")
-    if args.memory_budget is not None and args.memory_budget <= 0:
-        raise InputError(f"--memory-budget must be a positive number of GB (got {args.memory_budget})")
+    if isinstance(args.memory_budget, float) and args.memory_budget <= 0:
+        raise InputError(f"--memory-budget must be a positive number of GB, 'auto' or 'off' (got {args.memory_budget})")
     if args.num_images < 1:
         raise InputError(f"--num-images must be ≥ 1 (got {args.num_images})")
 
@@ -136,15 +138,39 @@ def plan(args: argparse.Namespace):
     return model, t5, jobs
 
 
+def _budget(text: str):
+    """--memory-budget: a number of GB, 'auto' or 'off'."""
+    if text.lower() in ("auto", "off"):
+        return text.lower()
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, 'auto' or 'off', got {text!r}") from None
+
+
+def resolve_budget(value, keep_loaded: bool) -> Optional[float]:
+    """GB to plan for: 'auto' = what this machine can give (None with --keep-loaded, which
+    keeps every network resident: the staged plan would not describe it); 'off' = None."""
+    if value == "off" or (value == "auto" and keep_loaded):
+        return None
+    if value == "auto":
+        from .memory import default_budget_bytes
+
+        return default_budget_bytes() / 1e9
+    return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.memory_budget is not None and sys.platform.startswith("linux"):
+    planned = args.memory_budget != "off" and not (args.memory_budget == "auto" and args.keep_loaded)
+    if planned and sys.platform.startswith("linux"):
         # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has run.
         # The pipeline holds MLX to the budget (memory.memory_limit), which waits at buffer
         # boundaries: small buffers keep the overshoot near 0.05 GB (1000 MB on an H100 by
         # default: up to 0.25 GB) at the same speed (docs/memory.md). Set before MLX starts.
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
+    args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
     try:
         model, t5, jobs = plan(args)
         return run(args, model, t5, jobs)

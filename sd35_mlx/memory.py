@@ -133,6 +133,7 @@ class Plan:
     tile_vae: bool
     stages: Dict[str, int] = field(default_factory=dict)
     decode_tile: Optional[int] = None  # latents per tile side when tiled
+    split_cfg: bool = False  # CFG as two batch-1 passes (slower; half the step's activations)
 
     @property
     def peak(self) -> int:
@@ -150,7 +151,10 @@ class Plan:
         tr = f"{self.transformer_bits}-bit" if self.transformer_bits else "16-bit"
         t5 = "dropped" if self.t5 == "dropped" else f"{self.t5_bits or 16}-bit, {self.t5}"
         stages = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.stages.items())
-        return f"transformer {tr}; T5 {t5}; VAE {f'tiled ({self.decode_tile * 8} px tiles)' if self.tile_vae and self.decode_tile else ('tiled' if self.tile_vae else 'untiled')} (estimated need: {stages})"
+        vae = f"tiled ({self.decode_tile * 8} px tiles)" if self.tile_vae and self.decode_tile else (
+            "tiled" if self.tile_vae else "untiled")  # fmt: skip
+        cfg = "; CFG as two passes" if self.split_cfg else ""
+        return f"transformer {tr}; T5 {t5}; VAE {vae}{cfg} (estimated need: {stages})"
 
 
 class MemoryEstimator:
@@ -175,7 +179,7 @@ class MemoryEstimator:
         self.mmdit_config, self.vae_config = mmdit, vae
         self.device = device or mx.default_device()
         self.trimmed_transformer = trimmed_transformer
-        self.split_cfg = split_cfg  # CFG as two batch-1 passes: one pass's activations alive
+        self.split_cfg = split_cfg  # CFG may run as two batch-1 passes: one pass's activations alive
         self.transformer = MMDiT(mmdit)  # lazy: nothing is allocated
         self.t5 = T5Encoder(t5)
         self.clips = [CLIPTextEncoder(clip_l), CLIPTextEncoder(clip_g)]
@@ -253,15 +257,17 @@ class MemoryEstimator:
         return decoder + decode_activation_bytes(h, w, self.vae_config, device=self.device)
 
     def plan(self, transformer_bits, t5_bits, t5_mode, tile, height, width, t5_tokens,
-             tile_latents: Optional[int] = None) -> Plan:
+             tile_latents: Optional[int] = None, split_cfg: Optional[bool] = None) -> Plan:
+        """split_cfg: None = as the estimator allows (`self.split_cfg`)."""
+        split = self.split_cfg if split_cfg is None else split_cfg
         stages = {
             "encode": self.encode(t5_bits, t5_mode),
             # T5-drop zeros are tokens too
-            "denoise": self.denoise(transformer_bits, height, width, t5_tokens, batch=1 if self.split_cfg else 2),
+            "denoise": self.denoise(transformer_bits, height, width, t5_tokens, batch=1 if split else 2),
             "decode": self.decode(height, width, tile, tile_latents),
         }
         return Plan(transformer_bits, t5_bits if t5_mode != "dropped" else None, t5_mode, tile, stages,
-                    (tile_latents or DEFAULT_DECODE_TILE) if tile else None)
+                    (tile_latents or DEFAULT_DECODE_TILE) if tile else None, split)
 
 
 def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[int]]] = None):
@@ -310,14 +316,18 @@ def plan_memory(
 
     A plan fits when its largest stage fits under `throttle_bytes(budget_bytes)`, the memory
     limit the pipeline then sets: the rest of the budget is room for queued GPU work (speed).
+    Within each rung CFG runs as one batch of 2 if that fits, else (when the estimator allows
+    it) as two batch-1 passes.
     """
     tried: List[Plan] = []
+    splits = (False, True) if estimator.split_cfg else (False,)  # CFG in one pass is faster: tried first
     for tr, t5, mode in candidates(allow_drop_t5, fixed):
-        for tile, tile_latents in ((False, None),) + tuple((True, t) for t in DECODE_TILES):
-            p = estimator.plan(tr, t5, mode, tile, height, width, t5_tokens, tile_latents)
-            tried.append(p)
-            if p.peak <= throttle_bytes(budget_bytes):
-                return p
+        for split in splits:
+            for tile, tile_latents in ((False, None),) + tuple((True, t) for t in DECODE_TILES):
+                p = estimator.plan(tr, t5, mode, tile, height, width, t5_tokens, tile_latents, split)
+                tried.append(p)
+                if p.peak <= throttle_bytes(budget_bytes):
+                    return p
     smallest = min(tried, key=lambda p: p.peak)
     stage = max(smallest.stages, key=smallest.stages.get)
     raise InputError(

@@ -349,7 +349,7 @@ class SD35Pipeline:
                 self._load_transformer(), embeddings.positive, embeddings.negative if use_cfg else None,
                 cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
-                split_cfg=self.memory_budget is not None,  # half the activations under a budget
+                split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
             )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()

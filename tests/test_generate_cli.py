@@ -86,3 +86,24 @@ def test_bad_input_fails_before_loading(args, message, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert code != 0
     assert message in err
+
+
+def test_memory_budget_defaults_to_this_machine(tiny_root, tmp_path, capsys):
+    """Without --memory-budget the CLI plans for what this machine can give and says so;
+    'off' and --keep-loaded (everything resident: not a staged plan) do not plan."""
+    from sd35_mlx.generate import resolve_budget
+    from sd35_mlx.memory import default_budget_bytes
+
+    assert resolve_budget("auto", keep_loaded=False) == default_budget_bytes() / 1e9
+    assert resolve_budget("auto", keep_loaded=True) is None
+    assert resolve_budget("off", keep_loaded=False) is None
+    assert resolve_budget(3.5, keep_loaded=True) == 3.5
+    common = ["--model", str(tiny_root), "--prompt", "a fox", "-W", "32", "-H", "32", "--steps", "1",
+              "--dtype", "float32"]  # fmt: skip
+    for extra, planned in (([], True), (["--memory-budget", "off"], False), (["--keep-loaded"], False)):
+        assert main([*common, *extra, "-o", str(tmp_path / "img.png")]) == 0
+        out = capsys.readouterr().out
+        assert ("memory plan for" in out) == planned, (extra, out)
+    with pytest.raises(SystemExit):
+        main([*common, "--memory-budget", "lots"])
+    assert "expected a number of GB, 'auto' or 'off'" in capsys.readouterr().err

@@ -215,18 +215,30 @@ def test_plan_is_the_best_that_fits(request, model, size):
     tiled or not) does; below the smallest plan, a refusal."""
     est = request.getfixturevalue(model)
     tiles = ((False, None),) + tuple((True, t) for t in DECODE_TILES)
-    ladder = [est.plan(tr, t5, mode, tile, size, size, 256, t)
-              for tr, t5, mode in candidates() for tile, t in tiles]  # fmt: skip
+    ladder = [est.plan(tr, t5, mode, tile, size, size, 256, t, split)
+              for tr, t5, mode in candidates() for split in (False, True) for tile, t in tiles]  # fmt: skip
     smallest = min(p.peak for p in ladder)
     lowest = smallest + throttle_margin()  # the budget whose memory limit is the smallest need
     for budget in np.linspace(lowest, 1.1 * max(p.peak for p in ladder), 25).astype(np.int64):
         plan = plan_memory(est, int(budget), size, size)
         assert plan.peak <= throttle_bytes(int(budget))
-        keys = [choice(p) + (p.decode_tile,) for p in ladder]
-        better = ladder[: keys.index(choice(plan) + (plan.decode_tile,))]
+        keys = [choice(p) + (p.decode_tile, p.split_cfg) for p in ladder]
+        better = ladder[: keys.index(choice(plan) + (plan.decode_tile, plan.split_cfg))]
         assert all(p.peak > throttle_bytes(int(budget)) for p in better)
     with pytest.raises(InputError):
         plan_memory(est, lowest - 1, size, size)
+
+
+def test_cfg_is_split_only_when_one_pass_does_not_fit(large):
+    """Two batch-1 passes cost 13-22% per step: only when the batch of 2 does not fit."""
+    one = plan_memory(large, int(5 * GB), 1024, 1024)
+    assert not one.split_cfg and choice(one) == (4, None, "streamed", True)
+    two = plan_memory(large, int(4.2 * GB), 1024, 1024)
+    assert two.split_cfg and choice(two) == (4, None, "streamed", True)
+    assert two.stages["denoise"] < one.stages["denoise"] and "CFG as two passes" in two.describe()
+    one_pass_only = MemoryEstimator(SD35_LARGE_MMDIT, device=GPU, trimmed_transformer=True)
+    with pytest.raises(InputError, match="denoise"):
+        plan_memory(one_pass_only, int(4.2 * GB), 1024, 1024)
 
 
 def test_t5_is_never_dropped_for_memory(medium, large):
