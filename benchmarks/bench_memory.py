@@ -210,7 +210,9 @@ def memory_limit_for(args, config: Dict[str, Any]) -> Optional[int]:
     so the peak is what the stage itself needs)."""
     from sd35_mlx.memory import throttle_bytes
 
-    return {"budget": throttle_bytes(int(config["target"])), "off": None, "floor": 1}[args.throttle]
+    if args.throttle == "budget":
+        return throttle_bytes(int(config["target"]), pipeline_choice(args, config)["headroom"])
+    return {"off": None, "floor": 1}[args.throttle]
 
 
 def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optional[int]) -> Dict[str, Stage]:
@@ -338,7 +340,7 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
     tiled) are measured and the planner's message is reported."""
     from sd35_mlx.models.vae_tiling import should_tile
 
-    from sd35_mlx.memory import DECODE_TILES, plan_memory
+    from sd35_mlx.memory import DECODE_TILES, plan_memory, throttle_bytes
 
     bits, t5_bits = config["transformer_bits"], config["t5_bits"]
     choice: Dict[str, Any] = {"t5_mode": "dropped" if t5_bits is None else "loaded",
@@ -349,7 +351,7 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
         if t5_bits is None:  # T5 dropped is the configuration itself, not the planner's choice
             plans = [est.plan(bits, None, "dropped", tiled, args.size, args.size, args.t5_tokens, tile, split)
                      for split in (False, True) for tiled, tile in tilings]  # fmt: skip
-            plan = next((p for p in plans if p.peak <= config["target"]), None)
+            plan = next((p for p in plans if p.peak <= throttle_bytes(int(config["target"]), p.headroom)), None)
             if plan is None:
                 raise ValueError(f"nothing fits a {config['target'] / C.GB:.2f} GB budget (smallest plan "
                                  f"{min(p.peak for p in plans) / C.GB:.2f} GB)")  # fmt: skip
@@ -361,6 +363,7 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
         plan = est.plan(bits, t5_bits, "dropped" if t5_bits is None else "streamed", True, args.size, args.size,
                         args.t5_tokens, DECODE_TILES[-1])  # fmt: skip
     choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, tile=plan.decode_tile, split_cfg=plan.split_cfg,
+                  headroom=plan.headroom,
                   planner={"stages": dict(plan.stages), "peak": plan.peak})  # fmt: skip
     if args.tile != "auto":
         choice["tiled"] = args.tile == "on"
@@ -406,7 +409,7 @@ def report(args, info, out, rows) -> str:
         "after their stage. GB = 10⁹ bytes; peaks are MLX's counter and include what is resident between "
         "stages (conditioning, latents). "
         + {"budget": "Each configuration runs as the pipeline does under `--memory-budget` of its target: MLX's memory "
-                     "limit is `sd35_mlx.memory.throttle_bytes(target)`, so evaluation waits for queued GPU work "
+                     "limit is `sd35_mlx.memory.throttle_bytes(target, plan.headroom)`, so evaluation waits for queued GPU work "
                      "whenever active memory passes it.",
            "off": "MLX's default memory limit (`--throttle off`): no waiting for queued GPU work.",
            "floor": "MLX's memory limit is 1 byte (`--throttle floor`): evaluation waits for all queued work at every "

@@ -92,7 +92,9 @@ class SD35Pipeline:
         """Hold MLX's memory limit just below the budget while a stage runs (see memory_limit)."""
         from .memory import memory_limit, throttle_bytes
 
-        return memory_limit(throttle_bytes(int(self.memory_budget * 1e9)) if self.memory_budget else None)
+        if not self.memory_budget:
+            return memory_limit(None)
+        return memory_limit(throttle_bytes(int(self.memory_budget * 1e9), self.plan.headroom if self.plan else 0))
 
     # ---- construction ----
     @classmethod
