@@ -250,7 +250,14 @@ class MemoryEstimator:
             # (bench_memory --throttle floor: Medium 0.35 GB, Large 0.52 GB above the weights at
             # 1024², batch 1). Queued work beyond that is held to the budget by `memory_limit`.
             activations = batch * tokens * c.hidden_size * GPU_STEP_BYTES_PER_TOKEN_WIDTH
-        return int(weights + activations)
+        need = weights + activations
+        if self.trimmed_transformer:
+            # Before a step can run, the Denoiser reads the adaLN weights (for the modulation
+            # table) and the whole position table (for its crop), then frees both: only the
+            # larger of that moment and the step counts (it sets the peak of shallow models).
+            setup = self.conditioning_bytes(bits) + c.pos_embed_max_size**2 * c.hidden_size * BYTES_16
+            need = max(need, setup)
+        return int(need)
 
     def decode(self, height: int, width: int, tiled, tile_latents: Optional[int] = None) -> int:
         from .models.vae_tiling import DEFAULT_DECODE_TILE, decode_activation_bytes
