@@ -11,7 +11,7 @@ Every other backend (CPU, Metal) takes the plain path.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import mlx.core as mx
 
@@ -127,5 +127,5 @@ def _joint_heads_cuda(ctx_attn, qkv_c: mx.array, x_attn, qkv_x: mx.array, contex
 
 
 def _weight(attn, name: str, dtype: mx.Dtype) -> mx.array:
-    norm: Optional[object] = getattr(attn, name, None) if name in attn else None
-    return norm.weight.astype(dtype) if norm is not None else mx.ones((64,), dtype)  # type: ignore[attr-defined]
+    """A norm's weight in `dtype`; ones where the model has no QK-norm (the kernel skips it)."""
+    return attn[name].weight.astype(dtype) if name in attn else mx.ones((64,), dtype)
