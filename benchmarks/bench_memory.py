@@ -191,31 +191,33 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
     out["folder_bytes"] = {p.name: folder_bytes(p) for p in work.iterdir() if p.is_dir()}
     log(f"built in {sum(out['build_s'].values()):.0f} s; measuring")
 
+    out["choices"] = {key: pipeline_choice(args, cfg) for key, cfg in configs.items()}  # planned once
     groups: Dict[Optional[int], List[str]] = {}
     for key, cfg in configs.items():
-        groups.setdefault(memory_limit_for(args, cfg), []).append(key)
+        groups.setdefault(memory_limit_for(args, cfg, out["choices"][key]), []).append(key)
     for limit, keys in groups.items():
         label = "default" if limit is None else f"{limit / C.GB:.2f} GB"
         log(f"memory limit {label}: {', '.join(keys)}")
-        group = [configs[k] for k in keys]
+        group = [(configs[k], out["choices"][k]) for k in keys]
         stages = measure_stages(args, dtype, group, enc_folders, tr_folders, limit)
         out["stages"][label] = stages
         out["limits"].update({k: label for k in keys})
     return out
 
 
-def memory_limit_for(args, config: Dict[str, Any]) -> Optional[int]:
+def memory_limit_for(args, config: Dict[str, Any], choice: Dict[str, Any]) -> Optional[int]:
     """MLX's memory limit while a configuration runs: as the pipeline under a budget of its target
     (`budget`), MLX's default (`off`), or 1 byte (`floor`: every queued buffer is waited for,
     so the peak is what the stage itself needs)."""
     from sd35_mlx.memory import throttle_bytes
 
     if args.throttle == "budget":
-        return throttle_bytes(int(config["target"]), pipeline_choice(args, config)["headroom"])
+        return throttle_bytes(int(config["target"]), choice["headroom"])
     return {"off": None, "floor": 1}[args.throttle]
 
 
-def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optional[int]) -> Dict[str, Stage]:
+def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[int]) -> Dict[str, Stage]:
+    """The stages of the configurations in `group` ((config, pipeline_choice) pairs) under `limit`."""
     from sd35_mlx.conditioning import assemble
     from sd35_mlx.loading import load_component
     from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE, decode_tiled
@@ -235,7 +237,7 @@ def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optiona
 
         stages[name], hidden[name] = measure(name, run, limit)
     t5_out = {}
-    for bits in sorted({c["t5_bits"] for c in configs if c["t5_bits"] is not None}):
+    for bits in sorted({c["t5_bits"] for c, _ in group if c["t5_bits"] is not None}):
         folder = enc_folders[bits]
 
         def run(notes, folder=folder):
@@ -268,7 +270,7 @@ def measure_stages(args, dtype, configs, enc_folders, tr_folders, limit: Optiona
     sigmas, sampler = C.schedule(args.schedule_steps)
     noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
     latents = {}
-    runs = {(c["model"], c["transformer_bits"], pipeline_choice(args, c)["split_cfg"]) for c in configs}
+    runs = {(c["model"], c["transformer_bits"], choice["split_cfg"]) for c, choice in group}
     for key, bits, split in sorted(runs):
         def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative, split=split):
             model = load_component(folder, "transformer", dtype)
@@ -376,7 +378,7 @@ def summarise(args, out: Dict[str, Any]) -> List[Dict[str, Any]]:
     for key in args.configs:
         cfg = CONFIGS[key]
         stages = out["stages"][out["limits"][key]]
-        choice = pipeline_choice(args, cfg)
+        choice = out["choices"][key]
         encode = ["clip_l", "clip_g"]
         if choice["t5_mode"] != "dropped":
             name = f"t5-{cfg['t5_bits']}bit" + ("-streamed" if choice["t5_mode"] == "streamed" else "")

@@ -137,16 +137,9 @@ def main() -> None:
     qkv_x, qkv_c = block.x.attn.qkv(x), block.context.attn.qkv(ctx)
     mx.eval(qkv_x, qkv_c)
 
-    def ours(qkv_x, qkv_c):
-        def heads_of(attn, qkv):
-            bb, n, _ = qkv.shape
-            q, k, v = qkv.reshape(bb, n, 3, heads, d).transpose(2, 0, 3, 1, 4)
-            if "q_norm" in attn:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            return q, k, v
-
-        q, k, v = heads_of(block.x.attn, qkv_x)
-        cq, ck, cv = heads_of(block.context.attn, qkv_c)
+    def ours(qkv_x, qkv_c):  # the plain MLX path of joint_heads, whatever the backend
+        q, k, v = jh.split_heads(block.x.attn, qkv_x)
+        cq, ck, cv = jh.split_heads(block.context.attn, qkv_c)
         return attention(mx.concatenate([cq, q], 2), mx.concatenate([ck, k], 2), mx.concatenate([cv, v], 2))
 
     jh.FUSE_ON_CUDA = True

@@ -148,10 +148,15 @@ def _budget(text: str):
         raise argparse.ArgumentTypeError(f"expected a number of GB, 'auto' or 'off', got {text!r}") from None
 
 
+def _plans_memory(value, keep_loaded: bool) -> bool:
+    """'off' never plans; 'auto' not with --keep-loaded, which keeps every network resident:
+    the staged plan would not describe it."""
+    return value != "off" and not (value == "auto" and keep_loaded)
+
+
 def resolve_budget(value, keep_loaded: bool) -> Optional[float]:
-    """GB to plan for: 'auto' = what this machine can give (None with --keep-loaded, which
-    keeps every network resident: the staged plan would not describe it); 'off' = None."""
-    if value == "off" or (value == "auto" and keep_loaded):
+    """GB to plan for ('auto' = what this machine can give), or None for no plan."""
+    if not _plans_memory(value, keep_loaded):
         return None
     if value == "auto":
         from .memory import default_budget_bytes
@@ -162,8 +167,7 @@ def resolve_budget(value, keep_loaded: bool) -> Optional[float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    planned = args.memory_budget != "off" and not (args.memory_budget == "auto" and args.keep_loaded)
-    if planned and sys.platform.startswith("linux"):
+    if _plans_memory(args.memory_budget, args.keep_loaded) and sys.platform.startswith("linux"):
         # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has run.
         # The pipeline holds MLX to the budget (memory.memory_limit), which waits at buffer
         # boundaries: small buffers keep the overshoot near 0.05 GB (1000 MB on an H100 by

@@ -229,6 +229,16 @@ class MemoryEstimator:
         chunks = sum(b.x.num_chunks + b.context.num_chunks for b in self.transformer.blocks) + 2
         return steps * batch * chunks * self.mmdit_config.hidden_size * BYTES_16
 
+    @staticmethod
+    def _tokens(height: int, width: int, t5_tokens: int) -> int:
+        """Image patches (2x2 latents) plus CLIP's 77 and T5's tokens (T5-drop zeros count too)."""
+        return (height // 16) * (width // 16) + 77 + t5_tokens
+
+    def largest_step_allocation(self, height: int, width: int, t5_tokens: int, batch: int) -> int:
+        """The denoise step's largest single tensor: the MLP activation, batch x tokens x 4H at 16-bit."""
+        c = self.mmdit_config
+        return batch * self._tokens(height, width, t5_tokens) * c.mlp_ratio * c.hidden_size * BYTES_16
+
     def denoise(self, bits: Optional[int], height: int, width: int, t5_tokens: int, batch: int = 2,
                 steps: int = 50) -> int:  # fmt: skip
         c = self.mmdit_config
@@ -239,7 +249,7 @@ class MemoryEstimator:
             weights -= c.pos_embed_max_size**2 * c.hidden_size * BYTES_16  # the stored table
             weights += grid * c.hidden_size * BYTES_16  # its crop
             weights += self.modulation_table_bytes(steps, batch)
-        tokens = grid + 77 + t5_tokens
+        tokens = self._tokens(height, width, t5_tokens)
         if self.on_cpu:
             # residual streams, qkv, attention output and the 4x MLP intermediate of one block,
             # plus MLX's CPU attention, which builds the (tokens x tokens) scores per head
@@ -271,17 +281,15 @@ class MemoryEstimator:
              tile_latents: Optional[int] = None, split_cfg: Optional[bool] = None) -> Plan:
         """split_cfg: None = as the estimator allows (`self.split_cfg`)."""
         split = self.split_cfg if split_cfg is None else split_cfg
-        tokens = (height // 16) * (width // 16) + 77 + t5_tokens
-        c = self.mmdit_config
-        mlp_activation = (1 if split else 2) * tokens * c.mlp_ratio * c.hidden_size * BYTES_16
+        batch = 1 if split else 2
         stages = {
             "encode": self.encode(t5_bits, t5_mode),
-            # T5-drop zeros are tokens too
-            "denoise": self.denoise(transformer_bits, height, width, t5_tokens, batch=1 if split else 2),
+            "denoise": self.denoise(transformer_bits, height, width, t5_tokens, batch=batch),
             "decode": self.decode(height, width, tile, tile_latents),
         }
         return Plan(transformer_bits, t5_bits if t5_mode != "dropped" else None, t5_mode, tile, stages,
-                    (tile_latents or DEFAULT_DECODE_TILE) if tile else None, split, mlp_activation)
+                    (tile_latents or DEFAULT_DECODE_TILE) if tile else None, split,
+                    self.largest_step_allocation(height, width, t5_tokens, batch))
 
 
 def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[int]]] = None):

@@ -217,7 +217,6 @@ def test_plan_is_the_best_that_fits(request, model, size):
     tiles = ((False, None),) + tuple((True, t) for t in DECODE_TILES)
     ladder = [est.plan(tr, t5, mode, tile, size, size, 256, t, split)
               for tr, t5, mode in candidates() for split in (False, True) for tile, t in tiles]  # fmt: skip
-    smallest = min(p.peak for p in ladder)
     lowest = min(p.peak + throttle_margin() + p.headroom for p in ladder)  # the smallest budget that fits
     for budget in np.linspace(lowest, 1.1 * max(p.peak for p in ladder), 25).astype(np.int64):
         plan = plan_memory(est, int(budget), size, size)

@@ -45,17 +45,15 @@ def joint_heads(ctx_attn, qkv_c: mx.array, x_attn, qkv_x: mx.array) -> Tuple[mx.
 
 
 def _use_kernel(x_attn, qkv_c: mx.array, qkv_x: mx.array) -> bool:
-    if not (FUSE_ON_CUDA and _cuda_default()):
+    from ..fast_quantized import backend_name
+
+    if not (FUSE_ON_CUDA and backend_name() == "cuda"):
         return False
     head_dim = qkv_x.shape[-1] // (3 * x_attn.num_heads)
     norms = "q_norm" in x_attn
     return head_dim == 64 and qkv_c.dtype == qkv_x.dtype and qkv_c.dtype in (mx.bfloat16, mx.float16, mx.float32) and (
         not norms or x_attn.q_norm.eps == NORM_EPS
     )
-
-
-def _cuda_default() -> bool:
-    return hasattr(mx, "cuda") and mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
 
 
 # One warp per (batch, token, head): lane j holds elements j and j + 32 of the 64-wide head,
