@@ -17,6 +17,7 @@ See benchmarks/bench_quantized_matmul.py for the measurements that set `min_rows
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -97,21 +98,20 @@ _DEQUANTIZE_SOURCE = """
     }
 """
 
-_dequantize_kernel = None
+@functools.cache
+def _dequantize_kernel():
+    return mx.fast.cuda_kernel(
+        name="sd35_dequantize_affine",
+        input_names=["w", "scales", "biases"],
+        output_names=["out"],
+        source=_DEQUANTIZE_SOURCE,
+    )
 
 
 def _dequantize_cuda(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    global _dequantize_kernel
-    if _dequantize_kernel is None:
-        _dequantize_kernel = mx.fast.cuda_kernel(
-            name="sd35_dequantize_affine",
-            input_names=["w", "scales", "biases"],
-            output_names=["out"],
-            source=_DEQUANTIZE_SOURCE,
-        )
     words = w.size
     threads = 256
-    (out,) = _dequantize_kernel(
+    (out,) = _dequantize_kernel()(
         inputs=[w, scales, biases],
         template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size), ("WORDS", words)],
         grid=((words + threads - 1) // threads * threads, 1, 1),

@@ -11,6 +11,7 @@ Every other backend (CPU, Metal) takes the plain path.
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import mlx.core as mx
@@ -88,19 +89,18 @@ _SOURCE = """
     }
 """
 
-_kernel = None
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="sd35_joint_heads",
+        input_names=["qkv_c", "qkv_x", "qn_c", "kn_c", "qn_x", "kn_x"],
+        output_names=["q", "k", "v"],
+        source=_SOURCE.replace("EPS", f"{NORM_EPS:.9e}f"),
+    )
 
 
 def _joint_heads_cuda(ctx_attn, qkv_c: mx.array, x_attn, qkv_x: mx.array, context_tokens: int):
     """The kernel; `context_tokens` = 0: image tokens only (`qkv_c` is then not read)."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="sd35_joint_heads",
-            input_names=["qkv_c", "qkv_x", "qn_c", "kn_c", "qn_x", "kn_x"],
-            output_names=["q", "k", "v"],
-            source=_SOURCE.replace("EPS", f"{NORM_EPS:.9e}f"),
-        )
     b, nx, _ = qkv_x.shape
     nc = context_tokens
     heads = x_attn.num_heads
@@ -112,7 +112,7 @@ def _joint_heads_cuda(ctx_attn, qkv_c: mx.array, x_attn, qkv_x: mx.array, contex
     warps_per_block = 8
     blocks = (rows + warps_per_block - 1) // warps_per_block
     shape = (b, nc + nx, heads, 64)
-    q, k, v = _kernel(
+    q, k, v = _kernel()(
         inputs=[qkv_c, qkv_x, *weights],
         template=[("T", dtype), ("B", b), ("NC", nc), ("NX", nx), ("HEADS", heads), ("NORM", norm)],
         grid=(blocks * warps_per_block * 32, 1, 1),

@@ -16,6 +16,7 @@ Stability's `up.{i}` order and the reverse of diffusers' `up_blocks`.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -66,17 +67,14 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: 
     return y.astype(x.dtype)
 
 
-_fused_group_norms: dict = {}
+@functools.cache
+def _compiled_group_norm(groups: int, eps: float, silu: bool):
+    return mx.compile(functools.partial(group_norm, groups=groups, eps=eps, silu=silu))
 
 
 def fused_group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool) -> mx.array:
     """`group_norm` as one compiled function per (groups, eps, silu)."""
-    key = (groups, eps, silu)
-    if key not in _fused_group_norms:
-        _fused_group_norms[key] = mx.compile(
-            lambda x, w, b: group_norm(x, w, b, groups, eps, silu)  # noqa: B023 (bound per key)
-        )
-    return _fused_group_norms[key](x, weight, bias)
+    return _compiled_group_norm(groups, eps, silu)(x, weight, bias)
 
 
 class GroupNorm(nn.Module):

@@ -155,8 +155,9 @@ def _projection_weight(model: CLIPTextEncoder) -> Optional[mx.array]:
         return None
     layer = model.text_projection
     if isinstance(layer, nn.QuantizedLinear):  # a converted folder may store it quantized
-        return mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size,
-                             layer.bits, mode=layer.mode, dtype=mx.float32)  # fmt: skip
+        from ...fast_quantized import dequantized_weight
+
+        return dequantized_weight(layer, mx.float32)
     return layer.weight.astype(mx.float32)
 
 
