@@ -7,6 +7,7 @@ Every flag maps to a field of `GenerationSettings` or an argument of
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -14,28 +15,39 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from . import __version__
+from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, positive_gb, text, whole_number
 from .errors import InputError, SD35Error
 from .settings import SAMPLERS, GenerationSettings, SkipLayerSettings
 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refusal is one line (`prog: error: …`) with exit code 2, like our own."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m sd35_mlx.generate",
         usage="%(prog)s -m MODEL (-p PROMPT | --prompt-file FILE | --from-image PNG) [options]",
         description="Generate images with Stable Diffusion 3 / 3.5 in MLX.",
         epilog="Defaults for steps, cfg and size come from the model variant "
         "(3.5 Large 28/3.5, Large Turbo 4/0, 3.5 Medium 40/4.5, SD3 Medium 28/7). "
-        "Images are never overwritten: an existing name gets a -1, -2 … suffix.",
+        "Images are never overwritten: an existing name gets a -1, -2 … suffix. "
+        "Installed as the console script sd35-generate.",
     )
+    p.add_argument("--version", action="version", version=f"sd35_mlx {__version__}")
     m = p.add_argument_group("model")
     m.add_argument("--model", "-m", help="HF repo id, diffusers folder, single .safetensors file or converted folder")
     m.add_argument("--revision", help="hub revision (branch, tag or commit)")
     m.add_argument("--variant", help="variant hint, e.g. sd3.5-large-turbo (normally detected)")
     m.add_argument("--tokenizers", help="repo id or folder with tokenizer/ folders, for single-file models (default: the official repo)")
     m.add_argument("--no-t5", action="store_true", help="T5-drop mode: never load T5; zeros stand in for its tokens")
-    m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4'")
+    m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4' (no -q here: in convert -q quantizes)")
     m.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights/compute precision (T5 never runs in float16)")
     m.add_argument("--keep-loaded", action="store_true", help="keep every network in memory (faster for many images, more memory)")
     m.add_argument("--memory-budget", type=_budget, default="auto", metavar="GB",
@@ -50,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", "-n", default="", help="negative prompt (default: empty string)")
     g.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines and # comments skipped)")
     g.add_argument("--t5-length", type=int, default=256, help="T5 tokens (77–512; also the zero length in T5-drop mode)")
-    g.add_argument("--from-image", help="regenerate from the metadata of a PNG written by sd35_mlx (flags given override it)")
+    g.add_argument("--from-image", help="regenerate from the metadata of a PNG written by sd35_mlx (flags given override it; "
+                   "the model it names is used only with --trust-metadata-model, its init image only if passed again)")
+    g.add_argument("--trust-metadata-model", action="store_true",
+                   help="with --from-image and no --model: load (or download) the model the PNG's metadata names")
 
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, help="denoising steps")
@@ -60,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", "-W", type=int, help="image width, multiple of 16")
     s.add_argument("--height", "-H", type=int, help="image height, multiple of 16")
     s.add_argument("--seed", type=int, nargs="+", help="one or more seeds (default: random)")
-    s.add_argument("--num-images", "-N", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
+    s.add_argument("--num-images", "-N", type=int, default=1,
+                   help="images per seed: seed, seed+1, … (seed ranges that overlap are refused)")
     s.add_argument("--slg", action="store_true", help="skip-layer guidance (recommended for 3.5 Medium)")
     s.add_argument("--slg-layers", type=int, nargs="+", default=[7, 8, 9])
     s.add_argument("--slg-scale", type=float, default=2.8)
@@ -70,39 +86,103 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strength", type=float, default=0.6, help="img2img: how much to change the image (0, 1]")
 
     o = p.add_argument_group("output")
-    o.add_argument("--output", "-o", default="sd35.png", help="output PNG (several images get -1, -2 … suffixes)")
-    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    o.add_argument("--output", "-o", default="sd35.png",
+                   help="output PNG; may carry {seed} and {index} (e.g. 'out-{seed}.png'); a taken name gets -1, -2 …")
+    o.add_argument("--quiet", action="store_true", help="print only the paths written and errors")
     return p
 
 
 def read_prompt_file(path: str) -> List[str]:
+    """One prompt per line (blank lines and # comments skipped); UTF-8 text of bounded size."""
     f = Path(path)
     if not f.is_file():
         raise InputError(f"prompt file not found: {path}")
-    prompts = [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines()]
+    if f.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise InputError(f"prompt file {path} is {f.stat().st_size:,} bytes; at most {MAX_PROMPT_FILE_BYTES:,} (is it the right file?)")
+    data = f.read_bytes()
+    if b"\0" in data:
+        raise InputError(f"prompt file {path} is binary (it holds NUL bytes), not text with one prompt per line")
+    try:
+        content = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"prompt file {path} is not UTF-8 text (byte {data[e.start]:#04x} on line {line}); save it as UTF-8") from None
+    prompts = [ln.strip() for ln in content.splitlines()]
     prompts = [x for x in prompts if x and not x.startswith("#")]
     if not prompts:
         raise InputError(f"prompt file {path} holds no prompts")
+    if len(prompts) > MAX_IMAGES:
+        raise InputError(f"prompt file {path} holds {len(prompts):,} prompts; at most {MAX_IMAGES:,} per run")
     return prompts
 
 
-def plan(args: argparse.Namespace):
-    """Turn arguments into (model, [settings…]); raises InputError before anything loads."""
-    from .images import read_metadata
+def settings_from_image(args: argparse.Namespace):
+    """(settings, model, t5, quantization) from --from-image, every field checked like a flag.
 
-    base = GenerationSettings()
-    model = args.model
-    t5 = not args.no_t5
-    if args.from_image:
-        meta = read_metadata(args.from_image)
+    The metadata is untrusted: it may name any repo or file. Its model is used only when the
+    user asks for it (--trust-metadata-model), its init image only when passed again.
+    """
+    from .images import read_metadata
+    from .quantize import parse_quantize
+
+    png = args.from_image
+    meta = dict(read_metadata(png))
+    recorded_init = meta.pop("init_image", None)
+    try:
         base = GenerationSettings.from_dict(meta)
-        model = model or meta.get("model")
-        if str(meta.get("t5", "")).startswith("dropped") and not args.no_t5:
-            t5 = False
-        if args.quantize is None and meta.get("quantization") not in (None, "none"):
-            args.quantize = meta["quantization"]
+        model = meta.get("model")
+        if model is not None:
+            model = text("model", model, 4096)
+        quantization = meta.get("quantization")
+        if quantization not in (None, "none"):
+            parse_quantize(text("quantization", quantization, 200), defaults=False)
+        t5 = meta.get("t5", "")
+        if not isinstance(t5, str):
+            raise InputError(f"t5 must be text such as 't5xxl:256' (got {t5!r:.60})")
+    except InputError as e:
+        raise InputError(f"{png}: metadata field {e}") from None
+    if recorded_init is not None and not args.init_image:
+        raise InputError(f"{png} was made by img2img from {recorded_init!r:.200}; pass --init-image PATH to "
+                         "regenerate it (a path named only by metadata is never read)")  # fmt: skip
+    if args.model is None:
+        if model is None:
+            raise InputError(f"{png}'s metadata names no model: pass --model")
+        if not args.trust_metadata_model:
+            raise InputError(f"{png} was made with {model!r:.200}; pass --model {model:.200} (or "
+                             "--trust-metadata-model) to use it: a model named only by metadata is never loaded")  # fmt: skip
+    quantize = args.quantize if args.quantize is not None else (None if quantization in (None, "none") else quantization)
+    return base, args.model or model, not t5.startswith("dropped"), quantize
+
+
+def expand_seeds(seeds: Optional[Sequence[int]], per_seed: int) -> List[Optional[int]]:
+    """Each seed s gives `per_seed` images with seeds s, s+1, …; ranges that overlap would make
+    the same image twice, so they are refused (with a suggestion)."""
+    whole_number("--num-images", per_seed, 1, MAX_IMAGES)
+    if not seeds:
+        return [None] * per_seed
+    if len(seeds) > MAX_IMAGES:
+        raise InputError(f"--seed lists {len(seeds):,} seeds; at most {MAX_IMAGES:,} per run")
+    out: List[Optional[int]] = []
+    for seed in seeds:
+        whole_number("seed", seed, 0, 2**63 - per_seed)
+        out.extend(range(seed, seed + per_seed))
+    if len(set(out)) != len(out):
+        dup = next(x for x in out if out.count(x) > 1)
+        raise InputError(f"--seed {' '.join(map(str, seeds))} with -N {per_seed} asks for seed {dup} twice "
+                         f"(each seed s gives seeds s … s+{per_seed - 1}); pass seeds at least {per_seed} apart")  # fmt: skip
+    return out
+
+
+def plan(args: argparse.Namespace):
+    """Turn arguments into (model, t5, [settings…]); raises InputError before anything loads."""
+    base = GenerationSettings()
+    model, t5 = args.model, not args.no_t5
+    if args.from_image:
+        base, model, t5_recorded, args.quantize = settings_from_image(args)
+        t5 = t5 and t5_recorded
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
+    text("--model", model, 4096)
 
     prompts: List[str]
     if args.prompt_file:
@@ -113,11 +193,6 @@ def plan(args: argparse.Namespace):
         prompts = [base.prompt]
     else:
         raise InputError("no prompt: pass --prompt, --prompt-file or --from-image")
-    if isinstance(args.memory_budget, float) and args.memory_budget <= 0:
-        raise InputError(f"--memory-budget must be a positive number of GB, 'auto' or 'off' (got {args.memory_budget})")
-    if args.num_images < 1:
-        raise InputError(f"--num-images must be ≥ 1 (got {args.num_images})")
-
     overrides = {k: getattr(args, k) for k in ("steps", "cfg", "sampler", "shift", "width", "height") if getattr(args, k) is not None}
     if args.negative_prompt or not args.from_image:
         overrides["negative_prompt"] = args.negative_prompt
@@ -128,24 +203,43 @@ def plan(args: argparse.Namespace):
     if args.init_image:
         overrides["init_image"] = args.init_image
         overrides["strength"] = args.strength
-    seeds: List[Optional[int]] = list(args.seed) if args.seed else [base.seed if args.from_image else None]
-    jobs = []
-    for prompt in prompts:
-        for seed in seeds:
-            for k in range(args.num_images):
-                s = seed + k if seed is not None else None
-                jobs.append(replace(base, **overrides, prompt=prompt, seed=s).validate())
+    seeds = expand_seeds(args.seed or ([base.seed] if args.from_image and base.seed is not None else None), args.num_images)
+    if len(prompts) * len(seeds) > MAX_IMAGES:
+        raise InputError(f"{len(prompts):,} prompts × {len(seeds):,} seeds is {len(prompts) * len(seeds):,} images; at most {MAX_IMAGES:,} per run")
+    settings = replace(base, **overrides).validate()  # one check of the shared fields, then per image
+    jobs = [replace(settings, prompt=prompt, seed=seed).validate() for prompt in prompts for seed in seeds]
+    check_output(args.output, jobs)
     return model, t5, jobs
 
 
-def _budget(text: str):
-    """--memory-budget: a number of GB, 'auto' or 'off'."""
-    if text.lower() in ("auto", "off"):
-        return text.lower()
+def output_path(template: str, job: GenerationSettings, index: int) -> Path:
+    """The output name for one image: `template` with {seed} and {index} filled in."""
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB, 'auto' or 'off', got {text!r}") from None
+        return Path(template.format(seed=job.seed, index=index))
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise InputError(f"--output {template!r}: only {{seed}} and {{index}} may be filled in ({e})") from None
+
+
+def check_output(template: str, jobs: List[GenerationSettings]) -> None:
+    """Refuse, before anything loads, a name the writer cannot honour or a folder it cannot write."""
+    from .images import check_png_name
+
+    text("--output", template, 4096)
+    path = check_png_name(output_path(template, replace(jobs[0], seed=jobs[0].seed or 0), 1))
+    folder = path.parent.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write images into {folder}: {existing} is not a writable folder")
+
+
+def _budget(value: str):
+    """--memory-budget: a number of GB, 'auto' or 'off'."""
+    if value.lower() in ("auto", "off"):
+        return value.lower()
+    try:
+        return positive_gb("--memory-budget", float(value))
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"expected a number of GB, 'auto' or 'off', got {value!r} (a number must be finite and > 0)") from None
 
 
 def _plans_memory(value, keep_loaded: bool) -> bool:
@@ -167,6 +261,7 @@ def resolve_budget(value, keep_loaded: bool) -> Optional[float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
     if _plans_memory(args.memory_budget, args.keep_loaded) and sys.platform.startswith("linux"):
         # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has run.
         # The pipeline holds MLX to the budget (memory.memory_limit), which waits at buffer
@@ -174,9 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # default: up to 0.25 GB) at the same speed (docs/memory.md). Set before MLX starts.
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
-    args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
     try:
         model, t5, jobs = plan(args)
+        args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
         return run(args, model, t5, jobs)
     except SD35Error as e:
         print(f"error: {e}", file=sys.stderr)
@@ -184,6 +279,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def setup_logging(quiet: bool) -> None:
+    """The libraries log; the CLI shows their warnings (and, unless --quiet, their notes)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname_lower)s%(message)s"))
+    handler.addFilter(_label_levels)
+    root = logging.getLogger("sd35_mlx")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _label_levels(record: logging.LogRecord) -> bool:
+    record.levelname_lower = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+    return True
 
 
 def _largest_size(jobs: List[GenerationSettings]):
@@ -194,9 +305,8 @@ def _largest_size(jobs: List[GenerationSettings]):
 def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     import mlx.core as mx
 
-    from .images import save_png
     from .pipeline import SD35Pipeline
-    from .progress import ProgressBar, peak_memory_gb
+    from .progress import Progress, peak_memory_gb
 
     t0 = time.perf_counter()
     pipe = SD35Pipeline.from_pretrained(
@@ -206,21 +316,40 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
     )  # fmt: skip
+    # Every image is checked against this model (size vs its position grid, SLG layers vs its
+    # depth) before the first one starts: no weight has been read yet (networks are lazy).
+    jobs = [pipe.settings_with_defaults(job) for job in jobs]
     if not args.quiet:
-        print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")
-    out = Path(args.output)
+        print(f"model: {pipe.name} ({pipe.variant.name}), ready in {time.perf_counter() - t0:.1f} s")
+    failed = 0
     for n, job in enumerate(jobs):
-        job = pipe.settings_with_defaults(job).with_seed()
-        bar = None if args.quiet else ProgressBar(job.steps if not job.init_image else None, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
-        result = pipe.generate(settings=job, callback=bar, verbose=not args.quiet)
-        path = save_png(result.image, out, result.metadata)
-        if bar is not None:
-            bar.close()
+        job = job.with_seed()
+        progress = None if args.quiet else Progress(job, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
+        result = pipe.generate(settings=job, callback=progress, verbose=not args.quiet)
+        path, saved = save_or_fallback(result, output_path(args.output, job, n + 1))
+        failed += not saved
+        if progress is not None:
+            progress.close()
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
             print(f"saved {path}  ({stages}; peak memory {peak_memory_gb():.2f} GB)")
         else:
             print(path)
-    return 0
+    return 1 if failed else 0
+
+
+def save_or_fallback(result, path: Path):
+    """Save the image; if that fails (disk full, folder gone), save it in the temp folder and
+    say where: a finished image is never dropped. Returns (path written, whether as asked)."""
+    import tempfile
+
+    from .images import save_png
+
+    try:
+        return save_png(result.image, path, result.metadata), True
+    except OSError as e:
+        fallback = save_png(result.image, Path(tempfile.gettempdir()) / path.name, result.metadata)
+        print(f"error: could not write {path} ({e}); the image was saved as {fallback} instead", file=sys.stderr)
+        return fallback, False
 
 
 if __name__ == "__main__":

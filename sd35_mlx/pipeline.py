@@ -19,7 +19,7 @@ from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .conditioning import Conditioning, assemble
 from .denoise import Denoiser
 from .errors import InputError
-from .images import load_image, to_pil
+from .images import init_image_size, load_image, to_pil
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise
 from .settings import GenerationSettings, SkipLayerSettings
 from .variants import Variant, detect_variant, validate_size
@@ -242,16 +242,23 @@ class SD35Pipeline:
     def settings_with_defaults(self, settings: GenerationSettings) -> GenerationSettings:
         """Fill unset fields from the variant's defaults and check the size fits the model."""
         v = self.variant
+        width, height = settings.width, settings.height
+        if settings.init_image is not None:  # img2img: a side not given follows the init image
+            width, height = init_image_size(settings.init_image, width, height)
         s = replace(
             settings,
-            width=settings.width or v.default_size,
-            height=settings.height or v.default_size,
+            width=width or v.default_size,
+            height=height or v.default_size,
             steps=settings.steps or v.steps,
             cfg=v.cfg if settings.cfg is None else settings.cfg,
             sampler=settings.sampler or v.sampler,
             shift=settings.shift or v.shift,
         ).validate()
         validate_size(s.height, s.width, v)
+        slg = s.skip_layer_guidance
+        if slg is not None and max(slg.layers) >= v.config.depth:
+            bad = [i for i in slg.layers if i >= v.config.depth]
+            raise InputError(f"skip-layer guidance layers {bad} do not exist: the model has blocks 0..{v.config.depth - 1}")
         return s
 
     def encode_prompt(

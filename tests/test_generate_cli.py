@@ -45,7 +45,7 @@ def test_cli_writes_png_whose_metadata_regenerates_it(tiny_root, tmp_path):
     assert meta["sd35_mlx_version"] and meta["model"] == str(tiny_root) and "quantization" in meta
 
     # regenerate from the metadata alone: same pixels, and the first file is not overwritten
-    r2 = run_cli("--from-image", str(out), "--dtype", "float32", "-o", str(out))
+    r2 = run_cli("--from-image", str(out), "--trust-metadata-model", "--dtype", "float32", "-o", str(out))
     assert r2.returncode == 0, r2.stderr
     second = tmp_path / "img-1.png"
     assert second.is_file()
