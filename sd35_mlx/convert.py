@@ -36,6 +36,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from . import __version__
+from .checks import finite_number, whole_number
+from .cli import OneLineParser
 from .errors import CLIPProjectionWarning, InputError, SD35Error, WeightFileError
 from .quantize import (
     COMPONENTS, MODES, QUANTIZABLE, QuantSpec, dequantize_network, make_spec, parse_quantize,
@@ -54,6 +57,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 REQUIRED = ("transformer", "vae", "clip_l", "clip_g")  # T5 is optional (T5-drop mode)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 DISK_MARGIN_BYTES = 64 * 10**6  # config, tokenizers, model card, filesystem slack
+# Shards of 0.1 MB (tests) to 1 TB: smaller would be thousands of files for nothing.
+MIN_SHARD_BYTES, MAX_SHARD_BYTES = 10**5, 10**12
 
 
 @dataclass
@@ -407,8 +412,7 @@ def convert(
     t0 = time.perf_counter()
     if upload_repo is not None and not _REPO_ID.match(upload_repo):
         raise InputError(f"--upload-repo must look like 'user/name'; got {upload_repo!r}")
-    if max_shard_bytes <= 0:
-        raise InputError("the shard size must be positive")
+    whole_number("max_shard_bytes", max_shard_bytes, MIN_SHARD_BYTES, MAX_SHARD_BYTES)
     plan = plan_conversion(hf_path, mlx_path, revision=revision, dtype=dtype, quantize=quantize,
                            drop_t5=drop_t5, force=force, token=token, quiet=quiet)  # fmt: skip
     sizes = estimate(plan, quiet)
@@ -480,10 +484,12 @@ def upload(folder: Path, repo_id: str, token: Optional[str] = None, quiet: bool 
 
 # ---- command line ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m sd35_mlx.convert",
         description="Convert an SD3 / SD3.5 model to the sd35_mlx format, optionally quantized.",
+        epilog="Installed as the console script sd35-convert; `python convert.py` in a clone does the same.",
     )
+    p.add_argument("--version", action="version", version=f"sd35_mlx {__version__}")
     p.add_argument("--hf-path", nargs="+", required=True, metavar="PATH",
                    help="Hugging Face repo id, diffusers folder, Stability single file (+ its text "
                         "encoder files), or a converted folder to requantize")  # fmt: skip
@@ -504,10 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path (only once the new one is complete)")
     p.add_argument("--upload-repo", help="upload the result to this Hugging Face repo (user/name)")
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
-    p.add_argument("--max-shard-size", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, metavar="GB",
+    p.add_argument("--max-shard-size", type=_shard_gb, default=DEFAULT_MAX_SHARD_BYTES / 1e9, metavar="GB",
                    help="split a network's weights into files of at most this size (default 5)")  # fmt: skip
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     return p
+
+
+def _shard_gb(value: str) -> float:
+    try:
+        return finite_number("--max-shard-size", float(value), MIN_SHARD_BYTES / 1e9, MAX_SHARD_BYTES / 1e9)
+    except (ValueError, InputError) as e:
+        raise argparse.ArgumentTypeError(f"expected GB between {MIN_SHARD_BYTES / 1e9:g} and {MAX_SHARD_BYTES / 1e9:g}, got {value!r}") from e
 
 
 def quantization_from_args(args: argparse.Namespace) -> Union[None, str, Dict[str, Optional[QuantSpec]]]:
@@ -535,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         convert(
             args.hf_path, args.mlx_path, revision=args.revision, dtype=args.dtype, quantize=quantize,
             drop_t5=args.drop_t5, force=args.force, upload_repo=args.upload_repo, token=args.token,
-            max_shard_bytes=int(args.max_shard_size * 1e9), quiet=args.quiet,
+            max_shard_bytes=round(args.max_shard_size * 1e9), quiet=args.quiet,
         )  # fmt: skip
     except SD35Error as e:
         print(f"error: {e}", file=sys.stderr)

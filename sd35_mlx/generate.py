@@ -7,27 +7,21 @@ Every flag maps to a field of `GenerationSettings` or an argument of
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import __version__
+from .cli import OneLineParser, setup_logging
 from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, positive_gb, text, whole_number
 from .errors import InputError, SD35Error
 from .settings import SAMPLERS, GenerationSettings, SkipLayerSettings
 
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a refusal is one line (`prog: error: …`) with exit code 2, like our own."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,8 +222,12 @@ def check_output(template: str, jobs: List[GenerationSettings]) -> None:
     path = check_png_name(output_path(template, replace(jobs[0], seed=jobs[0].seed or 0), 1))
     folder = path.parent.absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write images into {folder}: {existing} is not a writable folder")
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or /proc
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise InputError(f"cannot write images into {folder}: {e}") from None
 
 
 def _budget(value: str):
@@ -281,22 +279,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def setup_logging(quiet: bool) -> None:
-    """The libraries log; the CLI shows their warnings (and, unless --quiet, their notes)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname_lower)s%(message)s"))
-    handler.addFilter(_label_levels)
-    root = logging.getLogger("sd35_mlx")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    root.propagate = False
-
-
-def _label_levels(record: logging.LogRecord) -> bool:
-    record.levelname_lower = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-    return True
-
-
 def _largest_size(jobs: List[GenerationSettings]):
     sized = [(j.height, j.width) for j in jobs if j.height and j.width]
     return max(sized, key=lambda hw: hw[0] * hw[1]) if sized else None
@@ -340,8 +322,6 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
 def save_or_fallback(result, path: Path):
     """Save the image; if that fails (disk full, folder gone), save it in the temp folder and
     say where: a finished image is never dropped. Returns (path written, whether as asked)."""
-    import tempfile
-
     from .images import save_png
 
     try:

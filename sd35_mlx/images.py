@@ -53,7 +53,7 @@ def init_image_size(path: str | os.PathLike, width: Optional[int], height: Optio
         width = w * height / h
     else:
         width, height = w, h
-    return max(16, round(width / 16) * 16), max(16, round(height / 16) * 16)
+    return max(16, int(width / 16 + 0.5) * 16), max(16, int(height / 16 + 0.5) * 16)  # halves up
 
 
 def load_image(path: str | os.PathLike, width: int, height: int) -> mx.array:

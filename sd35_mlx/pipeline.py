@@ -12,9 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
+import logging
+
 import mlx.core as mx
 
 from . import __version__
+from .checks import positive_gb
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .conditioning import Conditioning, assemble
 from .denoise import Denoiser
@@ -23,6 +26,8 @@ from .images import init_image_size, load_image, to_pil
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise
 from .settings import GenerationSettings, SkipLayerSettings
 from .variants import Variant, detect_variant, validate_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +38,8 @@ class PromptEmbeddings:
     negative: Optional[Conditioning]
     t5_length: int
     t5_dropped: bool
+    prompt: Optional[str] = None  # the texts encoded (recorded in the metadata of what they make)
+    negative_prompt: Optional[str] = None
 
 
 @dataclass
@@ -127,10 +134,14 @@ class SD35Pipeline:
         """
         from .hub import resolve_model_path
 
+        if memory_budget is not None:  # before any download
+            positive_gb("memory_budget", memory_budget)
         components = ("transformer", "vae", "clip_l", "clip_g", "tokenizers") + (("t5",) if t5 else ())
         path = resolve_model_path(str(model), revision=revision, components=components)
+        local = Path(str(model)).expanduser()
+        name = str(local.resolve()) if local.exists() else str(model)  # recorded: must resolve from anywhere
         return cls(
-            path, name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
+            path, name=name, dtype=dtype, use_t5=t5, low_memory=low_memory,
             quantize=quantize, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
             memory_budget=memory_budget, plan_size=plan_size, tokenizers=tokenizers,
         )  # fmt: skip
@@ -158,8 +169,7 @@ class SD35Pipeline:
         from .memory import plan_memory
         from .quantize import parse_quantize
 
-        if budget_gb <= 0:
-            raise InputError(f"memory budget must be positive (got {budget_gb} GB)")
+        positive_gb("memory_budget", budget_gb)
         given = parse_quantize(self.quantize, defaults=False) if self.quantize else {}
         named = {item.split("=")[0].strip() for item in (self.quantize or "").split(",") if "=" in item}
         fixed = {k: (given[k].bits if given[k] else None) for k in named & {"transformer", "t5"}}
@@ -255,6 +265,12 @@ class SD35Pipeline:
             shift=settings.shift or v.shift,
         ).validate()
         validate_size(s.height, s.width, v)
+        if s.cfg <= 1.0 and (s.negative_prompt or s.skip_layer_guidance is not None):
+            # One conditional pass: neither has any effect, so neither is recorded as used.
+            unused = " and ".join(n for n, on in (("the negative prompt", s.negative_prompt),
+                                                  ("skip-layer guidance", s.skip_layer_guidance)) if on)  # fmt: skip
+            log.warning("cfg %g ≤ 1 runs one conditional pass: %s is ignored (not recorded in the metadata)", s.cfg, unused)
+            s = replace(s, negative_prompt="", skip_layer_guidance=None)
         slg = s.skip_layer_guidance
         if slg is not None and max(slg.layers) >= v.config.depth:
             bad = [i for i in slg.layers if i >= v.config.depth]
@@ -301,7 +317,8 @@ class SD35Pipeline:
         negative = Conditioning(cond.context[n:], cond.pooled[n:]) if with_negative else None
         if self.low_memory:
             self.release("encoders")
-        return PromptEmbeddings(positive, negative, t5_length, not self.use_t5)
+        texts = dict(prompt=prompt, negative_prompt=negative_prompt if with_negative else None) if isinstance(prompt, str) else {}
+        return PromptEmbeddings(positive, negative, t5_length, not self.use_t5, **texts)
 
     def encode_image(self, image: mx.array) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
@@ -432,6 +449,13 @@ class SD35Pipeline:
             overrides["prompt"] = prompt
         if "skip_layer_guidance" in overrides and isinstance(overrides["skip_layer_guidance"], dict):
             overrides["skip_layer_guidance"] = SkipLayerSettings(**overrides["skip_layer_guidance"])
+        if embeddings is not None:  # record what was encoded (the images come from it), not the settings'
+            known = {k: getattr(embeddings, k) for k in ("prompt", "negative_prompt", "t5_length")
+                     if getattr(embeddings, k) is not None}  # fmt: skip
+            for k, v in known.items():
+                if k in overrides and overrides[k] != v:
+                    log.warning("%s %r differs from the embeddings' (%r): the embeddings are used and recorded", k, overrides[k], v)
+            overrides = {**overrides, **known}
         s = self.settings_with_defaults(replace(s, **overrides)).with_seed()
         final = None
         for info in self.generate_latents(s, embeddings=embeddings, noise=noise, verbose=verbose):

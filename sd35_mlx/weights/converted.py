@@ -261,16 +261,45 @@ def temp_folder_for(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{os.getpid()}"
 
 
-def _remove_stale_temps(target: Path) -> None:
-    """Temp folders of conversions that were killed (SIGKILL, power loss) before cleaning up."""
+def _leftovers(target: Path) -> Dict[str, List[Path]]:
+    """What killed conversions (SIGKILL, power loss) left beside `target`, by kind; folders of
+    live processes (another conversion running now) are not listed."""
+    found: Dict[str, List[Path]] = {"tmp": [], "old": [], "trash": []}
     if not target.parent.is_dir():
-        return
-    pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-(\d+)\Z")
+        return found
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old|trash)-(\d+)\Z")
     for p in target.parent.iterdir():
         m = pattern.match(p.name)
         if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
-            log.info("removing %s, left by an interrupted conversion", p)
-            shutil.rmtree(p, ignore_errors=True)
+            found[m.group(1)].append(p)
+    return found
+
+
+def recover_interrupted(target: Path) -> None:
+    """Finish or undo a conversion that was killed beside `target`; never delete the only copy.
+
+    - `.old-PID` is the previous `target`, moved aside by the swap (`_swap_in`). With `target`
+      missing, the kill came between the swap's two renames: it is the only copy, so it is
+      renamed back. With `target` present the swap was done and it is redundant: it is renamed
+      to `.trash-PID` first, so that a kill while deleting it never leaves a half-deleted
+      folder under a name this function would restore.
+    - `.trash-PID` is a replaced folder being deleted: removed.
+    - `.tmp-PID` is a new folder that was never swapped in (incomplete, or complete but not
+      confirmed): removed; the sources it came from are untouched.
+    """
+    found = _leftovers(target)
+    olds = sorted(found["old"], key=lambda p: p.stat().st_mtime)
+    if olds and not (target.exists() or target.is_symlink()):
+        newest = olds.pop()
+        log.warning("restoring %s from %s, left by a conversion killed while replacing it", target, newest)
+        os.replace(newest, target)
+    for old in olds:
+        trash = old.with_name(old.name.replace(".old-", ".trash-", 1))
+        os.replace(old, trash)
+        found["trash"].append(trash)
+    for p in found["tmp"] + found["trash"]:
+        log.info("removing %s, left by an interrupted conversion", p)
+        _remove(p)
 
 
 def check_target(target: Union[str, os.PathLike], force: bool) -> Path:
@@ -280,6 +309,7 @@ def check_target(target: Union[str, os.PathLike], force: bool) -> Path:
     `--mlx-path . --force` must not delete the user's files.
     """
     target = Path(target).expanduser()
+    recover_interrupted(target.absolute())  # a killed swap may have left the only copy aside
     if not (target.exists() or target.is_symlink()):
         return target
     if not force:
@@ -306,7 +336,6 @@ def atomic_folder(target: Union[str, os.PathLike], force: bool = False) -> Itera
     (exception, Ctrl-C) it is removed and `target` is left as it was."""
     target = check_target(target, force).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
     tmp = temp_folder_for(target)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -320,22 +349,29 @@ def atomic_folder(target: Union[str, os.PathLike], force: bool = False) -> Itera
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
+    """Make the complete `tmp` the `target`. A SIGKILL between any two lines leaves a state
+    `recover_interrupted` resolves without loss (the reason is given at each step)."""
     if not (target.exists() or target.is_symlink()):
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # atomic: before it the old state, after it the new one
         return
-    # rename(2) cannot replace a non-empty folder: move the old one aside first, restore it
-    # if the new one cannot be moved in, delete it only when the new one is in place.
+    # rename(2) cannot replace a non-empty folder: move the old one aside first.
     old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.replace(target, old)
+    os.replace(target, old)  # killed after this: no target, so `old` (the only copy) is restored
     try:
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # killed after this: target complete, `old` redundant
     except BaseException:
         os.replace(old, target)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
+    trash = target.parent / f".{target.name}.trash-{os.getpid()}"
+    os.replace(old, trash)  # only now may it be deleted: `.trash-` is never restored
+    _remove(trash)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
     else:
-        old.unlink()
+        p.unlink(missing_ok=True)
 
 
 def _shards(items: Sequence[Tuple[str, mx.array]], max_bytes: int) -> List[List[Tuple[str, mx.array]]]:
