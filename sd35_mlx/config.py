@@ -6,10 +6,45 @@ converted model folder carry them in its config.json.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Tuple, Type, TypeVar
 
 T = TypeVar("T")
+
+
+# A config read from a file builds a network before any tensor is checked: bound what it may
+# ask for (a depth of 10⁹ would build 10⁹ Python blocks) far above every published network.
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**20
+
+
+def _checked(cls_name: str, name: str, annotation: str, value: Any) -> Any:
+    """`value` as the field's declared type, else ValueError naming the field."""
+    where = f"{cls_name}.{name}"
+    optional = annotation.startswith("Optional[")
+    if value is None and optional:
+        return None
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false (got {value!r:.60})")
+    elif base == "int":
+        high = MAX_LAYERS if "layers" in name or name == "depth" else MAX_WIDTH
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise ValueError(f"{where} must be a whole number between 0 and {high} (got {value!r:.60})")
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number (got {value!r:.60})")
+        value = float(value)
+    elif base == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be text (got {value!r:.60})")
+    elif base.startswith("Tuple[int"):
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_LAYERS:
+            raise ValueError(f"{where} must be a list of whole numbers (got {value!r:.60})")
+        value = tuple(_checked(cls_name, name, "int", v) for v in value)
+    return value
 
 
 class _Serializable:
@@ -18,13 +53,15 @@ class _Serializable:
 
     @classmethod
     def from_dict(cls: Type[T], values: dict) -> T:
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = set(values) - names
+        """From a dict such as config.json holds; wrong types, unknown fields or absurd sizes
+        raise ValueError naming the field."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a {cls.__name__} must be a JSON object (got {type(values).__name__})")
+        declared = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(values) - set(declared)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        kwargs: dict[str, Any] = {}
-        for k, v in values.items():
-            kwargs[k] = tuple(v) if isinstance(v, list) else v
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(map(str, unknown))}")
+        kwargs = {k: _checked(cls.__name__, k, declared[k], v) for k, v in values.items()}
         return cls(**kwargs)
 
 

@@ -9,6 +9,10 @@ class WeightFileError(SD35Error, ValueError):
     """A weight file cannot be read: missing, truncated, corrupt, or not safetensors."""
 
 
+class MissingTokenizersError(WeightFileError):
+    """A model path has no tokenizer folders (Stability single files ship none)."""
+
+
 class WeightMappingError(SD35Error, ValueError):
     """A checkpoint's tensors do not fit the network: missing, unexpected or mis-shaped keys."""
 

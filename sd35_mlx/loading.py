@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
-from .errors import SD35Error, WeightFileError
+from .errors import MissingTokenizersError, SD35Error, WeightFileError
 from .weights.layouts import (
     TOKENIZER_FOLDERS, ComponentSource, _converted, is_converted_folder, resolve_component,
     resolve_components,
@@ -202,7 +202,7 @@ def load_tokenizers(path: str | os.PathLike) -> Tokenizers:
     local = _local_path(path, ("tokenizers",))
     root = _tokenizer_root(local)
     if root is None:
-        raise WeightFileError(
+        raise MissingTokenizersError(
             f"{local}: no tokenizer/ and tokenizer_2/ folders there (Stability single files carry "
             "no tokenizers). Put the diffusers tokenizer/, tokenizer_2/ and tokenizer_3/ folders "
             "next to the checkpoint, or load them from a diffusers repo, e.g. "

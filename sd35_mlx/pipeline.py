@@ -149,7 +149,7 @@ class SD35Pipeline:
     def _load_tokenizers(self, source: Optional[str]):
         """From `source`, else the model path, else (Stability single files ship none) the
         official diffusers repo of the detected variant, tokenizer files only (~3 MB)."""
-        from .errors import SD35Error
+        from .errors import MissingTokenizersError
         from .hub import resolve_model_path
         from .loading import load_tokenizers
 
@@ -157,7 +157,7 @@ class SD35Pipeline:
             return load_tokenizers(resolve_model_path(source, components=("tokenizers",)))
         try:
             return load_tokenizers(self.path)
-        except SD35Error as first:
+        except MissingTokenizersError as first:  # damaged ones are reported, not replaced
             repo = self.variant.repo_id
             if repo is None:
                 raise InputError(f"{first} Pass tokenizers=<a diffusers repo id or folder> (CLI: --tokenizers).") from first

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from .checks import whole_number
 from .errors import InputError
 
 COMPONENTS = ("transformer", "vae", "clip_l", "clip_g", "t5")
@@ -107,11 +108,16 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "QuantSpec":
-        try:
-            return cls(int(d["bits"]), int(d["group_size"]), str(d.get("mode", "affine")),
-                       tuple(d.get("keep", ())))  # fmt: skip
-        except KeyError as e:
-            raise InputError(f"quantization entry lacks {e}: {dict(d)}") from None
+        """From a stored entry (config.json): every field's type checked, InputError if wrong."""
+        if not isinstance(d, Mapping):
+            raise InputError(f"a quantization entry must be an object with bits and group_size (got {d!r:.60})")
+        missing = [k for k in ("bits", "group_size") if k not in d]
+        if missing:
+            raise InputError(f"quantization entry lacks {', '.join(missing)}: {dict(d)!r:.100}")
+        mode, keep = d.get("mode", "affine"), d.get("keep", ())
+        if not isinstance(mode, str) or not isinstance(keep, (list, tuple)) or not all(isinstance(k, str) for k in keep):
+            raise InputError(f"quantization entry: mode must be text and keep a list of names (got {dict(d)!r:.100})")
+        return cls(whole_number("bits", d["bits"], 1, 16), whole_number("group_size", d["group_size"], 1, 4096), mode, tuple(keep))
 
 
 def validate(bits: int, group_size: int, mode: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from contextlib import contextmanager
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,31 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"Cannot read tokenizer file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"Cannot read tokenizer file {path}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
+@contextmanager
+def reading_folder(folder: Path):
+    """Turn whatever a damaged tokenizer file makes the parsers raise into one clear error.
+
+    The `tokenizers` and `sentencepiece` libraries raise bare `Exception` / `RuntimeError`,
+    and a JSON file of the wrong shape surfaces as KeyError / TypeError deep inside: all of
+    them mean the same thing to the user, so they are reported once, with the folder.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"Cannot read the tokenizer in {folder}: {type(e).__name__}: {e}. The files are damaged or "
+            "not a tokenizer; copy or download the folder again."
+        ) from None
 
 
 def _read_folder_config(folder: Path) -> dict:
@@ -264,7 +287,11 @@ class CLIPTokenizer:
     @classmethod
     def from_folder(cls, path: str | Path, max_length: int | None = None) -> CLIPTokenizer:
         """From a diffusers `tokenizer/` or `tokenizer_2/` folder (pad token and length from its configs)."""
-        folder = Path(path)
+        with reading_folder(Path(path)):
+            return cls._from_folder(Path(path), max_length)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, max_length: int | None) -> CLIPTokenizer:
         vocab_path, merges_path, json_path = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
         if vocab_path.exists() and merges_path.exists():
             vocab, merges = BPE.read_file(str(vocab_path), str(merges_path))
@@ -419,7 +446,11 @@ class T5Tokenizer:
     @classmethod
     def from_folder(cls, path: str | Path, max_length: int = T5_DEFAULT_LENGTH) -> T5Tokenizer:
         """From a diffusers `tokenizer_3/` folder (`spiece.model`, else `tokenizer.json`)."""
-        folder = Path(path)
+        with reading_folder(Path(path)):
+            return cls._from_folder(Path(path), max_length)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, max_length: int) -> T5Tokenizer:
         config = _read_folder_config(folder)
         if (folder / "spiece.model").exists():
             return cls.from_file(folder / "spiece.model", max_length, config=config)

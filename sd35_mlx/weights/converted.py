@@ -91,14 +91,15 @@ def network_options(component: str, model: nn.Module) -> dict:
     return {"with_encoder": "encoder" in model} if component == "vae" else {}
 
 
-def build_network(component: str, config: Mapping, options: Optional[Mapping] = None) -> nn.Module:
+def build_network(component: str, config: Mapping, options: Optional[Mapping] = None,
+                  source: str = "config.json") -> nn.Module:  # fmt: skip
     """A fresh network (lazily initialised: no memory is used until evaluated)."""
     network_cls, config_cls = _classes(component)
     try:
         cfg = config_cls.from_dict(dict(config))
+        return network_cls(cfg, **dict(options or {}))
     except (TypeError, ValueError) as e:
-        raise WeightFileError(f"the {component} config in config.json is not valid: {e}") from None
-    return network_cls(cfg, **dict(options or {}))
+        raise WeightFileError(f"{source}: the {component} config is not valid: {e}") from None
 
 
 def float_dtype(model: nn.Module) -> Optional[mx.Dtype]:
@@ -174,7 +175,41 @@ def read_converted_config(folder: Union[str, os.PathLike]) -> dict:
         )
     if not isinstance(data.get("components"), dict):
         raise WeightFileError(f"{folder}/config.json: no 'components' table; convert the model again")
+    for component, entry in data["components"].items():
+        _check_entry(folder, component, entry)
+    for key, kind in (("variant", str), ("t5", str), ("tokenizers", dict), ("source", dict), ("dtype", str)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise WeightFileError(f"{folder}/config.json: '{key}' must be a {kind.__name__} (got {data[key]!r:.60})")
     return data
+
+
+def _check_entry(folder: Path, component: str, entry) -> None:
+    """A components entry of config.json, field by field (the file may have been edited)."""
+    where = f"{folder}/config.json: components.{component}"
+    if component not in COMPONENT_ORDER:
+        raise WeightFileError(f"{where}: unknown component (known: {', '.join(COMPONENT_ORDER)})")
+    if not isinstance(entry, dict):
+        raise WeightFileError(f"{where} must be an object (got {entry!r:.60})")
+    if not isinstance(entry.get("config"), dict):
+        raise WeightFileError(f"{where}.config must be an object (got {entry.get('config')!r:.60})")
+    if not isinstance(entry.get("options", {}), dict):
+        raise WeightFileError(f"{where}.options must be an object (got {entry.get('options')!r:.60})")
+    files = entry.get("files")
+    # Plain names only: a path in a hand-edited config must not make us read files elsewhere.
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and Path(f).name == f and f not in (".", "..") for f in files):
+        raise WeightFileError(f"{where}.files must be a list of file names inside the folder (got {files!r:.80})")
+    if entry.get("dtype") is not None and entry["dtype"] not in ("bfloat16", "float16", "float32"):
+        raise WeightFileError(f"{where}.dtype must be bfloat16, float16 or float32 (got {entry['dtype']!r:.60})")
+    for key in ("parameters", "bytes"):
+        value = entry.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise WeightFileError(f"{where}.{key} must be a whole number ≥ 0 (got {value!r:.60})")
+    quant = entry.get("quantization")
+    if quant is not None:
+        try:
+            QuantSpec.from_dict(quant)
+        except InputError as e:
+            raise WeightFileError(f"{where}.quantization: {e}") from None
 
 
 def converted_components(folder: Union[str, os.PathLike]) -> List[str]:
@@ -234,7 +269,7 @@ def load_converted_component(
     if component == "t5" and dtype is not None and dtype == mx.float16:
         warnings.warn("T5-XXL overflows in float16; loading it in bfloat16 instead", stacklevel=2)
         dtype = mx.bfloat16
-    model = build_network(component, entry["config"], entry.get("options"))
+    model = build_network(component, entry["config"], entry.get("options"), source=f"{folder}/{CONFIG_FILE}")
     quant = entry.get("quantization")
     if quant is not None:
         quantize_network(model, QuantSpec.from_dict(quant), component)

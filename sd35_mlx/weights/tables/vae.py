@@ -15,7 +15,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from ...config import VAEConfig
-from ...errors import WeightMappingError
+from ...checks import finite_number, whole_number
+from ...errors import InputError, WeightMappingError
 from ...models.vae import VAE
 from ..mapping import (
     NetworkLayout, Rule, apply_rules, conv_to_nhwc, identity, load_into, squeeze_1x1,
@@ -219,13 +220,16 @@ def infer_config(weights: Mapping[str, mx.array], hf_config: Optional[dict] = No
         )
     default = VAEConfig()
     shift = hf["shift_factor"] if "shift_factor" in hf else default.shift_factor
-    config = VAEConfig(
-        **found,  # type: ignore[arg-type]
-        norm_num_groups=int(hf.get("norm_num_groups") or default.norm_num_groups),
-        norm_eps=default.norm_eps,
-        scaling_factor=float(hf.get("scaling_factor") or default.scaling_factor),
-        shift_factor=float(shift or 0.0),
-    )
+    try:  # config.json is outside input: wrong types and NaN are refused, naming the field
+        config = VAEConfig(
+            **found,  # type: ignore[arg-type]
+            norm_num_groups=whole_number("norm_num_groups", hf.get("norm_num_groups") or default.norm_num_groups, 1),
+            norm_eps=default.norm_eps,
+            scaling_factor=finite_number("scaling_factor", hf.get("scaling_factor") or default.scaling_factor, 0.0, low_open=True),
+            shift_factor=finite_number("shift_factor", shift or 0.0),
+        )
+    except InputError as e:
+        raise WeightMappingError(f"vae config.json: {e}") from None
     bad = [c for c in config.block_out_channels if c % config.norm_num_groups]
     if bad:
         raise WeightMappingError(
@@ -257,7 +261,11 @@ def load_vae(
         ignore=layout.ignore,
     )  # fmt: skip
     if config is None:
-        config = infer_config(weights, hf_config)
+        try:
+            config = infer_config(weights, hf_config)
+        except WeightMappingError as e:  # say which folder's config.json
+            where = f" (beside {files[0]})" if files else ""
+            raise WeightMappingError(f"{e}{where}") from None
     model = VAE(config, with_encoder=has_encoder(weights))
     return load_into(model, weights, layout=layout.name, files=files, dtype=dtype)
 
