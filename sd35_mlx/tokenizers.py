@@ -31,10 +31,10 @@ from tokenizers import (
 )
 from tokenizers.models import BPE, Unigram
 
+from .components import T5_DEFAULT_LENGTH
 from .errors import InputError
 
 CLIP_MAX_LENGTH = 77
-T5_DEFAULT_LENGTH = 256  # diffusers' max_sequence_length default
 T5_MIN_LENGTH, T5_MAX_LENGTH = 77, 512
 
 # OpenAI CLIP's pre-tokenization pattern (as in transformers' CLIPTokenizer).

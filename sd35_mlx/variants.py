@@ -55,7 +55,7 @@ SD35_MEDIUM = Variant(
     repo_id="stabilityai/stable-diffusion-3.5-medium",
     steps=40,
     cfg=4.5,
-    slg=SkipLayerGuidance(layers=(7, 8, 9), scale=2.8, start=0.01, end=0.2),
+    slg=SkipLayerGuidance(),  # its defaults are the ones recommended for 3.5 Medium
     description="SD3.5 Medium (2.5B MMDiT-X)",
 )
 SD35_LARGE = Variant(

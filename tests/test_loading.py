@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,10 +18,12 @@ from assets import make_tokenizer_folders
 from mlx.utils import tree_flatten
 from test_layouts import TinyModel, build_tiny_model, params
 
-import sd35_mlx.weights
 from sd35_mlx import loading
+from sd35_mlx.components import component_dtype
+from sd35_mlx.convert import convert
 from sd35_mlx.errors import SD35Error, WeightFileError
 from sd35_mlx.loading import load_text_encoders, load_tokenizers, load_transformer, load_vae
+from sd35_mlx.weights.layouts import resolve_components
 from sd35_mlx.weights.tables import clip, mmdit, t5, vae
 
 
@@ -225,22 +225,22 @@ def test_stability_files_carry_no_tokenizers(tiny):
 # ------------------------------------------------------------------ plumbing
 def test_converted_folders_go_to_the_converted_loader(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("sd35_mlx.weights.converted")
-    fake.is_converted = lambda p: (Path(p) / "config.json").is_file()
-    fake.load_converted_component = lambda folder, component, dtype=None: calls.append((component, dtype)) or component
-    monkeypatch.setitem(sys.modules, "sd35_mlx.weights.converted", fake)
-    monkeypatch.setattr(sd35_mlx.weights, "converted", fake, raising=False)
-    (tmp_path / "config.json").write_text('{"format": "sd35_mlx"}')
+
+    def fake_load(folder, component, dtype=None):
+        calls.append((component, component_dtype(component, dtype, warn=False)))
+        return component
+
+    monkeypatch.setattr(loading, "load_converted_component", fake_load)
+    (tmp_path / "config.json").write_text('{"format": "sd35_mlx", "format_version": 1, "components": {}}')
     assert load_transformer(tmp_path, dtype=mx.bfloat16) == "transformer"
     enc = load_text_encoders(tmp_path, dtype=mx.float16)
     assert (enc.clip_l, enc.clip_g, enc.t5) == ("clip_l", "clip_g", "t5")
     assert calls == [("transformer", mx.bfloat16), ("clip_l", mx.float16), ("clip_g", mx.float16), ("t5", mx.bfloat16)]
     with pytest.raises(SD35Error, match="converted sd35_mlx folder"):
-        loading.resolve_components(tmp_path)
+        resolve_components(tmp_path)
 
 
 def test_a_real_converted_folder(tiny, tmp_path):
-    convert = pytest.importorskip("sd35_mlx.convert").convert
     out = convert(tiny.both, tmp_path / "converted", dtype="float32", quantize="none", quiet=True)
     assert_same_params(load_transformer(out), tiny.expected["transformer"])
     assert_same_params(load_vae(out), tiny.expected["vae"])

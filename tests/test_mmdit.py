@@ -317,6 +317,7 @@ def test_full_size_tables_and_counts(cfg, n_diffusers, n_sai, n_params):
 @pytest.mark.parametrize("dtype, qk_norm", [(mx.bfloat16, True), (mx.float32, True), (mx.bfloat16, False)])
 def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
     """The CUDA kernel's q, k, v (one pass, (B, N, heads, d) layout) equal split + norm + concat."""
+    from sd35_mlx.backend import KERNELS
     from sd35_mlx.models import joint_heads as jh
     from sd35_mlx.models.mmdit_blocks import Attention
 
@@ -328,14 +329,10 @@ def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
         a.set_dtype(dtype)
     qkv_c = mx.random.normal((2, 7, 3 * hidden)).astype(dtype)
     qkv_x = (3 * mx.random.normal((2, 37, 3 * hidden))).astype(dtype)
-    try:
-        jh.FUSE_ON_CUDA = False
+    with KERNELS.overridden(joint_heads=False):
         plain = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
-        jh.FUSE_ON_CUDA = True
-        assert jh._use_kernel(x_attn, qkv_c, qkv_x)
-        fused = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
-    finally:
-        jh.FUSE_ON_CUDA = True
+    assert jh._use_kernel(x_attn, qkv_c, qkv_x)
+    fused = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
     bound = 1e-6 if dtype == mx.float32 else 1e-2  # bf16: one rounding step apart at most
     for p, f in zip(plain, fused):
         assert p.shape == f.shape
