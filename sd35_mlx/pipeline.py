@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from ._version import __version__
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
-from .components import QUANTIZABLE, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
+from .components import QUANTIZABLE, REQUIRED, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
 from .conditioning import Conditioning, assemble
 from .denoise import Denoiser
 from .errors import InputError, SD35Error
@@ -182,12 +182,11 @@ class SD35Pipeline:
         """
         from .hub import resolve_model_path
 
-        named_quantization(quantize)  # a malformed spec fails before anything is downloaded
-        components = ("transformer", "vae", "clip_l", "clip_g", "tokenizers") + (("t5",) if t5 else ())
-        path = resolve_model_path(str(model), revision=revision, components=components)
+        quantization = named_quantization(quantize)  # parsed here, once: a bad spec fails before any download
+        path = resolve_model_path(str(model), revision=revision, components=_wanted(t5) + ("tokenizers",))
         return cls(
             resolve_sources(path, _wanted(t5)), name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
-            quantize=quantize, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
+            quantize=quantization, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
             memory_budget=memory_budget, plan_size=plan_size, tokenizers=tokenizers,
         )  # fmt: skip
 
@@ -501,7 +500,7 @@ def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: 
 
 
 def _wanted(t5: bool) -> Tuple[str, ...]:
-    return ("transformer", "vae", "clip_l", "clip_g") + (("t5",) if t5 else ())
+    return REQUIRED + (("t5",) if t5 else ())
 
 
 def _budget_bytes(gb: float) -> int:
@@ -512,8 +511,5 @@ def _budget_bytes(gb: float) -> int:
 
 
 def _report_truncation(name: str, batch) -> None:
-    for i, dropped in enumerate(getattr(batch, "dropped", ()) or ()):
-        n = dropped if isinstance(dropped, int) else getattr(dropped, "count", 0)
-        if n:
-            text = getattr(dropped, "text", "")
-            log.warning("%s: prompt %d was truncated, %d tokens dropped%s", name, i + 1, n, f": '{text}'" if text else "")
+    for line in batch.truncation_warnings(name):  # prompts first, then the negatives
+        log.warning("%s", line)

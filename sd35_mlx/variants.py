@@ -1,6 +1,6 @@
 """The published SD3 / SD3.5 models: architecture, official repo and sampling defaults.
 
-Defaults follow the model cards' diffusers recipes (spec §5.3, anchors "SD3.x default
+Defaults follow the model cards' diffusers recipes (docs/sampling.md, "Variants"; anchors "SD3.x default
 sampling parameters"), with diffusers' Euler sampler and shift 3.0 everywhere. SAI's
 reference script uses other defaults (dpmpp_2m, 40–50 steps, shift 1.0 for SD3 Medium);
 pass them explicitly to reproduce it.

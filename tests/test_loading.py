@@ -153,7 +153,7 @@ STABILITY_PATHS = {"stability-folder", "text_encoders-folder", "all-in-one-file"
 @pytest.mark.parametrize("where", list(TEXT_PATHS))
 def test_load_text_encoders(tiny, where):
     enc = load_text_encoders(TEXT_PATHS[where](tiny))
-    # Stability's clip_l file has no text_projection (spec §2.1); everything else is identical.
+    # Stability's clip_l file has no text_projection (docs/loading.md); everything else is identical.
     skip_l = ("text_projection.weight",) if where in STABILITY_PATHS else ()
     assert_same_params(enc.clip_l, tiny.expected["clip_l"], skip=skip_l)
     assert_same_params(enc.clip_g, tiny.expected["clip_g"])
@@ -207,7 +207,7 @@ def tokenizer_root(tmp_path_factory) -> Path:
 
 def test_load_tokenizers(tokenizer_root, tiny, tmp_path):
     toks = load_tokenizers(tokenizer_root)
-    assert toks.clip_l.pad_id == 49407 and toks.clip_g.pad_id == 0  # spec §4.4
+    assert toks.clip_l.pad_id == 49407 and toks.clip_g.pad_id == 0  # docs/text.md
     assert toks.t5 is not None
     # a Stability file kept next to the tokenizer folders finds them
     shutil.copytree(tokenizer_root, tmp_path / "model")

@@ -1,7 +1,7 @@
 """The memory planner: exact weight sizes, stage estimates, and the plans it picks.
 
 Weight sizes are checked two independent ways: against the parameter counts of the spec
-(§7, computed from the official key tables) and against the bytes of the real networks
+(computed from the official key tables; docs/transformer.md lists the parameter counts) and against the bytes of the real networks
 quantized by `quantize_network` (built lazily: shapes and dtypes only, nothing allocated).
 Plans are computed for Apple-silicon GPUs (the target) whatever machine runs the tests.
 """
@@ -54,7 +54,7 @@ def lazily_quantized(model: nn.Module, component: str, bits: int) -> nn.Module:
 
 
 # ---- weights -------------------------------------------------------------------------------------------
-# Parameter counts of spec §7 (from the official key tables; corroborated there).
+# Parameter counts from the official key tables (docs/transformer.md; corroborated by the hub's index sizes).
 SPEC_PARAMETERS = [
     ("t5", lambda: T5Encoder(T5_XXL), 4_762_310_656),
     ("transformer", lambda: MMDiT(SD35_MEDIUM_MMDIT), 2_469_663_936),
@@ -86,7 +86,7 @@ def test_16bit_bytes_are_twice_the_spec_parameter_count(component, build, params
     ids=["t5-4", "t5-8", "medium-4", "medium-8", "large-4", "large-8", "large-16", "clip_g-16"],
 )
 def test_bytes_match_spec_table(build, bits, component, spec_gb):
-    """Spec §7: every Linear quantized (gs 64, 16-bit scale and bias per group), the rest 16-bit."""
+    """Every Linear quantized (gs 64, 16-bit scale and bias per group), the rest 16-bit."""
     assert round(network_bytes(build(), bits, component=component) / GB, 2) == spec_gb
 
 

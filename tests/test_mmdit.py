@@ -199,7 +199,7 @@ def test_diffusers_folder(tmp_path, sharded):
 
 
 def sai_shapes(cfg: MMDiTConfig) -> Dict[str, tuple]:
-    """SAI MMDiTX tensor names and shapes (spec §2.3), without the file prefix."""
+    """SAI MMDiTX tensor names and shapes (Stability's mmditx.py), without the file prefix."""
     h, p, n = cfg.hidden_size, cfg.patch_size, cfg.depth
     wb = lambda name, out, inp: {f"{name}.weight": (out, inp), f"{name}.bias": (out,)}  # noqa: E731
     s = {"pos_embed": (1, cfg.pos_embed_max_size**2, h)}
@@ -280,7 +280,7 @@ def test_unexpected_keys_are_refused():
 
 # ---- full-size configurations: key tables, config inference, parameter counts ----
 OFFICIAL = [
-    # config, diffusers keys, SAI keys, params incl. pos_embed (spec §2.3 / §7)
+    # config, diffusers keys, SAI keys, params incl. pos_embed (docs/transformer.md)
     (SD3_MEDIUM_MMDIT, 683, 491, 2_084_951_104),
     (SD35_MEDIUM_MMDIT, 909, 665, 2_469_663_936),
     (SD35_LARGE_MMDIT, 1227, 923, 8_146_280_768),

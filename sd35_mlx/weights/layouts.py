@@ -1,6 +1,6 @@
 """Which files hold which network, in which layout — decided from safetensors headers only.
 
-`resolve_components(path)` accepts (spec §2.1, §2.2):
+`resolve_components(path)` accepts (docs/loading.md, "What `path` can be"):
 - a diffusers model folder (`model_index.json`, `transformer/`, `vae/`, `text_encoder*/`):
   a sharded component loads exactly the shards its `*.safetensors.index.json` names,
   otherwise `diffusion_pytorch_model.safetensors` / `model.safetensors`; the `*.fp16*`
