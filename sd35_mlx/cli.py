@@ -27,13 +27,14 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(quiet: bool) -> None:
-    """The libraries log; the CLI shows their warnings (and, unless --quiet, their notes)."""
+    """The libraries log; the CLI shows their warnings (with --quiet: only errors). Their notes
+    (INFO: which file is loaded, …) stay hidden: the CLI prints what matters itself."""
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname_lower)s%(message)s"))
     handler.addFilter(_label_levels)
     package = logging.getLogger("sd35_mlx")
     package.handlers[:] = [h for h in package.handlers if not isinstance(h, _StderrHandler)] + [handler]
-    package.setLevel(logging.WARNING if quiet else logging.INFO)
+    package.setLevel(logging.ERROR if quiet else logging.WARNING)
 
 
 def _label_levels(record: logging.LogRecord) -> bool:

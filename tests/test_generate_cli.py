@@ -88,9 +88,16 @@ def test_bad_input_fails_before_loading(args, message, tmp_path, capsys, monkeyp
     assert message in err
 
 
-def test_memory_budget_defaults_to_this_machine(tiny_root, tmp_path, capsys):
-    """Without --memory-budget the CLI plans for what this machine can give and says so;
-    'off' and --keep-loaded (everything resident: not a staged plan) do not plan."""
+def test_memory_budget_defaults_to_this_machine(tiny_root, tmp_path, capsys, monkeypatch):
+    """Without --memory-budget the CLI plans for what this machine can give (and says so when
+    the plan changes something: tests/test_inputs.py); 'off' and --keep-loaded (everything
+    resident: not a staged plan) do not plan."""
+    import sd35_mlx.pipeline as pipeline_module
+
+    plans = []
+    real = pipeline_module.SD35Pipeline._apply_memory_plan
+    monkeypatch.setattr(pipeline_module.SD35Pipeline, "_apply_memory_plan",
+                        lambda self, *a: (plans.append(self.memory_budget), real(self, *a))[1])  # fmt: skip
     from sd35_mlx.generate import resolve_budget
     from sd35_mlx.memory import default_budget_bytes
 
@@ -101,9 +108,24 @@ def test_memory_budget_defaults_to_this_machine(tiny_root, tmp_path, capsys):
     common = ["--model", str(tiny_root), "--prompt", "a fox", "-W", "32", "-H", "32", "--steps", "1",
               "--dtype", "float32"]  # fmt: skip
     for extra, planned in (([], True), (["--memory-budget", "off"], False), (["--keep-loaded"], False)):
+        plans.clear()
         assert main([*common, *extra, "-o", str(tmp_path / "img.png")]) == 0
-        out = capsys.readouterr().out
-        assert ("memory plan for" in out) == planned, (extra, out)
+        assert bool(plans) == planned, extra
     with pytest.raises(SystemExit):
         main([*common, "--memory-budget", "lots"])
     assert "expected a number of GB, 'auto' or 'off'" in capsys.readouterr().err
+
+
+def test_the_memory_plan_line_is_rounded_and_shown_when_it_changes_something(tiny_root, tmp_path, monkeypatch, capsys):
+    """The tiny model fits any workable budget unchanged: no plan line. A plan that tiles the
+    VAE (forced here) is printed once, with the budget rounded to 0.1 GB."""
+    import sd35_mlx.memory as memory
+    argv = ["-m", str(tiny_root), "-p", "a fox", "-W", "32", "-H", "32", "--steps", "1", "--dtype", "float32",
+            "--memory-budget", "3.14159", "-o", str(tmp_path / "o.png")]  # fmt: skip
+    assert main(argv) == 0
+    assert "memory plan" not in capsys.readouterr().out
+    real = memory.plan_memory
+    monkeypatch.setattr(memory, "plan_memory", lambda *a, **k: __import__("dataclasses").replace(real(*a, **k), tile_vae=True))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("memory plan for 3.1 GB at 32x32: ") == 1 and "VAE tiled" in out

@@ -155,14 +155,31 @@ def test_python_api_refuses_a_nan_budget_before_any_download(monkeypatch):
         (dict(seed=2**64), "seed must be between 0"),
         (dict(prompt=["a"]), "prompt must be text"),
         (dict(cfg="4"), "cfg must be a number"),
-        (dict(skip_layer_guidance=SkipLayerSettings(layers=(7, 7))), "names a layer twice"),
-        (dict(skip_layer_guidance=SkipLayerSettings(start=0.5, end=0.2)), "start < end"),
-        (dict(skip_layer_guidance={"layers": [7]}), "must be a SkipLayerSettings"),
+        (dict(skip_layer_guidance={"layers": [7]}), "must be a SkipLayerGuidance"),
     ],
 )
 def test_python_api_checks_types(kwargs, expect):
     with pytest.raises(InputError, match=expect.replace("(", r"\(")):
         GenerationSettings(**kwargs).validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs, expect",
+    [
+        (dict(layers=(7, 7)), "names a layer twice"),
+        (dict(layers=()), "at least one layer"),
+        (dict(layers=(1.5,)), "layer must be a whole number"),
+        (dict(layers=tuple(range(65))), "at most 64"),
+        (dict(start=0.5, end=0.2), "start < end"),
+        (dict(scale=math.nan), "scale must be a finite number"),
+        (dict(start=math.nan), "start must be a finite number"),
+        (dict(end=math.inf), "end must be a finite number"),
+        (dict(scale="2"), "scale must be a number"),
+    ],
+)
+def test_skip_layer_guidance_is_checked_when_made(kwargs, expect):
+    with pytest.raises(InputError, match=expect):
+        SkipLayerSettings(**kwargs)
 
 
 # ---- malformed files ---------------------------------------------------------------------------
@@ -423,3 +440,4 @@ def test_progress_covers_every_stage_and_degrades_to_lines():
     assert lines[0] == "[1/1] seed 3: encoding the prompt…" and lines[-1] == "[1/1] seed 3: decoding…"
     steps = [ln for ln in lines if "denoising" in ln]
     assert 2 <= len(steps) <= 12 and "20/20" in steps[-1] and "\r" not in out.getvalue()
+

@@ -1,4 +1,4 @@
-"""Guidance arithmetic: classifier-free guidance and skip-layer guidance (spec §5.3–§5.6).
+"""Guidance arithmetic: classifier-free guidance and skip-layer guidance (docs/sampling.md, "Guidance").
 
 Works on velocities (diffusers' choice; SAI combines x0 predictions, which is the same
 thing because x0 = x − σ·v is affine in v with the same x for every branch).
@@ -6,13 +6,15 @@ thing because x0 = x − σ·v is affine in v with the same x for every branch).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from numbers import Integral
+from dataclasses import dataclass, fields
 
 import mlx.core as mx
 
+from ..checks import finite_number, whole_number
 from ..errors import InputError
+
+MAX_GUIDANCE_SCALE = 100.0  # cfg and SLG scales: recipes use 0–7; far beyond that is pure saturation
+MAX_SKIPPED_LAYERS = 64  # deeper than any SD3 transformer (Large: 38); the model's depth is checked later
 
 
 def _f32(x: mx.array) -> mx.array:
@@ -51,17 +53,38 @@ class SkipLayerGuidance:
     end: float = 0.2
 
     def __post_init__(self) -> None:
-        layers = tuple(self.layers)
-        if not layers or any(isinstance(i, bool) or not isinstance(i, Integral) or i < 0 for i in layers):
-            raise InputError(f"skip-layer guidance layers must be block indices ≥ 0 (got {self.layers!r})")
-        object.__setattr__(self, "layers", tuple(int(i) for i in layers))
-        if not math.isfinite(self.scale) or self.scale < 0:
-            raise InputError(f"skip-layer guidance scale must be ≥ 0 (got {self.scale!r})")
-        if not (0.0 <= self.start < self.end <= 1.0):
+        """Types and ranges (NaN, inf, repeats refused); whether the layers exist is checked
+        against the model's depth (`check_depth`)."""
+        layers = self.layers
+        if not isinstance(layers, (tuple, list)) or not layers:
+            raise InputError(f"skip-layer guidance needs at least one layer index (got {layers!r:.60})")
+        if len(layers) > MAX_SKIPPED_LAYERS:
+            raise InputError(f"skip-layer guidance names {len(layers)} layers; at most {MAX_SKIPPED_LAYERS}")
+        layers = tuple(whole_number("skip-layer guidance layer", i, 0, MAX_SKIPPED_LAYERS - 1) for i in layers)
+        if len(set(layers)) != len(layers):
+            raise InputError(f"skip-layer guidance names a layer twice: {list(layers)}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "scale", finite_number("skip-layer guidance scale", self.scale, 0.0, MAX_GUIDANCE_SCALE))
+        start = finite_number("skip-layer guidance start", self.start, 0.0, 1.0)
+        end = finite_number("skip-layer guidance end", self.end, 0.0, 1.0)
+        if not start < end:
             raise InputError(
-                f"skip-layer guidance needs 0 ≤ start < end ≤ 1 as fractions of the steps "
-                f"(got start={self.start!r}, end={self.end!r})"
+                f"skip-layer guidance needs 0 ≤ start < end ≤ 1 as fractions of the steps (got start={start:g}, end={end:g})"
             )
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+    @classmethod
+    def from_dict(cls, d) -> "SkipLayerGuidance":
+        """From stored settings (PNG metadata: untrusted); absent fields take the defaults."""
+        if not isinstance(d, dict):
+            raise InputError(f"skip_layer_guidance must be an object with layers, scale, start, end (got {d!r:.60})")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(f"skip_layer_guidance has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+        if "layers" in d and not isinstance(d["layers"], list):
+            raise InputError(f"skip_layer_guidance.layers must be a list of layer indices (got {d['layers']!r:.60})")
+        return cls(**d)
 
     def check_depth(self, depth: int) -> None:
         """Raise InputError if a skipped layer does not exist in a `depth`-block model."""
