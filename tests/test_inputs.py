@@ -167,7 +167,7 @@ def test_python_api_checks_types(kwargs, expect):
     "kwargs, expect",
     [
         (dict(layers=(7, 7)), "names a layer twice"),
-        (dict(layers=()), "at least one layer"),
+        (dict(layers=()), "layers must name at least one block"),
         (dict(layers=(1.5,)), "layer must be a whole number"),
         (dict(layers=tuple(range(65))), "at most 64"),
         (dict(start=0.5, end=0.2), "start < end"),

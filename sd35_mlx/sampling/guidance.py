@@ -57,7 +57,7 @@ class SkipLayerGuidance:
         against the model's depth (`check_depth`)."""
         layers = self.layers
         if not isinstance(layers, (tuple, list)) or not layers:
-            raise InputError(f"skip-layer guidance needs at least one layer index (got {layers!r:.60})")
+            raise InputError(f"skip-layer guidance layers must name at least one block (got {layers!r:.60})")
         if len(layers) > MAX_SKIPPED_LAYERS:
             raise InputError(f"skip-layer guidance names {len(layers)} layers; at most {MAX_SKIPPED_LAYERS}")
         layers = tuple(whole_number("skip-layer guidance layer", i, 0, MAX_SKIPPED_LAYERS - 1) for i in layers)
