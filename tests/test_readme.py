@@ -134,3 +134,16 @@ def test_readme_blocks_run(workdir, monkeypatch):
             ran["bash"] += 1
     assert ran["bash"] >= 8 and ran["python"] >= 3, ran
     assert (work / "lighthouse.png").is_file() and (work / "sd35m-4bit" / "config.json").is_file()
+
+    # The model card the converter wrote is a contract too: its blocks run on the folder it describes.
+    card = (work / "sd35m-4bit" / "README.md").read_text()
+    assert "pip install sd35_mlx" not in card and "pip install ." in card  # not on PyPI
+    card_blocks = FENCE.findall(card)
+    assert [lang for lang, _ in card_blocks] == ["bash", "python"]
+    for lang, body in card_blocks:
+        body = body.replace("path/to/this/folder", str(work / "sd35m-4bit")).replace("generate --model", "generate --steps 2 --model")
+        if lang == "python":
+            exec(compile(body.replace("seed=0)", "seed=0, steps=2)"), "model card", "exec"), {})
+        for command in commands(body) if lang == "bash" else ():
+            r = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, f"model card: {command}\n{r.stderr[-3000:]}"

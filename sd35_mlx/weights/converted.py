@@ -136,7 +136,7 @@ def read_converted_config(folder: Union[str, os.PathLike]) -> dict:
         raise WeightFileError(
             f"{folder} was written by sd35_mlx {made_by} in converted-format version {version}; "
             f"this sd35_mlx ({__version__}) reads up to version {FORMAT_VERSION}. Upgrade sd35_mlx "
-            "(pip install -U sd35_mlx), or convert the original model again with this version."
+            "(git pull in its clone, then pip install .), or convert the original model again with this version."
         )
     if not isinstance(data.get("components"), dict):
         raise WeightFileError(f"{folder}/config.json: no 'components' table; convert the model again")

@@ -77,7 +77,8 @@ def model_card(config: dict, *, source_card: Optional[str] = None, license_names
         f"{config['sd35_mlx_version']} (converted format version {config['format_version']})."
         + (f" Variant: {config['variant']}." if config.get("variant") else ""), "",
         "| network | parameters | stored as | size |", "|---|---|---|---|", *rows, t5_note,
-        "## Use", "", "```bash", "pip install sd35_mlx",
+        "## Use", "", "sd35_mlx is not on PyPI: install it from a clone of its repository (`pip install .` in the "
+        "clone's root), then:", "", "```bash",
         f'python -m sd35_mlx.generate --model {model_ref} --prompt "a photo of an astronaut riding a horse"',
         "```", "", "```python", "from sd35_mlx import SD35Pipeline", "",
         f'pipe = SD35Pipeline.from_pretrained("{model_ref}")',
