@@ -59,6 +59,7 @@ class Denoiser:
         compile: bool = True,
         dequantize_min_rows: Optional[int] = None,
         split_cfg: bool = False,
+        slg_steps: Optional[int] = None,
     ):
         """sigmas: the schedule (num_steps + 1 values); with it every step's modulations
         are precomputed. free_adaln (needs sigmas) / free_pos_embed: drop those weights
@@ -66,12 +67,15 @@ class Denoiser:
         dequantize_min_rows: rows from which quantized layers dequantize before their
         matmul (default per backend; fast_quantized.py). split_cfg: run the negative and
         positive passes one after the other (batch 1 each, evaluated in between) instead of
-        as one batch of 2: half the activation memory, somewhat slower."""
+        as one batch of 2: half the activation memory, somewhat slower. slg_steps: the step
+        count the skip-layer window is measured against (default num_steps; Stability's
+        img2img uses the full schedule's, see sampling.schedule.img2img_start_index)."""
         if free_adaln and sigmas is None:
             raise InputError("free_adaln needs the schedule (sigmas=) to precompute the modulations")
         self.transformer = transformer
         self.cfg = float(cfg)
         self.num_steps = num_steps
+        self.slg_steps = num_steps if slg_steps is None else slg_steps
         self.dtype = transformer.dtype
         self.positive = positive
         self.batched = Conditioning.concat([negative, positive]) if negative is not None else None
@@ -102,7 +106,7 @@ class Denoiser:
 
     # ---- schedule ----
     def slg_active(self, step: int) -> bool:
-        return self.slg is not None and self.slg.active(step, self.num_steps)
+        return self.slg is not None and self.slg.active(step, self.slg_steps)
 
     def modulations_at(self, step: int, sigma: float) -> mx.array:
         """Packed modulations (B, N, H) for this step: a table row, or computed now."""

@@ -21,6 +21,7 @@ from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, positive_gb, text, whole_
 from .cli import OneLineParser, setup_logging
 from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .errors import InputError, SD35Error
+from .sampling.schedule import IMG2IMG_RULES
 from .settings import DEFAULT_STRENGTH, SAMPLERS, GenerationSettings, SkipLayerGuidance
 
 SLG = SkipLayerGuidance()  # the defaults of the --slg-* flags
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slg-end", type=float, default=SLG.end, help="fraction of the steps (default %(default)s)")
     s.add_argument("--init-image", help="img2img: the starting image")
     s.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img: how much to change the image (0, 1]")
+    s.add_argument("--img2img-rule", choices=IMG2IMG_RULES,
+                   help="img2img: 'diffusers' (default) skips int(N − N·strength) steps and measures the SLG window "
+                        "on the steps run; 'stability' (SAI's sd3_infer.py) skips int(N·(1 − strength)) and measures "
+                        "it on all N")  # fmt: skip
 
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default="sd35.png",
@@ -201,6 +206,8 @@ def plan(args: argparse.Namespace):
     if args.init_image:
         overrides["init_image"] = args.init_image
         overrides["strength"] = args.strength
+    if args.img2img_rule is not None:
+        overrides["img2img_rule"] = args.img2img_rule
     seeds = expand_seeds(args.seed or ([base.seed] if args.from_image and base.seed is not None else None), args.num_images)
     if len(prompts) * len(seeds) > MAX_IMAGES:
         raise InputError(f"{len(prompts):,} prompts × {len(seeds):,} seeds is {len(prompts) * len(seeds):,} images; at most {MAX_IMAGES:,} per run")
@@ -273,6 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
     try:
         model, t5, jobs = plan(args)
+        if args.from_image and not args.quiet:  # untrusted input: say what it will make us read
+            init = f", init image {jobs[0].init_image}" if jobs[0].init_image else ""
+            print(f"from {args.from_image}: model {model}{'' if t5 else ' (T5 dropped)'}{init}, "
+                  f"quantization {args.quantize or 'none'}")  # fmt: skip
         args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
         return run(args, model, t5, jobs)
     except SD35Error as e:

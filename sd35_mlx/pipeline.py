@@ -420,7 +420,7 @@ class SD35Pipeline:
             image_latents = self.encode_image(image)
             if self.low_memory:
                 self.release("vae")
-            sigmas = img2img_sigmas(s.steps, s.strength, s.shift)
+            sigmas = img2img_sigmas(s.steps, s.strength, s.shift, s.img2img_rule)
             latents = scale_noise(image_latents, noise, float(sigmas[0]))
             self.timings["encode_image"] = time.perf_counter() - t0
 
@@ -433,6 +433,7 @@ class SD35Pipeline:
                 cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
                 split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
+                slg_steps=s.steps if s.init_image is not None and s.img2img_rule == "stability" else None,
             )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()

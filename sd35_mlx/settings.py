@@ -15,6 +15,7 @@ from .components import T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .errors import InputError
 from .sampling.guidance import MAX_GUIDANCE_SCALE, SkipLayerGuidance
 from .sampling.samplers import SAMPLERS as _SAMPLER_CLASSES
+from .sampling.schedule import IMG2IMG_RULES
 
 SAMPLERS = tuple(_SAMPLER_CLASSES)
 DEFAULT_STRENGTH = 0.6  # img2img: how much of the schedule runs (1.0 ignores the init image)
@@ -41,6 +42,7 @@ class GenerationSettings:
     skip_layer_guidance: Optional[SkipLayerGuidance] = None
     init_image: Optional[str] = None
     strength: float = DEFAULT_STRENGTH
+    img2img_rule: str = "diffusers"  # img2img step truncation and SLG window: "diffusers" or "stability"
 
     def validate(self) -> "GenerationSettings":
         """Check every field's type and range (nothing here needs the model)."""
@@ -64,6 +66,8 @@ class GenerationSettings:
         if self.shift is not None:
             finite_number("shift", self.shift, 0.0, MAX_SHIFT, low_open=True)
         finite_number("strength", self.strength, 0.0, 1.0, low_open=True)
+        if self.img2img_rule not in IMG2IMG_RULES:
+            raise InputError(f"unknown img2img_rule {self.img2img_rule!r:.40}; choose one of: {', '.join(IMG2IMG_RULES)}")
         if self.init_image is not None:
             text("init_image", self.init_image, 4096)
             if not Path(self.init_image).is_file():

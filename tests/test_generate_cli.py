@@ -129,3 +129,33 @@ def test_the_memory_plan_line_is_rounded_and_shown_when_it_changes_something(tin
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("memory plan for 3.1 GB at 32x32: ") == 1 and "VAE tiled" in out
+
+
+@pytest.mark.parametrize("rule, skipped, slg_steps", [("diffusers", 5, [1]), ("stability", 5, [1, 2, 3])])
+def test_img2img_rules_wire_truncation_and_the_slg_window(rule, skipped, slg_steps, tiny_root, tmp_path, monkeypatch):
+    """10 steps at strength 0.5 run 5; SLG over (0.01, 0.4) of the steps: diffusers measures the
+    window on the 5 steps run (step 1), Stability's sd3_infer.py on all 10 (steps 1–3)."""
+    import sd35_mlx.pipeline as pipeline_module
+    from sd35_mlx.settings import SkipLayerGuidance
+
+    seen = {}
+
+    class Recording(pipeline_module.Denoiser):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["run"] = self.num_steps
+            seen["slg"] = [i for i in range(self.num_steps) if self.slg_active(i)]
+
+    monkeypatch.setattr(pipeline_module, "Denoiser", Recording)
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(init)
+    pipe = pipeline_module.SD35Pipeline.from_pretrained(str(tiny_root), dtype=mx_float32())
+    pipe.generate("a fox", init_image=str(init), strength=0.5, steps=10, cfg=4.0, seed=1, img2img_rule=rule,
+                  skip_layer_guidance=SkipLayerGuidance(layers=(1,), start=0.01, end=0.4))  # fmt: skip
+    assert seen == {"run": 10 - skipped, "slg": slg_steps}
+
+
+def mx_float32():
+    import mlx.core as mx
+
+    return mx.float32

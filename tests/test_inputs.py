@@ -156,6 +156,7 @@ def test_python_api_refuses_a_nan_budget_before_any_download(monkeypatch):
         (dict(prompt=["a"]), "prompt must be text"),
         (dict(cfg="4"), "cfg must be a number"),
         (dict(skip_layer_guidance={"layers": [7]}), "must be a SkipLayerGuidance"),
+        (dict(img2img_rule="sai"), "unknown img2img_rule"),
     ],
 )
 def test_python_api_checks_types(kwargs, expect):
@@ -291,6 +292,15 @@ def test_metadata_init_image_is_never_read_unless_passed(tmp_path, capsys, no_lo
                                       "--strength", "0.5", "-o", str(tmp_path / "o.png")])  # fmt: skip
     _, _, jobs = plan(args)
     assert jobs[0].init_image == str(secret)
+
+
+def test_from_image_says_what_it_will_use(tmp_path, capsys, monkeypatch):
+    from sd35_mlx import generate
+
+    monkeypatch.setattr(generate, "run", lambda *a: 0)
+    png = png_with(tmp_path, {**GOOD, "model": "someone/repo", "quantization": "transformer=4", "t5": "dropped:77"})
+    assert main(["--from-image", str(png), "--trust-metadata-model", "-o", str(tmp_path / "o.png")]) == 0
+    assert f"from {png}: model someone/repo (T5 dropped), quantization transformer=4" in capsys.readouterr().out
 
 
 def test_metadata_quantization_and_t5_mode_are_carried(tmp_path):

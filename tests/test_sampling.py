@@ -417,3 +417,30 @@ def test_slg_apply_and_validation():
     with pytest.raises(InputError, match=r"\[24\]"):
         SkipLayerGuidance(layers=(7, 24)).check_depth(24)
     SkipLayerGuidance(layers=(7, 8, 9)).check_depth(24)
+
+
+def test_img2img_rules_against_both_references():
+    """'diffusers' equals diffusers' own get_timesteps on every (steps, strength) of a grid;
+    'stability' equals SAI sd3_infer.py's `sigmas[int(steps * (1 - denoise)):]`."""
+    differ = []
+    for steps in (1, 2, 4, 10, 28, 40, 50):
+        for strength in (0.05, 0.1, 0.25, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0):
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+            scheduler.set_timesteps(steps)
+            fake = SimpleNamespace(scheduler=scheduler)
+            try:
+                _, n_run = StableDiffusion3Img2ImgPipeline.get_timesteps(fake, steps, strength, "cpu")
+            except Exception:
+                n_run = 0
+            sai_start = int(steps * (1 - strength))
+            for rule, start in (("diffusers", steps - n_run), ("stability", sai_start)):
+                if start >= steps:  # no step left: refused, with the smallest strength that works
+                    with pytest.raises(InputError, match="leaves no denoising step"):
+                        img2img_start_index(steps, strength, rule)
+                    continue
+                assert img2img_start_index(steps, strength, rule) == start, (rule, steps, strength)
+                assert len(img2img_sigmas(steps, strength, 3.0, rule)) == steps - start + 1
+            differ += [(steps, strength)] if steps - n_run != sai_start else []
+    assert (40, 0.8) in differ and (50, 0.8) in differ  # the rules really differ there
+    with pytest.raises(InputError, match="unknown img2img rule"):
+        img2img_start_index(28, 0.6, "sai")

@@ -73,18 +73,26 @@ def flow_timesteps(sigmas: np.ndarray) -> np.ndarray:
     return sigmas[:-1] * np.float32(NUM_TRAIN_TIMESTEPS)
 
 
-def img2img_start_index(steps: int, strength: float) -> int:
-    """How many leading sigmas img2img skips: diffusers' `get_timesteps` formula.
+IMG2IMG_RULES = ("diffusers", "stability")
 
-    `t_start = int(max(N − min(N·strength, N), 0))`. SAI's `sd3_infer.py` uses
-    `int(N·(1 − denoise))` instead; in float arithmetic the two differ by one for e.g.
-    40/0.8 (diffusers skips 8, SAI 7) and 50/0.8 (10 vs 9). We follow diffusers because
-    our whole-pipeline parity tests compare against its img2img pipeline.
+
+def img2img_start_index(steps: int, strength: float, rule: str = "diffusers") -> int:
+    """How many leading sigmas img2img skips.
+
+    rule "diffusers" (the default; our whole-pipeline parity tests compare against its img2img
+    pipeline): `get_timesteps`' `t_start = int(max(N − min(N·strength, N), 0))`.
+    rule "stability": SAI's `sd3_infer.py`, `int(N·(1 − denoise))`. In float arithmetic the
+    two differ by one for e.g. 40/0.8 (diffusers skips 8, SAI 7) and 50/0.8 (10 vs 9).
     """
     steps = _check_steps(steps)
     strength = _check_strength(strength)
-    init_steps = min(steps * strength, steps)
-    t_start = int(max(steps - init_steps, 0))
+    if rule == "diffusers":
+        init_steps = min(steps * strength, steps)
+        t_start = int(max(steps - init_steps, 0))
+    elif rule == "stability":
+        t_start = int(steps * (1 - strength))
+    else:
+        raise InputError(f"unknown img2img rule {rule!r}; choose one of: {', '.join(IMG2IMG_RULES)}")
     if t_start >= steps:  # only when steps·strength is lost to rounding
         raise InputError(
             f"strength {strength!r} leaves no denoising step out of {steps}; "
@@ -93,13 +101,13 @@ def img2img_start_index(steps: int, strength: float) -> int:
     return t_start
 
 
-def img2img_sigmas(steps: int, strength: float, shift: float = DEFAULT_SHIFT) -> np.ndarray:
+def img2img_sigmas(steps: int, strength: float, shift: float = DEFAULT_SHIFT, rule: str = "diffusers") -> np.ndarray:
     """The tail of `flow_sigmas(steps, shift)` that img2img runs (final 0 included).
 
     Its first value σ₀ is the noise level of the start latent: x = σ₀·noise + (1−σ₀)·z.
     The number of model calls is `len(result) − 1`.
     """
-    t_start = img2img_start_index(steps, strength)
+    t_start = img2img_start_index(steps, strength, rule)
     return flow_sigmas(steps, shift)[t_start:]
 
 
