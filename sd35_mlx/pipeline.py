@@ -163,9 +163,10 @@ class SD35Pipeline:
             _budget_bytes(o.memory_budget)
         # parsed here, once: a bad spec fails before any download
         o = replace(o, quantize=named_quantization(o.quantize))
-        path = resolve_model_path(str(model), revision=o.revision, components=_wanted(o.t5) + ("tokenizers",))
         local = Path(str(model)).expanduser()
-        name = str(local.resolve()) if local.exists() else str(model)  # recorded: must resolve from anywhere
+        # Absolute from here on: recorded in the metadata, and read lazily (after a chdir, too).
+        name = str(local.resolve()) if local.exists() else str(model)
+        path = resolve_model_path(name, revision=o.revision, components=_wanted(o.t5) + ("tokenizers",))
         return cls(resolve_sources(path, _wanted(o.t5)), name=name, options=o)
 
     def _load_tokenizers(self, source: Optional[str]):

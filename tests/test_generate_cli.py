@@ -159,3 +159,72 @@ def mx_float32():
     import mlx.core as mx
 
     return mx.float32
+
+
+# ---- what is written is what was asked (issue 9) -------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_root):
+    import os
+
+    import mlx.core as mx
+
+    from sd35_mlx.pipeline import SD35Pipeline
+
+    here = os.getcwd()
+    os.chdir(tiny_root.parent)
+    try:  # a relative path, as a user types it
+        pipe = SD35Pipeline.from_pretrained(tiny_root.name, dtype=mx.float32)
+    finally:
+        os.chdir(here)
+    return pipe
+
+
+QUICK = dict(steps=1, width=32, height=32, seed=1)
+
+
+def test_metadata_records_a_model_path_that_resolves_anywhere(tiny_pipe, tiny_root):
+    meta = tiny_pipe.generate("a fox", **QUICK).metadata
+    assert meta["model"] == str(tiny_root.resolve())
+
+
+def test_embeddings_reuse_records_the_real_negative_prompt(tiny_pipe):
+    emb = tiny_pipe.encode_prompt("a paper boat", "blurry", t5_length=77)
+    meta = tiny_pipe.generate(embeddings=emb, cfg=4.0, **QUICK).metadata
+    assert (meta["prompt"], meta["negative_prompt"], meta["t5_length"]) == ("a paper boat", "blurry", 77)
+
+
+def test_unused_negative_prompt_and_slg_are_said_and_not_recorded(tiny_pipe, caplog):
+    from sd35_mlx.settings import SkipLayerGuidance
+
+    with caplog.at_level("WARNING", logger="sd35_mlx"):
+        meta = tiny_pipe.generate("a fox", negative_prompt="fog", cfg=1.0,
+                                  skip_layer_guidance=SkipLayerGuidance(layers=(1,)), **QUICK).metadata  # fmt: skip
+    assert "the negative prompt and skip-layer guidance is ignored" in caplog.text
+    assert meta["negative_prompt"] == "" and meta["skip_layer_guidance"] is None and meta["cfg"] == 1.0
+
+
+def test_img2img_takes_the_init_images_size(tiny_pipe, tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (50, 30), (10, 200, 10)).save(init)  # rounded to 48x32
+    out = tiny_pipe.generate("a fox", init_image=str(init), strength=0.9, steps=2, seed=1)
+    assert out.image.size == (48, 32) and (out.metadata["width"], out.metadata["height"]) == (48, 32)
+
+
+def test_sizes_and_slg_layers_beyond_the_model_are_refused_before_any_step(tiny_pipe, monkeypatch):
+    import sd35_mlx.pipeline as pipeline_module
+    from sd35_mlx.errors import InputError
+    from sd35_mlx.settings import SkipLayerGuidance
+
+    monkeypatch.setattr(pipeline_module, "Denoiser", lambda *a, **k: pytest.fail("denoising started"))
+    monkeypatch.setattr(tiny_pipe, "encode_prompt", lambda *a, **k: pytest.fail("encoding started"))
+    for kwargs, expect in ((dict(width=512), "width 512 is not allowed"), (dict(height=272), "height 272"),
+                           (dict(cfg=4.0, skip_layer_guidance=SkipLayerGuidance(layers=(1, 3))), r"layers \[3\] do not exist")):  # fmt: skip
+        with pytest.raises(InputError, match=expect):
+            tiny_pipe.generate("a fox", **{**QUICK, **kwargs})
+
+
+def test_quiet_prints_only_the_paths(tiny_root, tmp_path):
+    r = run_cli("--model", str(tiny_root), "-p", "a fox", "-W", "32", "-H", "32", "--steps", "1", "--seed", "4", "5",
+                "--quiet", "-o", str(tmp_path / "q-{seed}.png"))  # fmt: skip
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.split() == [str(tmp_path / "q-4.png"), str(tmp_path / "q-5.png")]
