@@ -78,12 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", "-N", type=int, default=1,
                    help="images per seed: seed, seed+1, … (seed ranges that overlap are refused)")
     s.add_argument("--slg", action="store_true", help="skip-layer guidance (recommended for 3.5 Medium)")
-    s.add_argument("--slg-layers", type=int, nargs="+", default=list(SLG.layers), help="blocks skipped (default %(default)s)")
-    s.add_argument("--slg-scale", type=float, default=SLG.scale, help="default %(default)s")
-    s.add_argument("--slg-start", type=float, default=SLG.start, help="fraction of the steps (default %(default)s)")
-    s.add_argument("--slg-end", type=float, default=SLG.end, help="fraction of the steps (default %(default)s)")
+    # None = not given (the defaults are SkipLayerGuidance's), so that a flag without effect can be named
+    s.add_argument("--slg-layers", type=int, nargs="+", help=f"with --slg: blocks skipped (default {' '.join(map(str, SLG.layers))})")
+    s.add_argument("--slg-scale", type=float, help=f"with --slg (default {SLG.scale})")
+    s.add_argument("--slg-start", type=float, help=f"with --slg: fraction of the steps (default {SLG.start})")
+    s.add_argument("--slg-end", type=float, help=f"with --slg: fraction of the steps (default {SLG.end})")
     s.add_argument("--init-image", help="img2img: the starting image")
-    s.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img: how much to change the image (0, 1]")
+    s.add_argument("--strength", type=float, help=f"img2img: how much to change the image, (0, 1] (default {DEFAULT_STRENGTH})")
     s.add_argument("--img2img-rule", choices=IMG2IMG_RULES,
                    help="img2img: 'diffusers' (default) skips int(N − N·strength) steps and measures the SLG window "
                         "on the steps run; 'stability' (SAI's sd3_infer.py) skips int(N·(1 − strength)) and measures "
@@ -202,11 +203,12 @@ def plan(args: argparse.Namespace):
         overrides["negative_prompt"] = args.negative_prompt
     if args.t5_length is not None:
         overrides["t5_length"] = args.t5_length
+    slg = {k: getattr(args, f"slg_{k}") for k in ("layers", "scale", "start", "end") if getattr(args, f"slg_{k}") is not None}
     if args.slg:
-        overrides["skip_layer_guidance"] = SkipLayerGuidance(tuple(args.slg_layers), args.slg_scale, args.slg_start, args.slg_end)
+        overrides["skip_layer_guidance"] = SkipLayerGuidance(**{**slg, "layers": tuple(slg.get("layers", SLG.layers))})
     if args.init_image:
         overrides["init_image"] = args.init_image
-        overrides["strength"] = args.strength
+        overrides["strength"] = DEFAULT_STRENGTH if args.strength is None else args.strength
     if args.img2img_rule is not None:
         overrides["img2img_rule"] = args.img2img_rule
     seeds = expand_seeds(args.seed or ([base.seed] if args.from_image and base.seed is not None else None), args.num_images)
@@ -215,7 +217,19 @@ def plan(args: argparse.Namespace):
     settings = replace(base, **overrides).validate()  # one check of the shared fields, then per image
     jobs = [replace(settings, prompt=prompt, seed=seed).validate() for prompt in prompts for seed in seeds]
     check_output(args.output, jobs)
+    _warn_unused(args, slg)
     return model, t5, jobs
+
+
+def _warn_unused(args: argparse.Namespace, slg_flags: dict) -> None:
+    """Flags that do nothing in this combination are named (they do not stop the run)."""
+    unused = [(f"--slg-{k}", "--slg") for k in slg_flags if not args.slg]
+    if not args.init_image:
+        unused += [(f, "--init-image") for f, v in (("--strength", args.strength), ("--img2img-rule", args.img2img_rule)) if v is not None]
+    if args.trust_metadata_model and not args.from_image:
+        unused.append(("--trust-metadata-model", "--from-image"))
+    for flag, needs in unused:
+        print(f"warning: {flag} has no effect without {needs}", file=sys.stderr)
 
 
 def output_path(template: str, job: GenerationSettings, index: int) -> Path:

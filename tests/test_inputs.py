@@ -313,6 +313,21 @@ def test_metadata_quantization_and_t5_mode_are_carried(tmp_path):
 
 
 # ---- what is written is what was asked -----------------------------------------------------------
+def test_flags_without_effect_are_named(tmp_path, capsys, monkeypatch):
+    from sd35_mlx import generate
+
+    monkeypatch.setattr(generate, "run", lambda *a: 0)
+    assert main(["-m", "m", "-p", "x", "--slg-scale", "3", "--slg-end", "0.5", "--strength", "0.3",
+                 "--img2img-rule", "stability", "--trust-metadata-model", "-o", str(tmp_path / "o.png")]) == 0  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: --slg-scale has no effect without --slg", "warning: --slg-end has no effect without --slg",
+                   "warning: --strength has no effect without --init-image",
+                   "warning: --img2img-rule has no effect without --init-image",
+                   "warning: --trust-metadata-model has no effect without --from-image"]  # fmt: skip
+    assert main(["-m", "m", "-p", "x", "--slg", "--slg-scale", "3", "-o", str(tmp_path / "o.png")]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_seed_rule():
     assert expand_seeds([1], 3) == [1, 2, 3]
     assert expand_seeds([1, 5], 2) == [1, 2, 5, 6]
