@@ -152,6 +152,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions = ServerOptions()
     )  # fmt: skip
     app.state.worker = worker
     app.state.registry = registry
+    app.state.uploads = uploads
     return app
 
 

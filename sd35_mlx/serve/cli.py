@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -15,6 +16,7 @@ from ..generate import DTYPES, _budget, resolve_budget
 
 API_KEY_ENV = "SD35_API_KEY"
 LOOPBACK = "127.0.0.1"
+SERVE_MODULES = ("starlette", "uvicorn", "python_multipart")  # the `serve` extra
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +105,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)  # connections wait in the backlog until the server accepts them
     return sock
 
 
@@ -113,29 +116,41 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        import uvicorn
-
-        from .app import ServerOptions, create_app
-    except ImportError as e:
-        print(f"error: the server needs the 'serve' extra ({e.name} is missing): pip install -e \".[serve]\"",
-              file=sys.stderr)  # fmt: skip
-        return 2
+def build_app(args: argparse.Namespace):
+    """Check the flags, prepare the models on a started worker, and return the ASGI app.
+    Raises SD35Error for bad flags or models (before anything listens)."""
+    from .app import ServerOptions, create_app
     from .models import ModelRegistry
     from .worker import Worker
 
+    check(args)
     options = ServerOptions(api_key=args.api_key, cors_origins=tuple(args.cors), queue_size=args.queue_size,
                             max_upload_bytes=int(args.max_upload_mb * 2**20))  # fmt: skip
+    registry = ModelRegistry(model_loader(args), args.model, args.allow_model, budget_bytes(args.memory_budget))
+    worker = Worker(registry, queue_size=options.queue_size)
+    worker.start()
+    try:
+        worker.call(registry.prepare_started)
+    except BaseException:
+        worker.stop()
+        raise
+    return create_app(registry, options, worker)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: the server needs the 'serve' extra ({', '.join(missing)} missing): pip install -e \".[serve]\"",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    import uvicorn
+
     try:
         check(args)
         sock = bind(args.host, args.port)
-        registry = ModelRegistry(model_loader(args), args.model, args.allow_model, budget_bytes(args.memory_budget))
-        worker = Worker(registry, queue_size=options.queue_size)
-        worker.start()
-        worker.call(registry.prepare_started)  # bad models are refused before the server listens
+        app = build_app(args)
     except SD35Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -144,7 +159,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)  # fmt: skip
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"sd35_mlx server on http://{shown}:{port} (models: {', '.join(registry.ids())})", flush=True)
-    config = uvicorn.Config(create_app(registry, options, worker), log_level=args.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    print(f"sd35_mlx server on http://{shown}:{port} (models: {', '.join(app.state.registry.ids())})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
     return 0

@@ -201,10 +201,8 @@ _TARGETS.update(width="size", height="size", init_image="image")
 
 
 def _param_of(message: str) -> Optional[str]:
-    """The request field a settings message is about (its messages start with the field's name)."""
-    first = re.split(r"[^a-z0-9_]", message.lower(), maxsplit=1)[0]
-    if first in _TARGETS:
-        return _TARGETS[first]
+    """The request field a settings message is about: the first field it names (before the value)."""
     if message.lower().startswith("skip-layer guidance"):
         return "skip_layer_guidance"
-    return None
+    words = re.findall(r"[a-z0-9_]+", message.lower().split("(got")[0])
+    return next((_TARGETS[w] for w in words if w in _TARGETS), None)

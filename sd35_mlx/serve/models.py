@@ -5,9 +5,9 @@ first request. A request can name no other model (nothing is downloaded on a req
 
 Every pipeline keeps its networks loaded between requests (`low_memory=False`), as long as the
 models together fit the memory budget: what a model holds is measured after its first
-generation (MLX's active memory before and after), and when the next model to run would not fit
-beside the others, the least recently used ones are released (`SD35Pipeline.release`) and
-reload from disk on their next request. Only the worker thread runs pipelines, so releasing
+generation (MLX's active memory before and after); when the models held exceed the budget, or
+the next model to run would not fit beside the others, the least recently used ones are
+released (`SD35Pipeline.release`) and reload from disk on their next request. Only the worker thread runs pipelines, so releasing
 never races a generation.
 """
 
@@ -86,19 +86,10 @@ class ModelRegistry:
 
     # ---- residency, called by the worker thread around each generation ----
     def before_run(self, model_id: str) -> int:
-        """Make room for `model_id` within the budget; returns the active bytes now."""
+        """Make room for `model_id` (when its size is known) within the budget; the active bytes now."""
         entry = self.models[model_id]
-        if not entry.resident and self.budget_bytes is not None:
-            need = entry.resident_bytes or 0
-            others = sorted((m for m in self.models.values() if m.resident and m is not entry), key=lambda m: m.last_used)
-            held = sum(m.resident_bytes or 0 for m in others)
-            for victim in others:
-                if held + need <= self.budget_bytes:
-                    break
-                log.info("releasing model %s (%.2f GB) to make room for %s", victim.id, (victim.resident_bytes or 0) / 1e9, model_id)
-                victim.pipeline.release()
-                victim.resident = False
-                held -= victim.resident_bytes or 0
+        if not entry.resident:
+            self._release_until_within(entry, need=entry.resident_bytes or 0)
         return self._active_bytes()
 
     def after_run(self, model_id: str, active_before: int) -> None:
@@ -107,6 +98,20 @@ class ModelRegistry:
             entry.resident_bytes = max(0, self._active_bytes() - active_before)
             entry.resident = True
         entry.last_used = time.monotonic()
+        self._release_until_within(entry, need=0)  # a first run may have measured more than fits
+
+    def _release_until_within(self, keep: ServedModel, need: int) -> None:
+        if self.budget_bytes is None:
+            return
+        others = sorted((m for m in self.models.values() if m.resident and m is not keep), key=lambda m: m.last_used)
+        held = sum(m.resident_bytes or 0 for m in self.models.values() if m.resident) + need
+        for victim in others:
+            if held <= self.budget_bytes:
+                break
+            log.info("releasing model %s (%.2f GB) to stay within the memory budget", victim.id, (victim.resident_bytes or 0) / 1e9)
+            victim.pipeline.release()
+            victim.resident = False
+            held -= victim.resident_bytes or 0
 
     def describe(self) -> List[dict]:
         return [
