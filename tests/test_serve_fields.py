@@ -98,3 +98,11 @@ def test_requests_can_name_only_served_models():
         registry.resolve("stabilityai/stable-diffusion-3.5-large")
     assert e.value.status == 404 and e.value.code == "model_not_found"
     assert registry.prepared("b") is None  # allow-listed models wait for their first request
+
+
+def test_docs_list_every_request_field():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    missing = [name for name in FIELDS if f"| `{name}` |" not in page]
+    assert not missing, f"docs/serving.md does not document: {missing}"
