@@ -367,16 +367,24 @@ def test_command_line_server_binds_loopback_by_default(tiny_root):
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
         conn.close()
-        listening = [line.split()[3] for line in _listening_sockets(port)]
-        assert listening == [f"127.0.0.1:{port}"], listening  # not 0.0.0.0, not [::]
+        assert _listening_addresses(port) == [f"127.0.0.1:{port}"]  # not 0.0.0.0, not [::]
     finally:
         proc.terminate()
         proc.wait(timeout=WAIT)
 
 
-def _listening_sockets(port: int):
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=WAIT).stdout
-    return [line for line in out.splitlines() if line.strip()]
+def _listening_addresses(port: int) -> list[str]:
+    """'ip:port' of every TCP socket listening on `port` (Linux /proc/net/tcp and tcp6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                ip = ".".join(str(b) for b in raw[::-1]) if len(raw) == 4 else raw.hex()
+                found.append(f"{ip}:{port}")
+    return found
 
 
 def test_command_line_refuses_bad_flags_before_loading(capsys):
