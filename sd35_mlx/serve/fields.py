@@ -154,7 +154,10 @@ def parse_request(values: Mapping[str, Any], endpoint: str) -> ImageRequest:
             raise RequestError(f"unknown parameter {name!r}", param=name, code="unknown_parameter")
         if raw is None:  # JSON null: the default, as OpenAI clients send it
             continue
-        typed[name] = field.kind(raw, name)
+        try:
+            typed[name] = field.kind(raw, name)
+        except InputError as e:  # a settings type that checks itself when built
+            raise RequestError(str(e), param=name, code="invalid_value") from None
     if "prompt" not in typed:
         raise RequestError("prompt is required", param="prompt", code="missing_required_parameter")
     for name, allowed in FIXED_VALUES.items():
