@@ -149,6 +149,11 @@ def test_edit_is_img2img_of_the_upload(server, tiny_root, tmp_path):
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(edited)), np.asarray(Image.open(tmp_path / "cli.png")))
     assert not list(Path(server.app.state.uploads).iterdir()), "the upload was not removed"
+    with open(source, "rb") as f:  # streamed, the events are OpenAI's image_edit.* ones
+        events = list(client(server).images.edit(image=f, prompt="a fox", stream=True, size="32x32",
+                                                 extra_body={"steps": 2, "seed": 9}))  # fmt: skip
+    assert [e.type for e in events] == ["image_edit.progress"] * 2 + ["image_edit.completed"]
+    assert decode_png(events[-1].b64_json).size == (32, 32)
 
 
 def test_stream_sends_progress_partial_images_and_each_image(server):
