@@ -76,31 +76,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions = ServerOptions()
         return await _answer(request, parse_request(await _read_json(request), "generations"), "image_generation")
 
     async def edits(request: Request) -> Response:
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise RequestError("/v1/images/edits takes multipart/form-data (image, prompt, …), as OpenAI's does",
-                               code="invalid_content_type")  # fmt: skip
-        async with request.form(max_files=len(FILE_FIELDS), max_fields=64) as form:
-            values: Dict[str, Any] = {}
-            files: Dict[str, Any] = {}
-            for name, value in form.multi_items():
-                target = files if name in FILE_FIELDS else values
-                if name in target:
-                    raise RequestError(f"{name} is given more than once", param=name, code="invalid_value")
-                target[name] = value
-            for name, value in values.items():
-                if not isinstance(value, str):
-                    raise RequestError(f"{name} must be a form value, not a file", param=name, code="invalid_type")
-            if "mask" in files:
-                raise RequestError("mask (inpainting) is not supported by this server yet; send the image alone for img2img",
-                                   param="mask", code="unsupported_parameter")  # fmt: skip
-            upload = files.get("image", files.get("image[]"))
-            if upload is None or isinstance(upload, str):
-                raise RequestError("image is required: the picture to edit, as a file part", param="image",
-                                   code="missing_required_parameter")  # fmt: skip
-            if "image" in files and "image[]" in files:
-                raise RequestError("send one image (this server edits one picture per request)", param="image")
-            image = decode_upload(await upload.read(), "image")
-            filename = upload.filename
+        values, image, filename = await _read_edit_form(request)
         parsed = parse_request(values, "edits")
         if parsed.size is None:
             width, height = size_for(image)
@@ -232,6 +208,34 @@ async def _events_as_sse(job: Job, events: "asyncio.Queue[Event]", prefix: str):
 
 
 # ---- refusals -----------------------------------------------------------------------------
+async def _read_edit_form(request: Request):
+    """OpenAI's multipart edit body → (form values, the decoded image, the client's file name)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError("/v1/images/edits takes multipart/form-data (image, prompt, …), as OpenAI's does",
+                           code="invalid_content_type")  # fmt: skip
+    async with request.form(max_files=len(FILE_FIELDS), max_fields=64) as form:
+        values: Dict[str, Any] = {}
+        files: Dict[str, Any] = {}
+        for name, value in form.multi_items():
+            target = files if name in FILE_FIELDS else values
+            if name in target:
+                raise RequestError(f"{name} is given more than once", param=name, code="invalid_value")
+            target[name] = value
+        for name, value in values.items():
+            if not isinstance(value, str):
+                raise RequestError(f"{name} must be a form value, not a file", param=name, code="invalid_type")
+        if "mask" in files:
+            raise RequestError("mask (inpainting) is not supported by this server yet; send the image alone for img2img",
+                               param="mask", code="unsupported_parameter")  # fmt: skip
+        if "image" in files and "image[]" in files:
+            raise RequestError("send one image (this server edits one picture per request)", param="image")
+        upload = files.get("image", files.get("image[]"))
+        if upload is None or isinstance(upload, str):
+            raise RequestError("image is required: the picture to edit, as a file part", param="image",
+                               code="missing_required_parameter")  # fmt: skip
+        return values, decode_upload(await upload.read(), "image"), upload.filename
+
+
 async def _read_json(request: Request) -> Dict[str, Any]:
     body = await request.body()
     try:
