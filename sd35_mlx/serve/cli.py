@@ -12,7 +12,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import InputError, SD35Error
-from ..generate import DTYPES, _budget, resolve_budget
+from ..components import DTYPES
+from ..generate import _budget, resolve_budget
 
 API_KEY_ENV = "SD35_API_KEY"
 LOOPBACK = "127.0.0.1"
