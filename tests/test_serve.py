@@ -334,6 +334,20 @@ def test_bad_edits_are_refused(server, fields, files, param, words):
     assert not list(Path(server.app.state.uploads).iterdir()), "a refused upload was left on disk"
 
 
+def test_allowed_models_are_prepared_on_their_first_request(tiny_root, tmp_path):
+    other = tmp_path / "allowed"
+    other.symlink_to(tiny_root, target_is_directory=True)  # another id, the same files
+    s = start(tiny_root, "--allow-model", str(other))
+    try:
+        listed = {m.id: m.model_extra["prepared"] for m in client(s).models.list()}
+        assert listed == {str(tiny_root): True, str(other): False}
+        result = client(s).images.generate(model=str(other), prompt="x", size="32x32", extra_body={"steps": 1})
+        assert json.loads(decode_png(result.data[0].b64_json).text["sd35_mlx"])["model"].endswith("allowed")
+        assert {m.id: m.model_extra["prepared"] for m in client(s).models.list()}[str(other)] is True
+    finally:
+        s.stop()
+
+
 # ---- security defaults -------------------------------------------------------------------------
 def test_api_key_is_enforced_and_cors_is_opt_in(server, tiny_root):
     _, headers, _ = request(server, "GET", "/v1/models", headers={"Origin": "http://app.example"})
