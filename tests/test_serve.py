@@ -226,6 +226,22 @@ def test_disconnect_cancels_the_generation_and_the_server_stays_healthy(server, 
     assert decode_png(result.data[0].b64_json).size == (32, 32)
 
 
+def test_a_failing_generation_answers_500_and_the_server_keeps_serving(server, monkeypatch):
+    registry = server.app.state.registry
+    pipe = registry.prepared(registry.default)
+
+    def out_of_memory(**kwargs):
+        raise RuntimeError("[metal::malloc] out of memory (simulated)")
+
+    monkeypatch.setattr(pipe, "generate", out_of_memory)
+    code, _, payload = post_json(server, {"prompt": "x", "size": "32x32", "steps": 1})
+    assert code == 500 and payload["error"]["type"] == "server_error"
+    assert "RuntimeError" in payload["error"]["message"] and "simulated" in payload["error"]["message"]
+    monkeypatch.undo()
+    result = client(server).images.generate(prompt="after", size="32x32", extra_body={"steps": 1})
+    assert decode_png(result.data[0].b64_json).size == (32, 32)
+
+
 # ---- refusals -------------------------------------------------------------------------------
 BAD_REQUESTS = [
     # (body, status, param, words in the message)
