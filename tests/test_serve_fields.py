@@ -106,3 +106,17 @@ def test_docs_list_every_request_field():
     page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
     missing = [name for name in FIELDS if f"| `{name}` |" not in page]
     assert not missing, f"docs/serving.md does not document: {missing}"
+
+
+def test_a_warm_up_makes_a_started_model_resident_and_measured():
+    memory = {"active": 0, "a": 4}
+
+    def warm_up(pipe):
+        memory["active"] += memory[pipe.name]
+
+    registry = ModelRegistry(lambda name: FakePipeline(name, memory), ["a"], budget_bytes=10,
+                             active_bytes=lambda: memory["active"], warm_up=warm_up)  # fmt: skip
+    assert registry.prepared("a") is None
+    registry.prepare_started()
+    entry = registry.models["a"]
+    assert entry.resident and entry.resident_bytes == 4 and registry.prepared("a").released == 0

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4' (every model)")
     m.add_argument("--no-t5", action="store_true", help="T5-drop mode for every model")
     m.add_argument("--tokenizers", help="repo id or folder with the tokenizer folders, for single-file models")
+    m.add_argument("--no-warm-up", action="store_true",
+                   help="do not run each model once (1 step, smallest size) when it is prepared; "
+                        "its weights are then read during its first request")  # fmt: skip
     m.add_argument("--memory-budget", type=_budget, default="auto", metavar="GB",
                    help="GB the resident models may hold together (least recently used ones are released "
                         "beyond it); 'auto': what this machine can give; 'off': no limit. A number also "
@@ -97,6 +100,12 @@ def model_loader(args: argparse.Namespace):
     return load
 
 
+def warm_up(pipe) -> None:
+    """One step at the model's smallest size: every network is read (and kept: low_memory=False)."""
+    side = pipe.variant.min_size
+    pipe.generate("warm-up", width=side, height=side, steps=1, seed=0)
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -127,7 +136,8 @@ def build_app(args: argparse.Namespace):
     check(args)
     options = ServerOptions(api_key=args.api_key, cors_origins=tuple(args.cors), queue_size=args.queue_size,
                             max_upload_bytes=int(args.max_upload_mb * 2**20))  # fmt: skip
-    registry = ModelRegistry(model_loader(args), args.model, args.allow_model, budget_bytes(args.memory_budget))
+    registry = ModelRegistry(model_loader(args), args.model, args.allow_model, budget_bytes(args.memory_budget),
+                             warm_up=None if args.no_warm_up else warm_up)  # fmt: skip
     worker = Worker(registry, queue_size=options.queue_size)
     worker.start()
     try:

@@ -2,6 +2,8 @@
 
 Models named with `--model` are prepared at start-up; `--allow-model` ones are prepared on their
 first request. A request can name no other model (nothing is downloaded on a request's say-so).
+Preparing builds the pipeline and, with a `warm_up`, runs it once (one step at its smallest
+size), so its weights are read and checked before the first request, not during it.
 
 Every pipeline keeps its networks loaded between requests (`low_memory=False`), as long as the
 models together fit the memory budget: what a model holds is measured after its first
@@ -42,6 +44,7 @@ class ModelRegistry:
         allowed: Sequence[str] = (),
         budget_bytes: Optional[int] = None,
         active_bytes: Optional[Callable[[], int]] = None,
+        warm_up: Optional[Callable[[object], None]] = None,
     ):
         if not started:
             raise ValueError("a server needs at least one --model")
@@ -50,6 +53,7 @@ class ModelRegistry:
         self.default = started[0]
         self.budget_bytes = budget_bytes
         self._active_bytes = active_bytes or _mlx_active_bytes
+        self._warm_up = warm_up
         self.started = list(started)
         self._lock = threading.Lock()
 
@@ -81,7 +85,12 @@ class ModelRegistry:
             entry = self.models[model_id]
             if entry.pipeline is None:
                 log.info("preparing model %s", model_id)
-                entry.pipeline = self._load(model_id)
+                pipeline = self._load(model_id)
+                if self._warm_up is not None:
+                    before = self.before_run(model_id)
+                    self._warm_up(pipeline)
+                    self.after_run(model_id, before)
+                entry.pipeline = pipeline
             return entry.pipeline
 
     # ---- residency, called by the worker thread around each generation ----
