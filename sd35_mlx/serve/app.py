@@ -45,6 +45,7 @@ class ServerOptions:
     max_json_bytes: int = 1 << 20  # a 100k-character prompt still fits, so it gets the prompt's own message
     max_upload_bytes: int = 20 << 20
     queue_size: int = 4
+    max_steps: int = 200  # this server's bound on one request's work (the CLI's own bound is higher)
 
 
 def create_app(registry: ModelRegistry, options: ServerOptions = ServerOptions(), worker: Optional[Worker] = None) -> Starlette:
@@ -91,6 +92,10 @@ def create_app(registry: ModelRegistry, options: ServerOptions = ServerOptions()
 
     async def _answer(request: Request, parsed: ImageRequest, event_prefix: str,
                       metadata: Optional[Dict[str, Any]] = None, temp_files: Optional[List[Path]] = None) -> Response:  # fmt: skip
+        steps = parsed.settings.steps
+        if steps is not None and steps > options.max_steps:
+            raise RequestError(f"steps must be at most {options.max_steps} on this server (got {steps}; its --max-steps)",
+                               param="steps", code="invalid_value")  # fmt: skip
         model = registry.resolve(parsed.model)
         pipe = registry.prepared(model)
         if pipe is not None:  # the model's own checks (size vs its position grid …) before queueing

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; none by default)")  # fmt: skip
     s.add_argument("--queue-size", type=int, default=4, help="requests that may wait per model (beyond: 429)")
+    s.add_argument("--max-steps", type=int, default=200, help="most denoising steps one request may ask for")
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest /v1/images/edits body")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
@@ -64,6 +65,8 @@ def check(args: argparse.Namespace) -> None:
         raise InputError(f"--port must be between 0 and 65535 (got {args.port})")
     if args.queue_size < 0:
         raise InputError(f"--queue-size must be ≥ 0 (got {args.queue_size})")
+    if args.max_steps < 1:
+        raise InputError(f"--max-steps must be ≥ 1 (got {args.max_steps})")
     if not 0 < args.max_upload_mb <= 1024:
         raise InputError(f"--max-upload-mb must be in (0, 1024] (got {args.max_upload_mb})")
     if args.api_key is not None and not args.api_key.strip():
@@ -135,7 +138,7 @@ def build_app(args: argparse.Namespace):
 
     check(args)
     options = ServerOptions(api_key=args.api_key, cors_origins=tuple(args.cors), queue_size=args.queue_size,
-                            max_upload_bytes=int(args.max_upload_mb * 2**20))  # fmt: skip
+                            max_steps=args.max_steps, max_upload_bytes=int(args.max_upload_mb * 2**20))  # fmt: skip
     registry = ModelRegistry(model_loader(args), args.model, args.allow_model, budget_bytes(args.memory_budget),
                              warm_up=None if args.no_warm_up else warm_up)  # fmt: skip
     worker = Worker(registry, queue_size=options.queue_size)

@@ -114,7 +114,12 @@ FIELDS: Dict[str, Field] = {
     "output_format": Field(_text, None, "png (the only one: the metadata lives in PNG text chunks)"),
     "stream": Field(_flag, None, "true: server-sent events (progress, partial images, each image when done)"),
     "partial_images": Field(_whole, None, f"with stream: previews sent while denoising, 0–{MAX_PARTIAL_IMAGES}"),
+    "background": Field(_text, None, "auto or opaque (the images have no alpha channel)"),
+    "quality": Field(_text, None, "accepted and ignored (steps decide quality here)"),
+    "style": Field(_text, None, "accepted and ignored (put the style in the prompt)"),
+    "moderation": Field(_text, None, "accepted and ignored (no moderation model runs)"),
     "user": Field(_text, None, "accepted and ignored"),
+    "safety_identifier": Field(_text, None, "accepted and ignored"),
     # sd35_mlx's extras
     "negative_prompt": Field(_text, "negative_prompt", "negative prompt (used when cfg > 1)"),
     "steps": Field(_whole, "steps", "denoising steps (default: the model variant's)"),
@@ -128,7 +133,7 @@ FIELDS: Dict[str, Field] = {
     "strength": Field(_number, "strength", "how much to change the image, (0, 1]", ("edits",)),
 }
 # OpenAI fields whose only meaningful value here is the one we produce; other values are refused.
-FIXED_VALUES = {"response_format": ("b64_json",), "output_format": ("png",)}
+FIXED_VALUES = {"response_format": ("b64_json",), "output_format": ("png",), "background": ("auto", "opaque")}
 # Fields read from the multipart body of /v1/images/edits as files, not as values.
 FILE_FIELDS = ("image", "image[]", "mask")
 
