@@ -89,18 +89,23 @@ def budget_bytes(value) -> Optional[int]:
     return int(value * 1e9)
 
 
-def model_loader(args: argparse.Namespace):
+def load_options(args: argparse.Namespace):
+    """How every served model is loaded: kept loaded, otherwise as the CLI's flags say."""
     import mlx.core as mx
 
+    from ..load_options import LoadOptions
+
+    return LoadOptions(
+        dtype=getattr(mx, args.dtype), t5=not args.no_t5, low_memory=False, quantize=args.quantize,
+        tokenizers=args.tokenizers, memory_budget=resolve_budget(args.memory_budget, keep_loaded=True),
+    )  # fmt: skip
+
+
+def model_loader(args: argparse.Namespace):
     from ..pipeline import SD35Pipeline
 
-    def load(model: str):
-        return SD35Pipeline.from_pretrained(
-            model, dtype=getattr(mx, args.dtype), t5=not args.no_t5, low_memory=False, quantize=args.quantize,
-            tokenizers=args.tokenizers, memory_budget=resolve_budget(args.memory_budget, keep_loaded=True),
-        )  # fmt: skip
-
-    return load
+    options = load_options(args)
+    return lambda model: SD35Pipeline.from_pretrained(model, options)
 
 
 def warm_up(pipe) -> None:
