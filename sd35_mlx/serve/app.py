@@ -110,8 +110,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions = ServerOptions()
         job = Job(model, parsed, emit, metadata=metadata or {}, temp_files=temp_files or [])
         worker.submit(job)
         if parsed.stream:
-            return StreamingResponse(_events_as_sse(job, events, event_prefix), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            return _JobStream(job, _events_as_sse(job, events, event_prefix))
         return await _collect(request, job, events)
 
     routes = [
@@ -176,6 +175,22 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class _JobStream(StreamingResponse):
+    """The event stream of one job; however it ends (done, client gone before or while it
+    streams), the job is cancelled if it still waits or runs."""
+
+    def __init__(self, job: Job, content):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.job.status in ("queued", "running"):
+                self.job.cancel.set()
+
+
 def _sse(event: str, data: Dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -186,30 +201,26 @@ _NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "tex
 
 async def _events_as_sse(job: Job, events: "asyncio.Queue[Event]", prefix: str):
     """OpenAI's image stream (`<prefix>.partial_image`, `<prefix>.completed`, one per image) plus
-    `<prefix>.progress` after every step; `error` if it fails. Leaving early cancels the job."""
+    `<prefix>.progress` after every step; `error` if it fails (_JobStream cancels a job left early)."""
     common = {"background": "opaque", "output_format": "png", "quality": "auto"}
-    try:
-        while True:
-            event = await events.get()
-            now = int(time.time())
-            if event.kind == "progress":
-                yield _sse(f"{prefix}.progress", {"type": f"{prefix}.progress", "created_at": now, **event.data})
-            elif event.kind == "partial_image":
-                yield _sse(f"{prefix}.partial_image", {"type": f"{prefix}.partial_image", "created_at": now, **common, **event.data})
-            elif event.kind == "image":
-                data = event.data
-                yield _sse(f"{prefix}.completed", {
-                    "type": f"{prefix}.completed", "created_at": now, "size": data["size"], **common,
-                    "b64_json": data["b64_json"], "image_index": data["index"], "seed": data["seed"], "usage": _NO_USAGE,
-                })  # fmt: skip
-            elif event.kind in ("done", "error", "cancelled"):
-                if event.kind != "done":
-                    error = event.data if event.kind == "error" else RequestError("the generation was cancelled", status=503)
-                    yield _sse("error", {"type": "error", **error.body()})
-                return
-    finally:
-        if job.status in ("queued", "running"):
-            job.cancel.set()
+    while True:
+        event = await events.get()
+        now = int(time.time())
+        if event.kind == "progress":
+            yield _sse(f"{prefix}.progress", {"type": f"{prefix}.progress", "created_at": now, **event.data})
+        elif event.kind == "partial_image":
+            yield _sse(f"{prefix}.partial_image", {"type": f"{prefix}.partial_image", "created_at": now, **common, **event.data})
+        elif event.kind == "image":
+            data = event.data
+            yield _sse(f"{prefix}.completed", {
+                "type": f"{prefix}.completed", "created_at": now, "size": data["size"], **common,
+                "b64_json": data["b64_json"], "image_index": data["index"], "seed": data["seed"], "usage": _NO_USAGE,
+            })  # fmt: skip
+        elif event.kind in ("done", "error", "cancelled"):
+            if event.kind != "done":
+                error = event.data if event.kind == "error" else RequestError("the generation was cancelled", status=503)
+                yield _sse("error", {"type": "error", **error.body()})
+            return
 
 
 # ---- refusals -----------------------------------------------------------------------------
