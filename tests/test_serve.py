@@ -281,7 +281,7 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("body, status, param, words", BAD_REQUESTS, ids=[str(i) for i in range(len(BAD_REQUESTS))])
+@pytest.mark.parametrize("body, status, param, words", BAD_REQUESTS, ids=[f"{i}-{case[2] or 'body'}" for i, case in enumerate(BAD_REQUESTS)])
 def test_bad_requests_are_refused_with_a_clear_message(server, body, status, param, words):
     served_before = health(server)["stats"]
     code, _, payload = post_json(server, body)
