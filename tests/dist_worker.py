@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,16 +29,19 @@ def main() -> int:
     p.add_argument("--slg", action="store_true")
     p.add_argument("--bf16-too", action="store_true")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="peer timeout from step 1 on (before: 60 s)")
     p.add_argument("--die-at-step", type=int)
     p.add_argument("--stall-at-step", type=int)
     args = p.parse_args()
 
-    ranks = Ranks.init(timeout_s=args.timeout)
+    ranks = Ranks.init(timeout_s=60.0)  # the ranks start and load at their own pace
     exit_on_terminate(ranks.rank)
+    exchange = CFGExchange(ranks)
     runs = [(args.dtype, args.slg)] + ([("bfloat16", False)] if args.bf16_too else [])
 
     def callback(info):
+        if info.step == 1:
+            exchange.ranks = replace(ranks, timeout_s=args.timeout)
         if ranks.rank == 1 and info.step == args.die_at_step:
             print("rank 1: exiting on purpose", file=sys.stderr, flush=True)
             os._exit(3)
@@ -50,7 +54,7 @@ def main() -> int:
         result = pipe.generate(
             "a red fox", negative_prompt="fog", width=64, height=48, steps=args.steps, cfg=4.0, seed=7,
             t5_length=77, skip_layer_guidance=dict(layers=(1,), scale=2.0, start=0.0, end=0.6) if slg else None,
-            cfg_exchange=CFGExchange(ranks), callback=callback,
+            cfg_exchange=exchange, callback=callback,
         )  # fmt: skip
         np.save(Path(args.out) / f"rank{ranks.rank}-{dtype}.npy", np.array(result.latents))
     return 0

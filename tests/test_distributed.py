@@ -75,26 +75,52 @@ def launch(*command: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.
     )  # fmt: skip
 
 
-def test_data_parallel_writes_the_single_process_files(tiny_root, tmp_path):
-    """3 prompts × 1 seed over 2 ranks (2 + 1 images), into a folder that already holds the
-    first name: the same names and the same bytes as one process writes."""
-    prompts = tmp_path / "prompts.txt"
+@pytest.fixture(scope="module")
+def single_process(tiny_root, tmp_path_factory):
+    """3 prompts × 1 seed by one process, into a folder that already holds the first name:
+    (the CLI arguments, the folder)."""
+    root = tmp_path_factory.mktemp("single")
+    prompts = root / "prompts.txt"
     prompts.write_text("a red fox\n# skipped\na blue bird\n\na green frog\n")
-    single, dist = tmp_path / "single", tmp_path / "dist"
-    for d in (single, dist):
-        d.mkdir()
-        (d / "img.png").write_bytes(b"already here")
     args = ["--model", str(tiny_root), "--prompt-file", str(prompts), "--seed", "11", *CLI_ARGS]
-    assert main([*args, "-o", str(single / "img.png")]) == 0
+    out = _folder_with_a_taken_name(root / "out")
+    assert main([*args, "-o", str(out / "img.png")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["img-1.png", "img-2.png", "img-3.png", "img.png"]
+    return args, out
+
+
+def _folder_with_a_taken_name(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "img.png").write_bytes(b"already here")
+    return folder
+
+
+def _reported(stdout: str) -> list:
+    return [Path(ln).name for ln in stdout.splitlines() if ln.endswith(".png")]
+
+
+def test_data_parallel_writes_the_single_process_files(single_process, tmp_path):
+    """Over 2 ranks (2 + 1 images): the same names and the same bytes as one process writes;
+    rank 0 reports every image, its own and rank 1's, once."""
+    args, single = single_process
+    dist = _folder_with_a_taken_name(tmp_path / "dist")
     r = launch("-m", "sd35_mlx.generate", *args, "-o", str(dist / "img.png"))
     names = sorted(p.name for p in single.iterdir())
-    assert names == ["img-1.png", "img-2.png", "img-3.png", "img.png"], names
     assert sorted(p.name for p in dist.iterdir()) == names, r.stdout + r.stderr
     for name in names:
         assert (dist / name).read_bytes() == (single / name).read_bytes(), name
-    # rank 0 reports every image, its own and rank 1's, once
-    reported = [ln for ln in r.stdout.splitlines() if ln.endswith(".png")]
-    assert sorted(Path(ln).name for ln in reported) == names[:-1], r.stdout
+    assert sorted(_reported(r.stdout)) == names[:-1], r.stdout
+
+
+def test_cfg_parallel_cli_writes_on_rank_0_only(single_process, tmp_path):
+    args, single = single_process
+    cfg = _folder_with_a_taken_name(tmp_path / "cfg")
+    r = launch("-m", "sd35_mlx.generate", *args, "--cfg-parallel", "-o", str(cfg / "img.png"))
+    names = ["img-1.png", "img-2.png", "img-3.png"]
+    assert _reported(r.stdout) == names, r.stdout + r.stderr  # rank 0 only, once each
+    for name in names:
+        a, b = (np.asarray(Image.open(d / name), dtype=np.int16) for d in (single, cfg))
+        assert np.abs(a - b).max() <= 1, name
 
 
 def test_cfg_parallel_latents_equal_one_process(tiny_root, tmp_path):
@@ -111,20 +137,6 @@ def test_cfg_parallel_latents_equal_one_process(tiny_root, tmp_path):
         rank0, rank1 = (np.load(tmp_path / f"rank{k}-{dtype}.npy") for k in (0, 1))
         assert np.array_equal(rank0, rank1), dtype
         assert np.abs(rank0 - ref).max() / np.abs(ref).max() <= bound, dtype
-
-
-def test_cfg_parallel_cli_writes_on_rank_0_only(tiny_root, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\na blue bird\n")
-    args = ["--model", str(tiny_root), "--prompt-file", str(prompts), "--seed", "3", *CLI_ARGS]
-    assert main([*args, "-o", str(tmp_path / "single" / "img.png")]) == 0
-    r = launch("-m", "sd35_mlx.generate", *args, "--cfg-parallel", "-o", str(tmp_path / "cfg" / "img.png"))
-    assert sorted(p.name for p in (tmp_path / "cfg").iterdir()) == ["img-1.png", "img.png"], r.stdout + r.stderr
-    reported = [ln for ln in r.stdout.splitlines() if ln.endswith(".png")]
-    assert [Path(ln).name for ln in reported] == ["img.png", "img-1.png"], r.stdout  # rank 0 only, once each
-    for name in ("img.png", "img-1.png"):
-        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for d in ("single", "cfg"))
-        assert np.abs(a - b).max() <= 1, name
 
 
 def test_a_dying_rank_stops_the_other(tiny_root, tmp_path):
@@ -163,14 +175,14 @@ def test_a_dying_rank_without_the_launcher(tiny_root, tmp_path):
 
 def test_a_hanging_rank_stops_the_other_after_the_timeout(tiny_root, tmp_path):
     """Rank 1 stops answering (sleeps) after step 2: rank 0's watchdog ends it after the
-    peer timeout with a message, and mlx.launch then stops rank 1."""
+    peer timeout (2 s from step 1 on) with a message, and mlx.launch then stops rank 1."""
     t0 = time.perf_counter()
     r = launch(str(WORKER), "--model", str(tiny_root), "--out", str(tmp_path), "--stall-at-step", "2",
-               "--timeout", "6", timeout=60)  # fmt: skip
+               "--timeout", "2", timeout=60)  # fmt: skip
     assert time.perf_counter() - t0 < 50
     out = r.stdout + r.stderr
     assert "rank 1: stalling on purpose" in out
-    assert "rank 0: no answer from the other ranks for 6 s while exchanging the CFG velocities of step 3" in out, out
+    assert "rank 0: no answer from the other ranks for 2 s while exchanging the CFG velocities of step 3" in out, out
     assert f"Node with rank 0 exited with code {EXIT_PEER_LOST}" in out, out
     assert "rank 1: stopped by the launcher" in out, out
 
