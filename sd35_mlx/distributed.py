@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -121,6 +122,8 @@ class Ranks:
         """Join the group (waits at most `timeout_s` for the other ranks to connect)."""
         if timeout_s is not None and not timeout_s > 0:
             raise InputError(f"the peer timeout must be a positive number of seconds (got {timeout_s})")
+        if timeout_s == math.inf:
+            timeout_s = None  # no limit
         if not launched():
             return cls(timeout_s=timeout_s)
         rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)

@@ -194,6 +194,7 @@ def test_a_hanging_rank_stops_the_other_after_the_timeout(tiny_root, tmp_path):
         (["--cfg-parallel"], "exactly 2 ranks; this group has 1"),
         (["--cfg-parallel", "--cfg", "1"], "exactly 2 ranks"),
         (["--peer-timeout", "0"], "peer timeout must be a positive number"),
+        (["--peer-timeout", "nan"], "peer timeout must be a positive number"),
     ],
 )
 def test_cli_errors_before_loading(extra, message, capsys, monkeypatch):
@@ -215,6 +216,7 @@ def test_the_rules_of_each_mode():
     for cfg in (1.0, 0.0):
         with pytest.raises(InputError, match="needs classifier-free guidance"):
             check_cfg_parallel(2, cfg)
+    assert Ranks.init(timeout_s=float("inf")).timeout_s is None  # no limit
     with pytest.raises(InputError, match="3 ranks for 2 image"):
         check_data_parallel(Ranks(rank=0, size=3), 2)
     # round-robin, every job exactly once
