@@ -5,7 +5,8 @@ arithmetic of what an interconnect of a given bandwidth gives at full size.
     # this CPU: ring backend over the loopback address, truncated depth (smoke run)
     python benchmarks/bench_distributed.py --model medium --size 128 --layers 1 --t5-tokens 16 \\
         --steps 3 --images 4 --image-steps 2 --write-docs
-    # 2 GPUs of one host (issue 14): NCCL, one GPU per rank, NVLink multicast off
+    # 2 GPUs of one host (issue 14): NCCL, one GPU per rank, NVLink multicast off (set for
+    # every process it starts: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1)
     python benchmarks/bench_distributed.py --backend nccl --model medium large --size 1024 --write-docs
 
 For each model the script starts two worker runs of itself, the same code in both:
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +50,8 @@ LINKS = [
     ("10 GbE", 10e9 / 8),
     ("NVLink 4 (H100 / H200: 450 GB/s per direction)", 450e9),
 ]
+# NVLink multicast off: a program that uses it can put shared GPUs out of service.
+NO_MULTICAST = ("NCCL_NVLS_ENABLE=0", "TORCH_SYMM_MEM_DISABLE_MULTICAST=1", "NVSHMEM_DISABLE_NVLS=1")
 FULL_SIZE = 1024
 STEPS = {"medium": 40, "large": 28, "sd3-medium": 28}  # the variants' default steps
 SLG_STEPS = {"medium": 7}  # skip-layer guidance at its defaults (0.01-0.2 of 40 steps): one more slab
@@ -143,10 +145,11 @@ def _worker_args(args: argparse.Namespace, model: str, out: Path) -> List[str]:
 
 def launch_command(args: argparse.Namespace, model: str, out: Path) -> List[str]:
     """The 2-rank run: mlx.launch on this host (NCCL: one GPU per rank, NVLink multicast off)."""
-    tool = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(tool) if tool.exists() else (shutil.which("mlx.launch") or "mlx.launch"), "--backend", args.backend, "-n", "2"]
+    from sd35_mlx.distributed import mlx_launch_command
+
+    cmd = [*mlx_launch_command(), "--backend", args.backend, "-n", "2"]
     if args.backend == "nccl":
-        cmd += ["--nccl-port", str(_free_port()), "--env", "NCCL_NVLS_ENABLE=0"]
+        cmd += ["--nccl-port", str(_free_port())] + [a for v in NO_MULTICAST for a in ("--env", v)]
     elif args.backend == "ring":
         cmd += ["--starting-port", str(_free_port())]
     return cmd + [sys.executable, *_worker_args(args, model, out)]
@@ -154,6 +157,8 @@ def launch_command(args: argparse.Namespace, model: str, out: Path) -> List[str]
 
 def run_sides(args: argparse.Namespace, model: str, out: Path, log) -> Dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO), os.environ.get("PYTHONPATH", "")]))
+    if args.backend == "nccl":  # NVLink multicast stays off in every process (shared GPUs)
+        env.update(v.split("=", 1) for v in NO_MULTICAST)
     single_env = dict(env, CUDA_VISIBLE_DEVICES="0") if args.backend == "nccl" else env
     for label, cmd, e in (("1 rank", [sys.executable, *_worker_args(args, model, out)], single_env),
                           ("2 ranks", launch_command(args, model, out), env)):  # fmt: skip

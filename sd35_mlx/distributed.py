@@ -28,10 +28,12 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import mlx.core as mx
@@ -45,14 +47,23 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 300.0  # covers a rank loading its model more slowly than its peer
 EXIT_PEER_LOST = 75  # the watchdog's exit status (EX_TEMPFAIL: running again may work)
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
-# Set by the launchers (mlx.launch for ring / JACCL / NCCL, mpirun): this process is one of several.
-LAUNCH_VARIABLES = ("MLX_HOSTFILE", "MLX_RANK", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR",
-                    "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # fmt: skip
+def mlx_launch_command() -> List[str]:
+    """How to run this Python environment's `mlx.launch` (its console script, or the module
+    behind it where the script is not on disk, e.g. wheels installed with --target)."""
+    script = Path(sys.executable).with_name("mlx.launch")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
 
 
 def launched() -> bool:
-    """Whether a launcher started this process as one rank of several."""
-    return any(os.environ.get(v) for v in LAUNCH_VARIABLES)
+    """Whether a launcher started this process as one rank of several: mlx.launch's ring /
+    JACCL hosts file (empty for `-n 1`), its NCCL world size, or mpirun's."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and Path(hostfile).is_file() and Path(hostfile).read_text().strip():
+        return True
+    sizes = (os.environ.get(v, "") for v in ("MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    return any(v.isdigit() and int(v) > 1 for v in sizes) or bool(os.environ.get("MLX_JACCL_COORDINATOR"))
 
 
 # ---- the watchdog -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ so the checks read the ranks' messages and files.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from PIL import Image
 from tiny_model import TinySpec, make_tiny_model
 
 from sd35_mlx import SD35Pipeline
-from sd35_mlx.distributed import EXIT_PEER_LOST, Ranks, check_cfg_parallel, check_data_parallel
+from sd35_mlx.distributed import EXIT_PEER_LOST, Ranks, check_cfg_parallel, check_data_parallel, mlx_launch_command
 from sd35_mlx.errors import InputError
 from sd35_mlx.generate import main
 from sd35_mlx.images import unique_paths
@@ -67,10 +66,8 @@ def _env() -> dict:
 
 def launch(*command: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
     """`mlx.launch --backend ring -n 2 python COMMAND…` with its output."""
-    tool = Path(sys.executable).with_name("mlx.launch")
-    tool = str(tool) if tool.exists() else shutil.which("mlx.launch")
     return subprocess.run(
-        [tool, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()), sys.executable, *command],
+        [*mlx_launch_command(), "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()), sys.executable, *command],
         cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -230,3 +227,22 @@ def test_output_names_are_planned_as_successive_saves_name_them(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "a-2.png").write_bytes(b"x")
     assert [p.name for p in unique_paths(tmp_path / "a", 3)] == ["a-1.png", "a-3.png", "a-4.png"]
+
+
+def test_what_counts_as_launched(tmp_path, monkeypatch):
+    from sd35_mlx.distributed import launched
+
+    for v in ("MLX_HOSTFILE", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_JACCL_COORDINATOR"):
+        monkeypatch.delenv(v, raising=False)
+    assert not launched()
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text("\n")  # what `mlx.launch -n 1` writes: a group of one
+    monkeypatch.setenv("MLX_HOSTFILE", str(hosts))
+    assert not launched()
+    hosts.write_text('[["127.0.0.1:5000"], ["127.0.0.1:5001"]]')
+    assert launched()
+    monkeypatch.delenv("MLX_HOSTFILE")
+    monkeypatch.setenv("MLX_WORLD_SIZE", "1")
+    assert not launched()
+    monkeypatch.setenv("MLX_WORLD_SIZE", "2")  # NCCL
+    assert launched()
