@@ -196,6 +196,7 @@ def main() -> None:
         return worker(args)
     info = C.machine_info()
     log = print
+    load_before = os.getloadavg()[0]  # other work on the same cores skews every ratio here
     t_start = time.perf_counter()
     payload: Dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
     rows = []
@@ -223,7 +224,8 @@ def main() -> None:
         f"Settings: {args.dtype}; T5 {args.t5_tokens} tokens; 2 ranks over `{args.backend}` on this host "
         f"against 1 process; {args.steps} timed steps after 1 warm-up; {args.images} images × "
         f"{args.image_steps} steps for the throughput. 1 rank runs CFG as one batch of 2 (the pipeline's "
-        "default); the collective's time includes waiting for the peer.",
+        "default); the collective's time includes waiting for the peer. Load average (1 min) "
+        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores.",
         C.markdown_table(HEADERS, rows),
         "**Exchanged by CFG-parallel at 1024²** (arithmetic, bandwidth term only: one fp32 velocity per "
         "rank and step; Medium's skip-layer-guidance steps send a second one)",

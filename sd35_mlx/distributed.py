@@ -47,6 +47,8 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 300.0  # covers a rank loading its model more slowly than its peer
 EXIT_PEER_LOST = 75  # the watchdog's exit status (EX_TEMPFAIL: running again may work)
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
+
+
 def mlx_launch_command() -> List[str]:
     """How to run this Python environment's `mlx.launch` (its console script, or the module
     behind it where the script is not on disk, e.g. wheels installed with --target)."""
