@@ -7,7 +7,8 @@ arithmetic of what an interconnect of a given bandwidth gives at full size.
         --steps 3 --images 4 --image-steps 2 --write-docs
     # 2 GPUs of one host (issue 14): NCCL, one GPU per rank, NVLink multicast off (set for
     # every process it starts: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1)
-    python benchmarks/bench_distributed.py --backend nccl --model medium large --size 1024 --write-docs
+    python benchmarks/bench_distributed.py --backend nccl --model medium large --size 1024 \
+        --docs docs/benchmarks.md --write-docs
 
 For each model the script starts two worker runs of itself, the same code in both:
   1 rank   a plain process (CUDA_VISIBLE_DEVICES=0 under --backend nccl);
