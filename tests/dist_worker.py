@@ -1,13 +1,15 @@
 """One rank of the distributed tests (tests/test_distributed.py starts it under mlx.launch).
 
 Runs a CFG-parallel generation through the Python API and saves this rank's final latents as
-rank<R>-<dtype>.npy in --out (--bf16-too: then a bfloat16 one without skip-layer guidance). --die-at-step / --stall-at-step make rank 1 exit / stop answering after
+rank<R>-<dtype>.npy in --out (--bf16-too: then a bfloat16 one without skip-layer guidance),
+and what the group agreed on (ranks on this host, memory budget, random seeds) as rank<R>.json. --die-at-step / --stall-at-step make rank 1 exit / stop answering after
 that step, from the step callback (the way a crash or a hung host looks to its peer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,8 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from sd35_mlx import SD35Pipeline
-from sd35_mlx.distributed import CFGExchange, Ranks, exit_on_terminate
+from sd35_mlx import GenerationSettings, SD35Pipeline
+from sd35_mlx.distributed import CFGExchange, Ranks, agree_on_budget, agree_on_seeds, exit_on_terminate
 
 
 def main() -> int:
@@ -37,6 +39,10 @@ def main() -> int:
     ranks = Ranks.init(timeout_s=60.0)  # the ranks start and load at their own pace
     exit_on_terminate(ranks.rank)
     exchange = CFGExchange(ranks)
+    agreed = dict(on_this_host=ranks.on_this_host(),
+                  budget=agree_on_budget(ranks, 12.0 if ranks.rank == 0 else 16.0, machine_wide=True),
+                  seeds=[job.seed for job in agree_on_seeds(ranks, [GenerationSettings()] * 3)])  # fmt: skip
+    (Path(args.out) / f"rank{ranks.rank}.json").write_text(json.dumps(agreed))
     runs = [(args.dtype, args.slg)] + ([("bfloat16", False)] if args.bf16_too else [])
 
     def callback(info):

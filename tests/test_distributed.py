@@ -9,6 +9,7 @@ so the checks read the ranks' messages and files.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -125,6 +126,11 @@ def test_cfg_parallel_latents_equal_one_process(tiny_root, tmp_path):
     (fp32 with skip-layer guidance: its extra pass runs on rank 0; bf16 without)."""
     r = launch(str(WORKER), "--model", str(tiny_root), "--out", str(tmp_path), "--slg", "--bf16-too")
     assert r.returncode == 0 and (tmp_path / "rank1-bfloat16.npy").is_file(), r.stdout + r.stderr
+    # what the group agreed on: 2 ranks on this host, the smallest budget split between them
+    # (12 and 16 GB machine-wide -> 6 GB each), rank 0's random seeds on both
+    agreed = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert agreed[0] == agreed[1] and agreed[0]["on_this_host"] == 2 and agreed[0]["budget"] == 6.0, agreed
+    assert len(set(agreed[0]["seeds"])) == 3, agreed
     for dtype, slg, bound in (("float32", True, FP32_BOUND), ("bfloat16", False, BF16_BOUND)):
         pipe = SD35Pipeline.from_pretrained(tiny_root, dtype=getattr(mx, dtype))
         ref = np.array(pipe.generate(
