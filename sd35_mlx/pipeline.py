@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from . import __version__
+from .adapters.registry import LoRARegistry
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .conditioning import Conditioning, assemble
 from .denoise import Denoiser
@@ -74,6 +76,7 @@ class SD35Pipeline:
         self._vae = None
         self._encoders = None
         self._preview_projection = None
+        self._loras = LoRARegistry()
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -197,7 +200,8 @@ class SD35Pipeline:
         if self._transformer is None:
             from .loading import load_transformer
 
-            self._transformer = self._quantize(load_transformer(self.path, dtype=self.dtype), "transformer")
+            transformer = self._quantize(load_transformer(self.path, dtype=self.dtype), "transformer")
+            self._transformer = self._loras.attach_all(transformer, "transformer")
         return self._transformer
 
     def _load_vae(self):
@@ -223,6 +227,7 @@ class SD35Pipeline:
             for name in ("clip_l", "clip_g", "t5"):  # quantized encoders: dequantize before large matmuls
                 if getattr(enc, name) is not None:
                     use_dequantized_matmul(getattr(enc, name))
+                    self._loras.attach_all(getattr(enc, name), name)
             if streaming:
                 from .quantize import parse_quantize
                 from .streaming import streamed_t5
@@ -231,6 +236,46 @@ class SD35Pipeline:
                 enc.t5 = streamed_t5(self.path, quantize=spec, dtype=self.dtype)
             self._encoders = enc
         return self._encoders
+
+    # ---- LoRAs (sd35_mlx/adapters): kept across network reloads, switched without reloading ----
+    def load_lora(self, source, scale: float = 1.0, *, name: Optional[str] = None,
+                  text_encoder_scale: Optional[float] = None, strict: bool = True, revision: Optional[str] = None):  # fmt: skip
+        """Apply a LoRA (local .safetensors, HF repo id or `repo:file`) at `scale`, beside the
+        weights at runtime (never baked into quantized ones). Returns the prepared `LoRA`."""
+        from .adapters.apply import prepare
+        from .adapters.source import read_lora
+
+        file = read_lora(source, revision=revision)
+        networks = self._lora_networks(load=True)
+        absent = {}
+        if not self.use_t5:
+            absent["t5"] = "this pipeline runs without T5 (T5-drop mode)"
+        elif self.stream_t5:
+            absent["t5"] = "T5 is streamed block by block, which takes no LoRA; load it whole (no --stream-t5)"
+        lora = prepare(file, {k: v for k, v in networks.items() if k not in absent}, name=name, scale=scale,
+                       text_encoder_scale=text_encoder_scale, strict=strict, absent=absent)  # fmt: skip
+        return self._loras.add(lora, self._lora_networks())
+
+    def set_lora_scales(self, scales, text_encoder_scales=None) -> None:
+        """{name: weight} (or one weight for all); `text_encoder_scales` likewise for CLIP/T5."""
+        self._loras.set_scales(scales, self._lora_networks(), text_encoder_scales)
+
+    def unload_lora(self, name=None) -> list:
+        """Remove LoRA(s) by name (None: all) without reloading the base model."""
+        return self._loras.remove([name] if isinstance(name, str) else name, self._lora_networks())
+
+    @property
+    def loras(self) -> list:
+        return list(self._loras.loras.values())
+
+    def _lora_networks(self, load: bool = False) -> Dict[str, Any]:
+        transformer = self._load_transformer() if load else self._transformer
+        enc = self._load_encoders() if load else self._encoders
+        nets = {"transformer": transformer}
+        for name in ("clip_l", "clip_g", "t5"):
+            net = getattr(enc, name, None) if enc is not None else None
+            nets[name] = net if isinstance(net, nn.Module) else None  # a streamed T5 takes no LoRA
+        return nets
 
     def release(self, *names: str) -> None:
         """Drop networks (default: all) and return their memory to the system."""
@@ -406,6 +451,8 @@ class SD35Pipeline:
             dtype=str(self.dtype).replace("mlx.core.", ""),
             sd35_mlx_version=__version__,
         )
+        if self._loras:
+            meta["loras"] = self._loras.records()
         return meta
 
     def generate(

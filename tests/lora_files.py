@@ -80,3 +80,50 @@ def save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Optional[Dic
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
+
+
+# ---- diffusers / PEFT LoRAs, written by diffusers itself ----
+TRANSFORMER_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "net.0.proj", "net.2", "norm1.linear", "norm1_context.linear", "norm_out.linear", "proj_out",
+    "context_embedder", "linear_1", "linear_2",
+]  # every Linear kind of SD3Transformer2DModel (incl. attn2 through to_q…, the embedders, both swapped modulations)
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@torch.no_grad()
+def _randomize_lora(model: torch.nn.Module, adapter: str, seed: int, gain: float = 0.5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if f".{adapter}." in name + "." and ("lora_A" in name or "lora_B" in name):
+            fan = p.shape[1] if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (gain if "lora_B" in name else 1.0) / math.sqrt(fan))
+
+
+def write_peft_lora(pipe, path: Path, *, rank: int, alpha: float, seed: int, adapter: str = "writer") -> Path:
+    """Add a PEFT LoRA (transformer + both CLIPs) to the torch pipeline, randomise it, save it with
+    `StableDiffusion3Pipeline.save_lora_weights` (LoraConfig in the header), then remove it again."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    layers, metadata = {}, {}
+    for i, (component, targets) in enumerate(
+        (("transformer", TRANSFORMER_TARGETS), ("text_encoder", CLIP_TARGETS), ("text_encoder_2", CLIP_TARGETS))
+    ):
+        model = getattr(pipe, component)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        model.add_adapter(config, adapter_name=adapter)
+        _randomize_lora(model, adapter, seed * 10 + i)
+        layers[component] = get_peft_model_state_dict(model, adapter_name=adapter)
+        metadata[component] = config.to_dict()
+        model.delete_adapters([adapter]) if hasattr(model, "delete_adapters") else model.delete_adapter(adapter)
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(path.parent), weight_name=path.name,
+        transformer_lora_layers=layers["transformer"], text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"],
+        transformer_lora_adapter_metadata=metadata["transformer"],
+        text_encoder_lora_adapter_metadata=metadata["text_encoder"],
+        text_encoder_2_lora_adapter_metadata=metadata["text_encoder_2"],
+    )  # fmt: skip
+    return path
