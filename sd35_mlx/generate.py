@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .adapters.spec import parse_lora_arg, specs_from_metadata
 from .errors import InputError, SD35Error
 from .settings import SAMPLERS, GenerationSettings, SkipLayerSettings
 
@@ -69,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", help="img2img: the starting image")
     s.add_argument("--strength", type=float, default=0.6, help="img2img: how much to change the image (0, 1]")
 
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
+                    help="apply a LoRA (file, folder, HF repo id or repo:file; scale default 1.0); repeatable. "
+                         "Runs beside quantized weights, never baked into them")
+    lo.add_argument("--lora-text-scale", type=float, metavar="SCALE",
+                    help="weight of the LoRAs' text-encoder parts (default: each LoRA's own scale)")
+    lo.add_argument("--lora-strict", choices=("on", "off"), default="on",
+                    help="on: refuse a LoRA with keys that match nothing; off: apply the rest and say how many")
+
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default="sd35.png", help="output PNG (several images get -1, -2 … suffixes)")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -92,6 +102,7 @@ def plan(args: argparse.Namespace):
 
     base = GenerationSettings()
     model = args.model
+    args.lora_specs = [parse_lora_arg(text, args.lora_text_scale) for text in args.lora]
     t5 = not args.no_t5
     if args.from_image:
         meta = read_metadata(args.from_image)
@@ -101,6 +112,8 @@ def plan(args: argparse.Namespace):
             t5 = False
         if args.quantize is None and meta.get("quantization") not in (None, "none"):
             args.quantize = meta["quantization"]
+        if not args.lora:  # the image's LoRAs, unless others are named
+            args.lora_specs = specs_from_metadata(meta.get("loras"))
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
 
@@ -191,6 +204,22 @@ def _largest_size(jobs: List[GenerationSettings]):
     return max(sized, key=lambda hw: hw[0] * hw[1]) if sized else None
 
 
+def load_loras(pipe, specs, strict: bool) -> None:
+    """Apply the LoRAs and say what each did (and when one switches the model's defaults)."""
+    for spec in specs:
+        lora = pipe.load_lora(spec.source, scale=spec.scale, name=spec.name,
+                              text_encoder_scale=spec.text_encoder_scale, strict=strict)  # fmt: skip
+        where = ", ".join(lora.components) or "nothing"
+        print(f"LoRA {lora.name}: {lora.parsed.format} format, scale {lora.scale:g}, on {where}")
+        if spec.sha256 and spec.sha256 != lora.file.sha256:
+            print(f"warning: {spec.source} is not the file the image was made with (sha256 {lora.file.sha256[:12]}… "
+                  f"instead of {spec.sha256[:12]}…)", file=sys.stderr)
+        if lora.preset:
+            v = pipe.variant
+            print(f"LoRA {lora.name} makes this {v.description}: defaults now {v.steps} steps, cfg {v.cfg:g}, "
+                  f"shift {v.shift:g}, sampler {v.sampler} (flags given still win)")
+
+
 def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     import mlx.core as mx
 
@@ -208,6 +237,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     )  # fmt: skip
     if not args.quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")
+    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
     out = Path(args.output)
     for n, job in enumerate(jobs):
         job = pipe.settings_with_defaults(job).with_seed()

@@ -7,6 +7,7 @@ memory is the largest stage rather than the sum.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +25,9 @@ from .errors import InputError
 from .images import load_image, to_pil
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise
 from .settings import GenerationSettings, SkipLayerSettings
-from .variants import Variant, detect_variant, validate_size
+from .variants import Variant, detect_variant, lora_preset, validate_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class SD35Pipeline:
         self._encoders = None
         self._preview_projection = None
         self._loras = LoRARegistry()
+        self._base_variant: Optional[Variant] = None  # set while a distilling LoRA sets the defaults
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -254,7 +258,14 @@ class SD35Pipeline:
             absent["t5"] = "T5 is streamed block by block, which takes no LoRA; load it whole (no --stream-t5)"
         lora = prepare(file, {k: v for k, v in networks.items() if k not in absent}, name=name, scale=scale,
                        text_encoder_scale=text_encoder_scale, strict=strict, absent=absent)  # fmt: skip
-        return self._loras.add(lora, self._lora_networks())
+        self._loras.add(lora, self._lora_networks())
+        preset = lora_preset(file.path.name, file.source, file.sha256, self._base_variant or self.variant)
+        if preset is not None:  # a distilling LoRA: its model card's settings become the defaults
+            self._base_variant = self._base_variant or self.variant
+            self.variant, lora.preset = preset, preset.name
+            log.info("LoRA %s makes this %s: defaults now %d steps, cfg %g, shift %g, %s", lora.name,
+                     preset.description, preset.steps, preset.cfg, preset.shift, preset.sampler)  # fmt: skip
+        return lora
 
     def set_lora_scales(self, scales, text_encoder_scales=None) -> None:
         """{name: weight} (or one weight for all); `text_encoder_scales` likewise for CLIP/T5."""
@@ -262,7 +273,10 @@ class SD35Pipeline:
 
     def unload_lora(self, name=None) -> list:
         """Remove LoRA(s) by name (None: all) without reloading the base model."""
-        return self._loras.remove([name] if isinstance(name, str) else name, self._lora_networks())
+        removed = self._loras.remove([name] if isinstance(name, str) else name, self._lora_networks())
+        if self._base_variant is not None and not any(lora.preset for lora in self.loras):
+            self.variant, self._base_variant = self._base_variant, None  # the base model's defaults again
+        return removed
 
     @property
     def loras(self) -> list:

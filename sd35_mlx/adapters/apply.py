@@ -38,6 +38,7 @@ class LoRA:
     scale: float = 1.0
     text_encoder_scale: Optional[float] = None  # None: the same as `scale`
     applied_keys: int = 0
+    preset: Optional[str] = None  # the distilled variant this LoRA makes of the base (variants.LORA_PRESETS)
 
     def scale_for(self, component: str) -> float:
         if component == "transformer" or self.text_encoder_scale is None:
