@@ -127,3 +127,36 @@ def test_a_distilling_lora_switches_the_defaults_and_says_so(tiny, tmp_path, mon
     assert main(argv) == 0
     assert "makes this a tiny turbo: defaults now 1 steps, cfg 1, shift 5" in capsys.readouterr().out
     assert read_metadata(tmp_path / "t.png")["steps"] == 1
+
+
+def latents_of(pipe, seed=4):
+    from sd35_mlx.pipeline import initial_noise
+    from sd35_mlx.settings import GenerationSettings
+
+    s = GenerationSettings(prompt="a red fox", height=32, width=32, steps=2, cfg=3.0, t5_length=77)
+    last = None
+    for info in pipe.generate_latents(s, noise=initial_noise(seed, 4, 4)):
+        last = info
+    return np.array(last.latents)
+
+
+def test_convert_fuses_loras_into_the_16bit_weights(tiny, tmp_path, capsys):
+    from sd35_mlx.convert import convert
+    from sd35_mlx.convert import main as convert_main
+    from sd35_mlx.weights.converted import read_converted_config
+
+    root, (a, b) = tiny
+    out = convert(root, tmp_path / "fused", dtype="float32", quantize="none", loras=[f"{a}:0.8", str(b)], quiet=True)
+    runtime = pipeline_module.SD35Pipeline.from_pretrained(root, dtype=mx.float32)
+    runtime.load_lora(a, scale=0.8)
+    runtime.load_lora(b)
+    fused = pipeline_module.SD35Pipeline.from_pretrained(out, dtype=mx.float32)
+    want = latents_of(runtime)
+    assert np.abs(latents_of(fused) - want).max() / np.abs(want).max() <= 1e-4
+    recorded = read_converted_config(out)["source"]["fused_loras"]
+    assert [(r["name"], r["scale"]) for r in recorded] == [("style1", 0.8), ("style2", 1.0)]
+    # --lora needs --fuse-lora; a converted (quantized) folder cannot take one
+    assert convert_main(["--hf-path", str(root), "--mlx-path", str(tmp_path / "x"), "--lora", str(a)]) == 2
+    assert "--lora and --fuse-lora go together" in capsys.readouterr().err
+    with pytest.raises(InputError, match="needs the 16-bit source model"):
+        convert(out, tmp_path / "again", loras=[str(a)], quiet=True)

@@ -271,9 +271,8 @@ def bake(model: nn.Module) -> int:
     W + ΔW (for the converter, which quantizes afterwards). Returns how many layers."""
     layers = lora_layers(model)
     for path, layer in layers.items():
-        layer.fuse(keep_original=False)
+        layer.fuse(keep_original=False)  # lazy: computed when the weight is first used or written
         _set_layer(model, path, layer.base)
-    mx.eval([layer.base["weight"] for layer in layers.values()])
     return len(layers)
 
 
