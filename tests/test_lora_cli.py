@@ -20,7 +20,7 @@ from sd35_mlx.generate import main
 from sd35_mlx.images import read_metadata
 from sd35_mlx.variants import SD35_LARGE, SD35_MEDIUM, lora_preset
 
-COMMON = ["--prompt", "a red fox", "-W", "32", "-H", "32", "--steps", "2", "--cfg", "3", "--seed", "5",
+COMMON = ["--prompt", "a red fox", "-W", "32", "-H", "32", "--steps", "1", "--cfg", "3", "--seed", "5",
           "--t5-length", "77", "--dtype", "float32", "--memory-budget", "off"]  # fmt: skip
 
 
