@@ -166,11 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import uvicorn
 
+    sock = None
     try:
         check(args)
         sock = bind(args.host, args.port)
         app = build_app(args)
     except SD35Error as e:
+        if sock is not None:
+            sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not is_loopback(args.host) and not args.api_key:

@@ -26,6 +26,7 @@ from .errors import RequestError
 
 MAX_IMAGES_PER_REQUEST = 10  # OpenAI's bound for n
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound for partial_images
+MAX_PROMPT_CHARS = 32_000  # OpenAI's bound for a prompt (the settings' own bound may be lower)
 _SIZE = re.compile(r"^([1-9]\d{0,5})x([1-9]\d{0,5})$")
 
 
@@ -34,6 +35,14 @@ def _text(value: Any, name: str) -> str:
     if isinstance(value, str):
         return value
     raise RequestError(f"{name} must be a string (got {_show(value)})", param=name, code="invalid_type")
+
+
+def _prompt(value: Any, name: str) -> str:
+    text = _text(value, name)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{name} is {len(text):,} characters long; at most {MAX_PROMPT_CHARS:,} are accepted",
+                           param=name, code="string_above_max_length")  # fmt: skip
+    return text
 
 
 def _whole(value: Any, name: str) -> int:
@@ -106,7 +115,7 @@ class Field:
 # The one table. `to=None` rows are request-level (OpenAI's) and read in ImageRequest.
 FIELDS: Dict[str, Field] = {
     # OpenAI's fields
-    "prompt": Field(_text, "prompt", "the prompt (required)"),
+    "prompt": Field(_prompt, "prompt", "the prompt (required)"),
     "model": Field(_text, None, "a model id from GET /v1/models (default: the first --model)"),
     "n": Field(_whole, None, f"images to generate, 1–{MAX_IMAGES_PER_REQUEST}; seeds seed, seed+1, …"),
     "size": Field(_text, None, "WIDTHxHEIGHT (multiples of 16) or auto (the model's default size; edits: the image's)"),
@@ -121,7 +130,7 @@ FIELDS: Dict[str, Field] = {
     "user": Field(_text, None, "accepted and ignored"),
     "safety_identifier": Field(_text, None, "accepted and ignored"),
     # sd35_mlx's extras
-    "negative_prompt": Field(_text, "negative_prompt", "negative prompt (used when cfg > 1)"),
+    "negative_prompt": Field(_prompt, "negative_prompt", "negative prompt (used when cfg > 1)"),
     "steps": Field(_whole, "steps", "denoising steps (default: the model variant's)"),
     "cfg": Field(_number, "cfg", "classifier-free guidance scale (≤ 1: one conditional pass)"),
     "seed": Field(_whole, "seed", "seed of the first image (default: random)"),
