@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ._version import __version__
-from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, positive_gb, text, whole_number
+from .adapters.spec import parse_lora_arg, specs_from_metadata
+from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, finite_number, positive_gb, text, whole_number
 from .cli import OneLineParser, setup_logging
 from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .errors import InputError, SD35Error
@@ -90,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the steps run; 'stability' (SAI's sd3_infer.py) skips int(N·(1 − strength)) and measures "
                         "it on all N")  # fmt: skip
 
+    d = p.add_argument_group("several processes (started by mlx.launch; docs/distributed.md)")
+    d.add_argument("--cfg-parallel", action="store_true",
+                   help="2 ranks: rank 0 runs the conditional pass, rank 1 the unconditional one (needs cfg > 1). "
+                        "Without it, several ranks share out the images (data-parallel)")
+    d.add_argument("--peer-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop when the other ranks have not answered for this long (default 300)")
+
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
+                    help="apply a LoRA (file, folder, HF repo id or repo:file; scale default 1.0); repeatable. "
+                         "Runs beside quantized weights, never baked into them")
+    lo.add_argument("--lora-text-scale", type=float, metavar="SCALE",
+                    help="weight of the LoRAs' text-encoder parts (default: each LoRA's own scale)")
+    lo.add_argument("--lora-strict", choices=("on", "off"), default="on",
+                    help="on: refuse a LoRA with keys that match nothing; off: apply the rest and say how many")
+
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default="sd35.png",
                    help="output PNG; may carry {seed} and {index} (e.g. 'out-{seed}.png'); a taken name gets -1, -2 …")
@@ -149,6 +166,7 @@ def settings_from_image(args: argparse.Namespace):
     if recorded_init is not None and not args.init_image:
         raise InputError(f"{png} was made by img2img from {recorded_init!r:.200}; pass --init-image PATH to "
                          "regenerate it (a path named only by metadata is never read)")  # fmt: skip
+    loras = _metadata_loras(png, meta.get("loras"), args)
     if args.model is None:
         if model is None:
             raise InputError(f"{png}'s metadata names no model: pass --model")
@@ -156,7 +174,24 @@ def settings_from_image(args: argparse.Namespace):
             raise InputError(f"{png} was made with {model!r:.200}; pass --model {model:.200} (or "
                              "--trust-metadata-model) to use it: a model named only by metadata is never loaded")  # fmt: skip
     quantize = args.quantize if args.quantize is not None else (None if quantization in (None, "none") else quantization)
-    return base, args.model or model, not t5.startswith("dropped"), quantize
+    return base, args.model or model, not t5.startswith("dropped"), quantize, loras
+
+
+def _metadata_loras(png: str, records, args: argparse.Namespace):
+    """The LoRAs the image records: checked, and (files or repos named only by metadata) used
+    only with --trust-metadata-model; --lora given replaces them."""
+    try:
+        specs = specs_from_metadata(records)
+        for spec in specs:
+            finite_number("loras.scale", spec.scale, -100.0, 100.0)
+            text("loras.source", spec.source, 4096)
+    except (TypeError, ValueError) as e:  # float("x") inside, or InputError (a ValueError)
+        raise InputError(f"{png}: metadata field {e}") from None
+    if specs and not args.lora and not args.trust_metadata_model:
+        names = " ".join(f"--lora {s.source}:{s.scale:g}" for s in specs)
+        raise InputError(f"{png} was made with LoRAs; pass them ({names:.300}) or --trust-metadata-model: "
+                         "files named only by metadata are never read")  # fmt: skip
+    return specs if not args.lora else None
 
 
 def expand_seeds(seeds: Optional[Sequence[int]], per_seed: int) -> List[Optional[int]]:
@@ -182,9 +217,12 @@ def plan(args: argparse.Namespace):
     """Turn arguments into (model, t5, [settings…]); raises InputError before anything loads."""
     base = GenerationSettings()
     model, t5 = args.model, not args.no_t5
+    args.lora_specs = [parse_lora_arg(text, args.lora_text_scale) for text in args.lora]
     if args.from_image:
-        base, model, t5_recorded, args.quantize = settings_from_image(args)
+        base, model, t5_recorded, args.quantize, recorded_loras = settings_from_image(args)
         t5 = t5 and t5_recorded
+        if recorded_loras is not None:  # the image's LoRAs, unless others are named
+            args.lora_specs = recorded_loras
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
     text("--model", model, 4096)
@@ -230,6 +268,17 @@ def _warn_unused(args: argparse.Namespace, slg_flags: dict) -> None:
         unused.append(("--trust-metadata-model", "--from-image"))
     for flag, needs in unused:
         print(f"warning: {flag} has no effect without {needs}", file=sys.stderr)
+
+
+def planned_paths(template: str, jobs: List[GenerationSettings]) -> List[Path]:
+    """The names the images will get: the template filled in per image, then `-1`, `-2` … where
+    a name is taken (by a file, or by an earlier image of this run)."""
+    from .images import unique_path
+
+    names: List[Path] = []
+    for n, job in enumerate(jobs):
+        names.append(unique_path(output_path(template, job, n + 1), names))
+    return names
 
 
 def output_path(template: str, job: GenerationSettings, index: int) -> Path:
@@ -293,13 +342,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # default: up to 0.25 GB) at the same speed (docs/memory.md). Set before MLX starts.
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
+    args.budget_is_auto = args.memory_budget == "auto"
+    args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
     try:
         model, t5, jobs = plan(args)
         if args.from_image and not args.quiet:  # untrusted input: say what it will make us read
             init = f", init image {jobs[0].init_image}" if jobs[0].init_image else ""
             print(f"from {args.from_image}: model {model}{'' if t5 else ' (T5 dropped)'}{init}, "
                   f"quantization {args.quantize or 'none'}")  # fmt: skip
-        args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
         return run(args, model, t5, jobs)
     except SD35Error as e:
         print(f"error: {e}", file=sys.stderr)
@@ -314,11 +364,48 @@ def _largest_size(jobs: List[GenerationSettings]):
     return max(sized, key=lambda hw: hw[0] * hw[1]) if sized else None
 
 
+def load_loras(pipe, specs, strict: bool) -> None:
+    """Apply the LoRAs and say what each did (and when one switches the model's defaults)."""
+    for spec in specs:
+        lora = pipe.load_lora(spec.source, scale=spec.scale, name=spec.name,
+                              text_encoder_scale=spec.text_encoder_scale, strict=strict)  # fmt: skip
+        where = ", ".join(lora.components) or "nothing"
+        print(f"LoRA {lora.name}: {lora.parsed.format} format, scale {lora.scale:g}, on {where}")
+        if spec.sha256 and spec.sha256 != lora.file.sha256:
+            print(f"warning: {spec.source} is not the file the image was made with (sha256 {lora.file.sha256[:12]}… "
+                  f"instead of {spec.sha256[:12]}…)", file=sys.stderr)
+        if lora.preset:
+            v = pipe.variant
+            print(f"LoRA {lora.name} makes this {v.description}: defaults now {v.steps} steps, cfg {v.cfg:g}, "
+                  f"shift {v.shift:g}, sampler {v.sampler} (flags given still win)")
+
+
 def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     import mlx.core as mx
 
+    from .distributed import (CFGExchange, Ranks, agree_on_budget, agree_on_seeds, check_cfg_parallel,
+                              check_data_parallel, exit_on_terminate)  # fmt: skip
     from .pipeline import SD35Pipeline
     from .progress import Progress, peak_memory_gb
+
+    ranks = Ranks.init(timeout_s=args.peer_timeout)  # a group of one unless mlx.launch started us
+    if ranks.size > 1:
+        exit_on_terminate(ranks.rank)
+        if args.memory_budget is not None:
+            args.memory_budget = agree_on_budget(ranks, args.memory_budget, machine_wide=args.budget_is_auto)
+    if args.cfg_parallel:
+        for job in jobs:
+            check_cfg_parallel(ranks.size, job.cfg)
+    else:
+        check_data_parallel(ranks, len(jobs))
+    # Names are planned before any rank writes (agree_on_seeds waits for all); a {seed} template
+    # needs the seeds first. Writes claim their names exclusively either way (images.save_png).
+    paths = None if "{seed}" in args.output else planned_paths(args.output, jobs)
+    jobs = agree_on_seeds(ranks, jobs)
+    paths = paths or planned_paths(args.output, jobs)
+    mine = list(enumerate(jobs)) if args.cfg_parallel else ranks.shard(jobs)
+    exchange = CFGExchange(ranks) if args.cfg_parallel else None
+    quiet = args.quiet or not ranks.is_main  # rank 0 reports
 
     t0 = time.perf_counter()
     pipe = SD35Pipeline.from_pretrained(
@@ -331,23 +418,34 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     # Every image is checked against this model (size vs its position grid, SLG layers vs its
     # depth) before the first one starts: no weight has been read yet (networks are lazy).
     jobs = [pipe.settings_with_defaults(job) for job in jobs]
-    if pipe.plan is not None and pipe.plan_changes and not args.quiet:
+    mine = [(n, jobs[n]) for n, _ in mine]
+    if pipe.plan is not None and pipe.plan_changes and not quiet:
         print(pipe.describe_plan())
-    if not args.quiet:
+    if not quiet:
         print(f"model: {pipe.name} ({pipe.variant.name}), ready in {time.perf_counter() - t0:.1f} s")
-    failed = 0
-    for n, job in enumerate(jobs):
-        job = job.with_seed()
-        progress = None if args.quiet else Progress(job, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
-        result = pipe.generate(settings=job, callback=progress, verbose=not args.quiet)
-        path, saved = save_or_fallback(result, output_path(args.output, job, n + 1))
+    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
+    t_start, longest, failed = time.perf_counter(), 0.0, 0
+    for n, job in mine:
+        t_job = time.perf_counter()
+        if exchange is not None:
+            check_cfg_parallel(ranks.size, job.cfg)  # the variant's default cfg is known now
+        progress = None if quiet else Progress(job, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
+        if exchange is not None and not ranks.is_main:
+            for _ in pipe.generate_latents(job, cfg_exchange=exchange):  # rank 0 decodes and writes
+                pass
+            continue
+        result = pipe.generate(settings=job, callback=progress, verbose=not quiet, cfg_exchange=exchange)
+        path, saved = save_or_fallback(result, paths[n])
         failed += not saved
+        longest = max(longest, time.perf_counter() - t_job)
         if progress is not None:
             progress.close()
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
             print(f"saved {path}  ({stages}; peak memory {peak_memory_gb():.2f} GB)")
-        else:
+        elif ranks.is_main:
             print(path)
+    if ranks.size > 1 and exchange is None:
+        _report_data_parallel(ranks, mine, paths, longest, time.perf_counter() - t_start, args.quiet)
     return 1 if failed else 0
 
 
@@ -362,6 +460,21 @@ def save_or_fallback(result, path: Path):
         fallback = save_png(result.image, Path(tempfile.gettempdir()) / path.name, result.metadata)
         print(f"error: could not write {path} ({e}); the image was saved as {fallback} instead", file=sys.stderr)
         return fallback, False
+
+
+def _report_data_parallel(ranks, mine, paths, longest: float, seconds: float, quiet: bool) -> None:
+    """Rank 0 names the images the other ranks wrote and the throughput of all of them."""
+    from .distributed import gather_done
+
+    done = gather_done(ranks, [n for n, _ in mine], len(paths), longest)
+    if not ranks.is_main:
+        return
+    for n, path in enumerate(paths):
+        if ranks.owner(n) != 0 and done[n]:
+            print(path if quiet else f"saved {path}  (rank {ranks.owner(n)})")
+    if not quiet:
+        rate = 60 * int(done.sum()) / max(seconds, 1e-9)
+        print(f"{int(done.sum())} images on {ranks.size} ranks in {seconds:.1f} s ({rate:.2f} images/min)")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -118,6 +119,41 @@ def check_png_name(path: str | os.PathLike) -> Path:
     return path
 
 
+def unique_path(path: Path, taken: Sequence[Path] = ()) -> Path:
+    """`path`, or `name-1.png`, `name-2.png`, … : no existing file (nor one in `taken`). A plan
+    only: `save_png` claims the name when it writes."""
+    return next(c for c in candidates(path) if not (c.exists() or c in taken))
+
+
+def png_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix.lower() == ".png" else path.with_suffix(".png")
+
+
+def unique_paths(path: str | os.PathLike, count: int) -> List[Path]:
+    """The names `count` successive `save_png(…, path, …)` calls would get, planned up front
+    (so that several processes can each write some of them)."""
+    names: List[Path] = []
+    for _ in range(count):
+        names.append(unique_path(png_path(path), names))
+    return names
+
+
+def png_info(metadata: Dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks sd35_mlx writes: the settings as JSON, and a readable summary."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    info.add_itxt("parameters", describe(metadata))
+    return info
+
+
+def png_bytes(image: Image.Image, metadata: Optional[Dict[str, Any]] = None) -> bytes:
+    """The PNG `save_png` would write, as bytes (for the server); no text chunks without metadata."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata) if metadata is not None else None)
+    return buffer.getvalue()
+
+
 def write_file_exclusively(path: Path, write: Callable[[Path], None]) -> Path:
     """Write through `write(tmp)` into a temp file beside `path`, then give it the first free
     name among `candidates(path)`. Never overwrites; a crash leaves only a dot-named temp file."""
@@ -138,9 +174,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: Dict[str, An
     """Write a PNG with the metadata as JSON (and a readable summary). Never overwrites: the
     first free name among path, path-1, … is taken, atomically (safe with parallel writers)."""
     path = check_png_name(path)
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-    info.add_itxt("parameters", describe(metadata))
+    info = png_info(metadata)
     return write_file_exclusively(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
