@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 from ._version import __version__
 from .adapters.spec import parse_lora_arg, specs_from_metadata
-from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, finite_number, positive_gb, text, whole_number
+from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, positive_gb, text, whole_number
 from .cli import OneLineParser, setup_logging
 from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .errors import InputError, SD35Error
@@ -182,8 +182,7 @@ def _metadata_loras(png: str, records, args: argparse.Namespace):
     only with --trust-metadata-model; --lora given replaces them."""
     try:
         specs = specs_from_metadata(records)
-        for spec in specs:
-            finite_number("loras.scale", spec.scale, -100.0, 100.0)
+        for spec in specs:  # (LoRASpec checks its scales)
             text("loras.source", spec.source, 4096)
     except (TypeError, ValueError) as e:  # float("x") inside, or InputError (a ValueError)
         raise InputError(f"{png}: metadata field {e}") from None

@@ -106,7 +106,8 @@ def _random_value(rng: random.Random, depth: int = 0):
 
 
 FIELDS = ["prompt", "negative_prompt", "width", "height", "steps", "cfg", "sampler", "shift", "seed", "t5_length",
-          "skip_layer_guidance", "init_image", "strength", "model", "quantization", "t5", "variant", "dtype"]  # fmt: skip
+          "skip_layer_guidance", "init_image", "strength", "model", "quantization", "t5", "variant", "dtype", "loras",
+          "img2img_rule"]  # fmt: skip
 
 
 def _random_png(rng: random.Random, path) -> None:

@@ -303,6 +303,24 @@ def test_from_image_says_what_it_will_use(tmp_path, capsys, monkeypatch):
     assert f"from {png}: model someone/repo (T5 dropped), quantization transformer=4" in capsys.readouterr().out
 
 
+def test_metadata_loras_are_untrusted_like_the_model(tmp_path, capsys, no_loading):
+    from sd35_mlx.generate import build_parser, plan
+
+    png = png_with(tmp_path, {**GOOD, "loras": [{"source": "/home/x/secret.safetensors", "scale": 0.8}]})
+    refused(["--from-image", str(png), "--model", "m"], capsys, tmp_path, "--lora /home/x/secret.safetensors:0.8")
+    for bad, expect in (([{"source": "a", "scale": "big"}], "metadata field"), ({"source": "a"}, "not a list of LoRA"),
+                        ([{"source": "a", "scale": float("nan")}], "metadata field LoRA a: the scale must be a finite number")):  # fmt: skip
+        bad_png = png_with(tmp_path, {**GOOD, "loras": bad}, name="bad.png")
+        refused(["--from-image", str(bad_png), "--model", "m"], capsys, tmp_path, expect)
+    out = ["-o", str(tmp_path / "o.png")]
+    args = build_parser().parse_args(["--from-image", str(png), "--model", "m", "--trust-metadata-model", *out])
+    plan(args)
+    assert [(s.source, s.scale) for s in args.lora_specs] == [("/home/x/secret.safetensors", 0.8)]
+    args = build_parser().parse_args(["--from-image", str(png), "--model", "m", "--lora", "mine.safetensors", *out])
+    plan(args)
+    assert [s.source for s in args.lora_specs] == ["mine.safetensors"]
+
+
 def test_metadata_quantization_and_t5_mode_are_carried(tmp_path):
     from sd35_mlx.generate import build_parser, plan
 
