@@ -1,25 +1,28 @@
 """Every code block of README.md runs, on a tiny random model: the README is a contract.
 
 How it works (read this before adding a block to the README):
-- Fenced blocks are ```bash, ```python or ```text. `text` blocks (console transcripts, file
-  trees) are shown, not run. Any other fence, or none, fails `test_every_block_is_accounted_for`:
-  nothing is skipped silently.
+- Fenced blocks are ```bash, ```python, ```json or ```text. `text` blocks (console transcripts,
+  file trees) are shown, not run; `json` blocks must parse. Any other fence, or none, fails
+  `test_every_block_is_accounted_for`: nothing is skipped silently.
 - All blocks run in README order in one shared temp folder (so a later block may use what an
   earlier one wrote, e.g. a converted folder). bash: each command (continuation lines joined,
   comments dropped) runs with `bash -c` and must exit 0; `python` is this interpreter, the
-  package is this checkout, the hub is offline. python: each block is exec'd in a fresh
-  namespace and must not raise.
+  package is this checkout, the hub is offline. python: the blocks share one namespace, like
+  a notebook (a later block may use an earlier one's `pipe`), and must not raise.
 - What cannot exist here is replaced first, by SUBSTITUTIONS (old text -> new text, applied to
   every block): the official repo ids become the tiny model, sizes beyond its 64 px position
   grid shrink, step counts drop to 2-3. Each substitution must match somewhere, so a stale one fails.
-- A command that cannot run here at all goes in NOT_RUN with the reason and what checks it
-  instead; it must appear in the README verbatim.
+- A command that cannot run here at all (a server, several processes, the suite itself) goes
+  in NOT_RUN with the reason and what checks it instead; a python block is named by its first
+  line. Each must appear in the README verbatim.
 - The temp folder holds the tiny model in the diffusers layout (for every repo id) and
-  Stability's file names (`sd3.5_medium.safetensors`, `text_encoders/...`).
+  Stability's file names (`sd3.5_medium.safetensors`, `text_encoders/...`) and two random LoRAs
+  for it (`style.safetensors`, `their-lora.safetensors`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -54,11 +57,25 @@ SUBSTITUTIONS = [
     ("python convert.py", "python {root}/convert.py"),
     # no network: the upload itself is checked against a stand-in hub in tests/test_convert.py
     (" --upload-repo me/sd35m-mlx", ""),
+    # a hub LoRA: a local file stands in (the hub path of LoRAs: tests/test_lora_*)
+    ("someone/their-lora:file.safetensors", "their-lora.safetensors"),
 ]
 
 NOT_RUN = {
     "pip install torch==2.13.0 && pip install -e \".[test]\"": ".ci/run runs exactly this on a fresh clone",
     "python -m pytest tests": "this is the test suite itself (.ci/run runs it)",
+    "python -m sd35_mlx.serve --model stabilityai/stable-diffusion-3.5-large-turbo --port 8000 &":
+        "starts a server; tests/test_serve.py serves the tiny model over HTTP",
+    "curl -s http://127.0.0.1:8000/v1/images/generations -H \"Content-Type: application/json\" "
+    "-d '{\"prompt\": \"a corgi astronaut\", \"size\": \"1024x1024\", \"seed\": 7, \"steps\": 4}' > corgi.json":
+        "needs that server; tests/test_serve.py sends the same request",
+    "from openai import OpenAI": "the OpenAI client is not a dependency; tests/test_serve.py checks its request shapes",
+    "mlx.launch --backend ring -n 2 python -m sd35_mlx.generate -m stabilityai/stable-diffusion-3.5-medium "
+    "--prompt-file prompts.txt --seed 1 -o out/img.png": "several processes; tests/test_distributed.py launches them",
+    "mlx.launch --backend ring -n 2 python -m sd35_mlx.generate -m stabilityai/stable-diffusion-3.5-large "
+    "-p \"a lighthouse at dusk\" --cfg-parallel -o lighthouse.png": "several processes; tests/test_distributed.py",
+    "mlx.launch --hostfile hosts.json --backend ring python -m sd35_mlx.generate -m ./sd35-large-4bit "
+    "--prompt-file prompts.txt -o ~/sd35/img.png": "several machines",
 }
 
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", re.S | re.M)
@@ -74,14 +91,22 @@ def commands(body: str):
     return [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
+def normalized(command: str) -> str:
+    return " ".join(command.split())
+
+
 def test_every_block_is_accounted_for():
     langs = [lang for lang, _ in blocks()]
-    assert langs and set(langs) <= {"bash", "python", "text"}, langs
+    assert langs and set(langs) <= {"bash", "python", "json", "text"}, langs
+    for lang, body in blocks():
+        if lang == "json":
+            json.loads(body)
     text = README.read_text()
     for old, _ in SUBSTITUTIONS:
         assert old in text, f"stale substitution: {old!r} is no longer in README.md"
+    flat = normalized(re.sub(r"\\\n\s*", " ", text))  # continuation lines joined
     for command, reason in NOT_RUN.items():
-        assert command in text, f"NOT_RUN lists {command!r} ({reason}) but README.md no longer has it"
+        assert normalized(command) in flat, f"NOT_RUN lists {command!r} ({reason}) but README.md no longer has it"
     ci = (ROOT / ".ci" / "run").read_text()
     for part in ("pip install -q \"torch==2.13.0\"", "pip install -q -e \".[test]\"", "python -m pytest tests"):
         assert part in ci, f".ci/run no longer runs {part!r}, which the README's test section promises"
@@ -89,13 +114,18 @@ def test_every_block_is_accounted_for():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    from lora_files import PEFT, dotted_key, linear_stems, random_lora, save
     from test_layouts import build_tiny_model
     from tiny_model import TinySpec, make_tiny_model
 
     base = tmp_path_factory.mktemp("readme")
     work = base / "work"
     model = work / "models" / "tiny-sd35"
-    make_tiny_model(model, TinySpec(seed=5, pos_embed_max_size=4))  # generates; its widths are too small for Stability's config-less files
+    pipe = make_tiny_model(model, TinySpec(seed=5, pos_embed_max_size=4))  # generates; too narrow for Stability's config-less files
+    state = pipe.transformer.state_dict()
+    for seed, name in ((1, "style"), (2, "their-lora")):
+        tensors, _ = random_lora(state, linear_stems(state), dotted_key("transformer."), suffixes=PEFT, with_alpha=False, seed=seed)
+        save(tensors, work / f"{name}.safetensors")
     stability = build_tiny_model(base / "layouts").stability  # widths Stability files can describe: converted only
     shutil.copy(stability / "sd3.5_tiny.safetensors", work / "sd3.5_medium.safetensors")
     shutil.copytree(stability / "text_encoders", work / "text_encoders")
@@ -117,16 +147,18 @@ def test_readme_blocks_run(workdir, monkeypatch):
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     monkeypatch.chdir(work)
     ran = {"bash": 0, "python": 0}
+    namespace = {"__name__": "readme"}
     for n, (lang, body) in enumerate(blocks()):
-        if lang == "text":
+        if lang in ("text", "json"):
             continue
         if lang == "python":
-            code = compile(substituted(body, model), f"README.md block {n}", "exec")
-            exec(code, {"__name__": f"readme_block_{n}"})
+            if body.strip().splitlines()[0] in NOT_RUN:
+                continue
+            exec(compile(substituted(body, model), f"README.md block {n}", "exec"), namespace)
             ran["python"] += 1
             continue
         for command in commands(body):
-            if command in NOT_RUN:
+            if normalized(command) in {normalized(c) for c in NOT_RUN}:
                 continue
             line = substituted(command, model)
             r = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=600)
