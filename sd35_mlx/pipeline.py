@@ -18,12 +18,12 @@ import mlx.nn as nn
 
 from ._version import __version__
 from .adapters.registry import LoRARegistry
-from .checks import positive_gb
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
+from .checks import positive_gb
 from .components import QUANTIZABLE, REQUIRED, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
 from .conditioning import Conditioning, assemble
 from .denoise import Denoiser
-from .errors import InputError, SD35Error
+from .errors import InputError, MissingTokenizersError
 from .images import init_image_size, load_image, to_pil
 from .load_options import LoadOptions
 from .memory import Plan, default_budget_bytes
@@ -176,7 +176,6 @@ class SD35Pipeline:
     def _load_tokenizers(self, source: Optional[str]):
         """From `source`, else the model path, else (Stability single files ship none) the
         official diffusers repo of the detected variant, tokenizer files only (~3 MB)."""
-        from .errors import MissingTokenizersError
         from .hub import resolve_model_path
         from .loading import load_tokenizers
 
