@@ -5,12 +5,12 @@
     python benchmarks/bench_serve.py --write-docs             # also the machine's table in docs/serving.md
 
 The server runs in this process (sd35_mlx.serve.background.BackgroundServer on 127.0.0.1, a free
-port) with the model kept loaded. Three phases, each bounded by --requests and --duration:
+port) with the model kept loaded. Two phases, each bounded by --requests and --duration:
 
-1. direct: the same generation through `SD35Pipeline.generate` on the server's own worker
-   thread, without HTTP: the baseline;
-2. one client: requests one after another (what HTTP, JSON, base64 and the queue add);
-3. --clients clients at once, against a queue of --queue-size: requests served, refused (429:
+1. direct and one client, taking turns: the same generation through `SD35Pipeline.generate`
+   on the server's own worker thread (the baseline), then through HTTP by one client (what
+   HTTP, JSON, PNG + base64 and the queue add); alternating, both see the same machine load;
+2. --clients clients at once, against a queue of --queue-size: requests served, refused (429:
    the client waits Retry-After, capped at 1 s, and tries again while time is left), latency
    percentiles of the served ones, throughput.
 
@@ -60,33 +60,46 @@ def percentile(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def post(host: str, port: int, body: Dict[str, Any], timeout: float):
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+REQUEST_TIMEOUT = 120.0  # seconds one request may take (the phases bound when requests start)
+
+
+def post(host: str, port: int, body: Dict[str, Any]):
+    """(status, Retry-After); status None when the request timed out or the connection failed."""
+    conn = http.client.HTTPConnection(host, port, timeout=REQUEST_TIMEOUT)
     try:
         conn.request("POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"})
         r = conn.getresponse()
         r.read()
         return r.status, r.getheader("Retry-After")
+    except OSError:
+        return None, None
     finally:
         conn.close()
 
 
-def direct_phase(app, settings: GenerationSettings, requests: int, deadline: float) -> List[float]:
+def interleaved_phase(app, server, settings: GenerationSettings, body, requests: int, deadline: float):
+    """The same generation directly on the worker thread and through HTTP by one client, taking
+    turns, so both see the same machine load: (direct seconds, HTTP seconds)."""
     registry, worker = app.state.registry, app.state.worker
     pipe = registry.prepared(registry.default)
-    times = []
 
-    def one(seed):
+    def direct(seed):
         t0 = time.perf_counter()
         pipe.generate(settings=replace(settings, seed=seed))
         return time.perf_counter() - t0
 
-    worker.call(lambda: one(0))  # warm-up: loads the networks
+    worker.call(lambda: direct(10**6))  # warm-up (this size's first run), not timed
+    post(server.host, server.port, {**body, "seed": 10**6})
+    direct_s, http_s = [], []
     for i in range(requests):
         if time.monotonic() > deadline:
             break
-        times.append(worker.call(lambda: one(i + 1)))
-    return times
+        direct_s.append(worker.call(lambda: direct(i)))
+        t0 = time.perf_counter()
+        status, _ = post(server.host, server.port, {**body, "seed": i})
+        if status == 200:
+            http_s.append(time.perf_counter() - t0)
+    return direct_s, http_s
 
 
 def client_phase(server, body, clients: int, requests: int, deadline: float) -> Dict[str, Any]:
@@ -104,7 +117,7 @@ def client_phase(server, body, clients: int, requests: int, deadline: float) -> 
                 seed = issued["n"]
             while time.monotonic() < deadline:
                 t0 = time.perf_counter()
-                status, retry = post(server.host, server.port, {**body, "seed": seed}, timeout=max(1.0, deadline - time.monotonic()))
+                status, retry = post(server.host, server.port, {**body, "seed": seed})
                 with lock:
                     if status == 200:
                         counts["served"] += 1
@@ -141,9 +154,10 @@ def markdown(info, args, direct: List[float], phases: Dict[str, Dict[str, Any]],
              "–", "–", f"{1 / base:.2f}"]]  # fmt: skip
     for name, phase in phases.items():
         s = summary(phase, base)
+        throughput = phase["throughput_per_s"]
         rows.append([name, phase["clients"], phase["served"], phase["refused"], phase["failed"],
                      C.fmt_seconds(s["p50_s"]), C.fmt_ratio(s["p50_s_ratio"]), C.fmt_seconds(s["p90_s"]),
-                     C.fmt_seconds(s["p99_s"]), f"{phase['throughput_per_s']:.2f}"])  # fmt: skip
+                     C.fmt_seconds(s["p99_s"]), "–" if math.isnan(throughput) else f"{throughput:.2f}"])  # fmt: skip
     table = C.markdown_table(["phase", "clients", "served", "429", "failed", "p50", "p50 / direct", "p90", "p99",
                               "images/s"], rows)  # fmt: skip
     return (f"### Load test (`benchmarks/bench_serve.py`)\n\n{C.versions_line(info)}\n\n"
@@ -189,12 +203,13 @@ def main(argv=None) -> int:
         mx.reset_peak_memory()
         app = build_app(server_args)
         with BackgroundServer(app) as server:
-            direct = direct_phase(app, settings, args.requests, time.monotonic() + args.duration)
-            print(f"direct: {len(direct)} generations, median {C.fmt_seconds(median(direct))}", flush=True)
-            phases = {}
-            for name, clients in (("one client, sequential", 1), (f"{args.clients} clients at once", args.clients)):
-                phases[name] = client_phase(server, body, clients, args.requests, time.monotonic() + args.duration)
-                print(f"{name}: {json.dumps({k: v for k, v in phases[name].items() if k != 'latencies_s'})}", flush=True)
+            direct, one = interleaved_phase(app, server, settings, body, args.requests, time.monotonic() + args.duration)
+            print(f"direct: median {C.fmt_seconds(median(direct))}; one client: median {C.fmt_seconds(median(one))}", flush=True)
+            phases = {"one client, taking turns with direct": {"clients": 1, "latencies_s": one, "served": len(one),
+                      "refused": 0, "failed": len(direct) - len(one), "throughput_per_s": math.nan}}  # fmt: skip
+            name = f"{args.clients} clients at once"
+            phases[name] = client_phase(server, body, args.clients, args.requests, time.monotonic() + args.duration)
+            print(f"{name}: {json.dumps({k: v for k, v in phases[name].items() if k != 'latencies_s'})}", flush=True)
         peaks = {"mlx": mx.get_peak_memory(), "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -353,6 +353,39 @@ def test_bad_edits_are_refused(server, fields, files, param, words):
     assert not list(Path(server.app.state.uploads).iterdir()), "a refused upload was left on disk"
 
 
+def test_loras_loaded_by_the_server_are_reweighted_per_request(tiny_root, tmp_path):
+    from lora_files import PEFT, dotted_key, linear_stems, random_lora, save
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_root / "transformer" / "diffusion_pytorch_model.safetensors"))
+    tensors, _ = random_lora(state, linear_stems(state), dotted_key("transformer."), suffixes=PEFT, with_alpha=False)
+    lora = save(tensors, tmp_path / "style.safetensors")
+    s = start(tiny_root, "--lora", f"{lora}:0.8")
+    try:
+        assert client(s).models.list().data[0].model_extra["loras"] == {"style": 0.8}
+
+        def generate(**extra) -> bytes:
+            r = client(s).images.generate(prompt="a fox", size="32x32", extra_body={"steps": 2, "seed": 3, **extra})
+            return base64.b64decode(r.data[0].b64_json)
+
+        default, off, again = generate(), generate(loras={"style": 0}), generate()
+        pixels = [np.asarray(Image.open(io.BytesIO(png))) for png in (default, off, again)]
+        assert not np.array_equal(pixels[0], pixels[1])
+        assert np.array_equal(pixels[0], pixels[2])  # the --lora weight is restored after a request
+        records = json.loads(Image.open(io.BytesIO(off)).text["sd35_mlx"])["loras"]
+        assert [(r["name"], r["scale"]) for r in records] == [("style", 0.0)]
+        code, _, payload = post_json(s, {"prompt": "x", "loras": {"other": 1}})
+        assert code == 400 and payload["error"]["param"] == "loras" and "no LoRA named 'other'" in payload["error"]["message"]
+        # the metadata names the LoRA and its weight, so the CLI regenerates the image with it
+        (tmp_path / "served.png").write_bytes(default)
+        r = run_cli("--from-image", str(tmp_path / "served.png"), "--model", str(tiny_root), "--dtype", "float32",
+                    "-o", str(tmp_path / "cli.png"))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert np.array_equal(pixels[0], np.asarray(Image.open(tmp_path / "cli.png")))
+    finally:
+        s.stop()
+
+
 def test_allowed_models_are_prepared_on_their_first_request(tiny_root, tmp_path):
     other = tmp_path / "allowed"
     other.symlink_to(tiny_root, target_is_directory=True)  # another id, the same files

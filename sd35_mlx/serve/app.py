@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import BodyTooLarge, RequestError, server_error
-from .fields import FILE_FIELDS, ImageRequest, parse_request, validated
+from .fields import FILE_FIELDS, ImageRequest, check_lora_names, parse_request, validated
 from .models import ModelRegistry
 from .uploads import decode_upload, display_name, size_for, write_private_png
 from .worker import Event, Job, Worker
@@ -100,6 +100,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions = ServerOptions()
         pipe = registry.prepared(model)
         if pipe is not None:  # the model's own checks (size vs its position grid …) before queueing
             validated(parsed.settings, pipe.settings_with_defaults)
+            check_lora_names(parsed.loras, pipe)
         loop = asyncio.get_running_loop()
         events: "asyncio.Queue[Event]" = asyncio.Queue()
 

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 from ..errors import InputError, SD35Error
 from ..components import DTYPES
-from ..generate import _budget, resolve_budget
+from ..adapters.spec import parse_lora_arg
+from ..generate import _budget, load_loras, resolve_budget
 
 API_KEY_ENV = "SD35_API_KEY"
 LOOPBACK = "127.0.0.1"
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quantize", help="quantize at load, e.g. 'transformer=4,t5=4' (every model)")
     m.add_argument("--no-t5", action="store_true", help="T5-drop mode for every model")
     m.add_argument("--tokenizers", help="repo id or folder with the tokenizer folders, for single-file models")
+    m.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
+                   help="a LoRA applied to every model (repeatable; the CLI's syntax); requests reweight it "
+                        "by name with \"loras\": {name: weight}")  # fmt: skip
     m.add_argument("--no-warm-up", action="store_true",
                    help="do not run each model once (1 step, smallest size) when it is prepared; "
                         "its weights are then read during its first request")  # fmt: skip
@@ -65,6 +69,7 @@ def check(args: argparse.Namespace) -> None:
         raise InputError(f"--port must be between 0 and 65535 (got {args.port})")
     if args.queue_size < 0:
         raise InputError(f"--queue-size must be ≥ 0 (got {args.queue_size})")
+    args.lora_specs = [parse_lora_arg(text) for text in args.lora]
     if args.max_steps < 1:
         raise InputError(f"--max-steps must be ≥ 1 (got {args.max_steps})")
     if not 0 < args.max_upload_mb <= 1024:
@@ -105,7 +110,13 @@ def model_loader(args: argparse.Namespace):
     from ..pipeline import SD35Pipeline
 
     options = load_options(args)
-    return lambda model: SD35Pipeline.from_pretrained(model, options)
+
+    def load(model: str):
+        pipe = SD35Pipeline.from_pretrained(model, options)
+        load_loras(pipe, args.lora_specs, strict=True)
+        return pipe
+
+    return load
 
 
 def warm_up(pipe) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ..errors import InputError
@@ -99,6 +99,20 @@ def _skip_layer_guidance(value: Any, name: str) -> Optional[SkipLayerSettings]:
     return SkipLayerSettings(layers=tuple(_whole(x, f"{name}.layers") for x in layers), **numbers)
 
 
+def _lora_weights(value: Any, name: str) -> Dict[str, float]:
+    """{LoRA name: weight}; in a form, JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RequestError(f"{name} must be a JSON object of LoRA names and weights", param=name,
+                               code="invalid_type") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise RequestError(f"{name} must be an object of LoRA names and weights, e.g. {{\"style\": 0.8}} (got {_show(value)})",
+                           param=name, code="invalid_type")  # fmt: skip
+    return {str(k): _number(v, f"{name}.{k}") for k, v in value.items()}
+
+
 def _show(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else "bytes"
     return text if len(text) <= 40 else text[:37] + "..."
@@ -140,6 +154,7 @@ FIELDS: Dict[str, Field] = {
     "skip_layer_guidance": Field(_skip_layer_guidance, "skip_layer_guidance",
                                  "true, or {layers, scale, start, end}: skip-layer guidance (3.5 Medium)"),  # fmt: skip
     "strength": Field(_number, "strength", "how much to change the image, (0, 1]", ("edits",)),
+    "loras": Field(_lora_weights, None, "{name: weight} for LoRAs the server loaded (--lora); the others keep their weight"),
 }
 # OpenAI fields whose only meaningful value here is the one we produce; other values are refused.
 FIXED_VALUES = {"response_format": ("b64_json",), "output_format": ("png",), "background": ("auto", "opaque")}
@@ -157,19 +172,20 @@ class ImageRequest:
     stream: bool
     partial_images: int
     settings: GenerationSettings  # validated, without the model's defaults
+    loras: Dict[str, float] = field(default_factory=dict)  # weights for this request, by LoRA name
 
 
 def parse_request(values: Mapping[str, Any], endpoint: str) -> ImageRequest:
     """Values from a JSON body or a form (texts) → an ImageRequest; RequestError on anything wrong."""
     typed: Dict[str, Any] = {}
     for name, raw in values.items():
-        field = FIELDS.get(name)
-        if field is None or endpoint not in field.endpoints:
+        row = FIELDS.get(name)
+        if row is None or endpoint not in row.endpoints:
             raise RequestError(f"unknown parameter {name!r}", param=name, code="unknown_parameter")
         if raw is None:  # JSON null: the default, as OpenAI clients send it
             continue
         try:
-            typed[name] = field.kind(raw, name)
+            typed[name] = row.kind(raw, name)
         except InputError as e:  # a settings type that checks itself when built
             raise RequestError(str(e), param=name, code="invalid_value") from None
     if "prompt" not in typed:
@@ -191,7 +207,7 @@ def parse_request(values: Mapping[str, Any], endpoint: str) -> ImageRequest:
         settings = replace(settings, width=size[0], height=size[1])
     return ImageRequest(
         model=typed.get("model"), n=n, size=size, stream=typed.get("stream", False), partial_images=partial,
-        settings=validated(settings),
+        settings=validated(settings), loras=typed.get("loras", {}),
     )  # fmt: skip
 
 
@@ -223,3 +239,13 @@ def _param_of(message: str) -> Optional[str]:
         return "skip_layer_guidance"
     words = re.findall(r"[a-z0-9_]+", message.lower().split("(got")[0])
     return next((_TARGETS[w] for w in words if w in _TARGETS), None)
+
+
+def check_lora_names(weights: Mapping[str, float], pipe) -> None:
+    """Every name a request weights must be a LoRA the server loaded onto this model."""
+    loaded = [lora.name for lora in pipe.loras]
+    unknown = [n for n in weights if n not in loaded]
+    if unknown:
+        raise RequestError(f"no LoRA named {', '.join(map(repr, unknown))} is loaded on this model; loaded: "
+                           f"{', '.join(loaded) or 'none (start the server with --lora)'}", param="loras",
+                           code="invalid_value")  # fmt: skip

@@ -125,7 +125,8 @@ class ModelRegistry:
     def describe(self) -> List[dict]:
         return [
             {"id": m.id, "object": "model", "created": m.created, "owned_by": "sd35_mlx",
-             "prepared": m.pipeline is not None, "resident": m.resident}
+             "prepared": m.pipeline is not None, "resident": m.resident,
+             "loras": {lora.name: lora.scale for lora in m.pipeline.loras} if m.pipeline is not None else {}}
             for m in self.models.values()
         ]  # fmt: skip
 

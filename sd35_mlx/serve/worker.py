@@ -27,7 +27,7 @@ from ..callbacks import GenerationInterrupted, StepInfo
 from ..errors import SD35Error
 from ..images import png_bytes
 from .errors import Busy, RequestError, server_error
-from .fields import ImageRequest, validated
+from .fields import ImageRequest, check_lora_names, validated
 from .models import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ class Worker:
         try:
             pipe = registry.prepare(job.model)
             settings = validated(job.request.settings, pipe.settings_with_defaults).with_seed()
+            check_lora_names(job.request.loras, pipe)
         except RequestError as e:
             return "failed", Event("error", e)
         except SD35Error as e:
@@ -171,7 +172,10 @@ class Worker:
         n = job.request.n
         job.steps_total = n * settings.steps
         active_before = registry.before_run(job.model)
+        default_weights = {lora.name: lora.scale for lora in pipe.loras}
         try:
+            if job.request.loras:  # this request's LoRA weights; the --lora ones are restored below
+                pipe.set_lora_scales({**default_weights, **job.request.loras})
             for index in range(n):
                 if job.cancel.is_set():
                     raise GenerationInterrupted("cancelled before it started")
@@ -194,6 +198,8 @@ class Worker:
             log.exception("generation failed on %s", job.model)
             return "failed", Event("error", server_error(f"the generation failed: {type(e).__name__}: {e}"))
         finally:
+            if job.request.loras:
+                pipe.set_lora_scales(default_weights)
             registry.after_run(job.model, active_before)
 
     def _callback(self, job: Job, pipe, index: int, steps: int):
