@@ -123,7 +123,8 @@ def test_cfg_parallel_cli_writes_on_rank_0_only(single_process, tmp_path):
 
 def test_cfg_parallel_latents_equal_one_process(tiny_root, tmp_path):
     """Both ranks end with the same latents, within the bound of the single-process ones
-    (fp32 with skip-layer guidance: its extra pass runs on rank 0; bf16 without)."""
+    (fp32, Euler, skip-layer guidance: its extra pass runs on rank 0; bf16, DPM-Solver++(2M):
+    the sampler update outside the Denoiser)."""
     r = launch(str(WORKER), "--model", str(tiny_root), "--out", str(tmp_path), "--slg", "--bf16-too")
     assert r.returncode == 0 and (tmp_path / "rank1-bfloat16.npy").is_file(), r.stdout + r.stderr
     # what the group agreed on: 2 ranks on this host, the smallest budget split between them
@@ -131,10 +132,10 @@ def test_cfg_parallel_latents_equal_one_process(tiny_root, tmp_path):
     agreed = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
     assert agreed[0] == agreed[1] and agreed[0]["on_this_host"] == 2 and agreed[0]["budget"] == 6.0, agreed
     assert len(set(agreed[0]["seeds"])) == 3, agreed
-    for dtype, slg, bound in (("float32", True, FP32_BOUND), ("bfloat16", False, BF16_BOUND)):
+    for dtype, slg, sampler, bound in (("float32", True, "euler", FP32_BOUND), ("bfloat16", False, "dpmpp_2m", BF16_BOUND)):
         pipe = SD35Pipeline.from_pretrained(tiny_root, dtype=getattr(mx, dtype))
         ref = np.array(pipe.generate(
-            "a red fox", negative_prompt="fog", width=64, height=48, steps=4, cfg=4.0, seed=7, t5_length=77,
+            "a red fox", negative_prompt="fog", width=64, height=48, steps=4, cfg=4.0, seed=7, t5_length=77, sampler=sampler,
             skip_layer_guidance=dict(layers=(1,), scale=2.0, start=0.0, end=0.6) if slg else None,
         ).latents)  # fmt: skip
         rank0, rank1 = (np.load(tmp_path / f"rank{k}-{dtype}.npy") for k in (0, 1))
