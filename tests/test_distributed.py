@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 FP32_BOUND = 1e-5  # max|Δ| / max|ref| of the final latents, CFG-parallel against one process
 BF16_BOUND = 1e-2
-CLI_ARGS = ["-W", "64", "-H", "48", "--steps", "3", "--cfg", "4", "--t5-length", "77", "--dtype", "float32", "-q"]
+CLI_ARGS = ["-n", "fog", "-W", "64", "-H", "48", "--steps", "3", "--cfg", "4", "--t5-length", "77", "--dtype", "float32", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def _env() -> dict:
 
 
 def launch(*command: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`mlx.launch --backend ring -n 2 python COMMAND…` with its output."""
+    """`mlx.launch --backend ring -n 2 -- python COMMAND…` with its output."""
     return subprocess.run(
-        [*mlx_launch_command(), "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()), sys.executable, *command],
+        [*mlx_launch_command(), "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()), "--", sys.executable, *command],
         cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
