@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .adapters.spec import parse_lora_arg, specs_from_metadata
 from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .errors import InputError, SD35Error
 from .settings import DEFAULT_STRENGTH, SAMPLERS, GenerationSettings, SkipLayerGuidance
@@ -81,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--peer-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="stop when the other ranks have not answered for this long (default 300)")
 
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
+                    help="apply a LoRA (file, folder, HF repo id or repo:file; scale default 1.0); repeatable. "
+                         "Runs beside quantized weights, never baked into them")
+    lo.add_argument("--lora-text-scale", type=float, metavar="SCALE",
+                    help="weight of the LoRAs' text-encoder parts (default: each LoRA's own scale)")
+    lo.add_argument("--lora-strict", choices=("on", "off"), default="on",
+                    help="on: refuse a LoRA with keys that match nothing; off: apply the rest and say how many")
+
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default="sd35.png", help="output PNG (several images get -1, -2 … suffixes)")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -104,6 +114,7 @@ def plan(args: argparse.Namespace):
 
     base = GenerationSettings()
     model = args.model
+    args.lora_specs = [parse_lora_arg(text, args.lora_text_scale) for text in args.lora]
     t5 = not args.no_t5
     if args.from_image:
         meta = read_metadata(args.from_image)
@@ -113,6 +124,8 @@ def plan(args: argparse.Namespace):
             t5 = False
         if args.quantize is None and meta.get("quantization") not in (None, "none"):
             args.quantize = meta["quantization"]
+        if not args.lora:  # the image's LoRAs, unless others are named
+            args.lora_specs = specs_from_metadata(meta.get("loras"))
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
 
@@ -216,6 +229,22 @@ def _largest_size(jobs: List[GenerationSettings]):
     return max(sized, key=lambda hw: hw[0] * hw[1]) if sized else None
 
 
+def load_loras(pipe, specs, strict: bool) -> None:
+    """Apply the LoRAs and say what each did (and when one switches the model's defaults)."""
+    for spec in specs:
+        lora = pipe.load_lora(spec.source, scale=spec.scale, name=spec.name,
+                              text_encoder_scale=spec.text_encoder_scale, strict=strict)  # fmt: skip
+        where = ", ".join(lora.components) or "nothing"
+        print(f"LoRA {lora.name}: {lora.parsed.format} format, scale {lora.scale:g}, on {where}")
+        if spec.sha256 and spec.sha256 != lora.file.sha256:
+            print(f"warning: {spec.source} is not the file the image was made with (sha256 {lora.file.sha256[:12]}… "
+                  f"instead of {spec.sha256[:12]}…)", file=sys.stderr)
+        if lora.preset:
+            v = pipe.variant
+            print(f"LoRA {lora.name} makes this {v.description}: defaults now {v.steps} steps, cfg {v.cfg:g}, "
+                  f"shift {v.shift:g}, sampler {v.sampler} (flags given still win)")
+
+
 def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     import mlx.core as mx
 
@@ -253,6 +282,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         print(pipe.describe_plan())
     if not quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")
+    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
     t_start, longest = time.perf_counter(), 0.0
     for n, job in mine:
         t_job = time.perf_counter()

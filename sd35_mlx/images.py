@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -72,13 +73,26 @@ def unique_paths(path: str | os.PathLike, count: int) -> List[Path]:
     return names
 
 
+def png_info(metadata: Dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks sd35_mlx writes: the settings as JSON, and a readable summary."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    info.add_itxt("parameters", describe(metadata))
+    return info
+
+
+def png_bytes(image: Image.Image, metadata: Optional[Dict[str, Any]] = None) -> bytes:
+    """The PNG `save_png` would write, as bytes (for the server); no text chunks without metadata."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata) if metadata is not None else None)
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: Dict[str, Any]) -> Path:
     """Write a PNG with the metadata as JSON (and a readable summary). Never overwrites."""
     path = png_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-    info.add_itxt("parameters", describe(metadata))
+    info = png_info(metadata)
     target = unique_path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
