@@ -153,7 +153,7 @@ def launch_command(args: argparse.Namespace, model: str, out: Path) -> List[str]
         cmd += ["--nccl-port", str(_free_port())] + [a for v in NO_MULTICAST for a in ("--env", v)]
     elif args.backend == "ring":
         cmd += ["--starting-port", str(_free_port())]
-    return cmd + [sys.executable, *_worker_args(args, model, out)]
+    return cmd + ["--", sys.executable, *_worker_args(args, model, out)]
 
 
 def run_sides(args: argparse.Namespace, model: str, out: Path, log) -> Dict[str, Any]:

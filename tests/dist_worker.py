@@ -1,7 +1,7 @@
 """One rank of the distributed tests (tests/test_distributed.py starts it under mlx.launch).
 
 Runs a CFG-parallel generation through the Python API and saves this rank's final latents as
-rank<R>-<dtype>.npy in --out (--bf16-too: then a bfloat16 one without skip-layer guidance),
+rank<R>-<dtype>.npy in --out (--bf16-too: then a bfloat16 one with DPM-Solver++(2M), without skip-layer guidance),
 and what the group agreed on (ranks on this host, memory budget, random seeds) as rank<R>.json. --die-at-step / --stall-at-step make rank 1 exit / stop answering after
 that step, from the step callback (the way a crash or a hung host looks to its peer).
 """
@@ -43,7 +43,7 @@ def main() -> int:
                   budget=agree_on_budget(ranks, 12.0 if ranks.rank == 0 else 16.0, machine_wide=True),
                   seeds=[job.seed for job in agree_on_seeds(ranks, [GenerationSettings()] * 3)])  # fmt: skip
     (Path(args.out) / f"rank{ranks.rank}.json").write_text(json.dumps(agreed))
-    runs = [(args.dtype, args.slg)] + ([("bfloat16", False)] if args.bf16_too else [])
+    runs = [(args.dtype, args.slg, "euler")] + ([("bfloat16", False, "dpmpp_2m")] if args.bf16_too else [])
 
     def callback(info):
         if info.step == 1:
@@ -55,11 +55,11 @@ def main() -> int:
             print("rank 1: stalling on purpose", file=sys.stderr, flush=True)
             time.sleep(600)
 
-    for dtype, slg in runs:
+    for dtype, slg, sampler in runs:
         pipe = SD35Pipeline.from_pretrained(args.model, dtype=getattr(mx, dtype))
         result = pipe.generate(
             "a red fox", negative_prompt="fog", width=64, height=48, steps=args.steps, cfg=4.0, seed=7,
-            t5_length=77, skip_layer_guidance=dict(layers=(1,), scale=2.0, start=0.0, end=0.6) if slg else None,
+            sampler=sampler, t5_length=77, skip_layer_guidance=dict(layers=(1,), scale=2.0, start=0.0, end=0.6) if slg else None,
             cfg_exchange=exchange, callback=callback,
         )  # fmt: skip
         np.save(Path(args.out) / f"rank{ranks.rank}-{dtype}.npy", np.array(result.latents))
