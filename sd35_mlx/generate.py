@@ -117,8 +117,14 @@ def plan(args: argparse.Namespace):
             t5 = False
         if args.quantize is None and meta.get("quantization") not in (None, "none"):
             args.quantize = meta["quantization"]
-        if not args.lora:  # the image's LoRAs, unless others are named
-            args.lora_specs = specs_from_metadata(meta.get("loras"))
+        recorded = specs_from_metadata(meta.get("loras"))
+        if recorded and not args.lora:
+            # Metadata is untrusted (it may name any file or repo): its LoRAs are loaded only on request.
+            if not getattr(args, "trust_metadata_model", False):
+                again = " ".join(f"--lora {s.source}:{s.scale:g}" for s in recorded)
+                raise InputError(f"{args.from_image} was made with LoRAs; pass them again ({again}), or pass "
+                                 "--trust-metadata-model to load the sources its metadata names")  # fmt: skip
+            args.lora_specs = recorded
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
 
