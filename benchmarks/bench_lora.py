@@ -8,9 +8,10 @@ Full-size random networks (benchmarks/common.py), CFG batch 2, T5 at 256 tokens,
 the pipeline runs it (`sd35_mlx.denoise.Denoiser`, compiled; quantized layers de-quantize
 before large matmuls). Each LoRA is random, rank --rank, on every Linear of every joint block
 (kohya's default set: both streams' qkv, proj, MLP; the adaLN modulations are computed once per
-generation and are left out), the qkv as three diffusers-style q / k / v parts. Figures are
-medians of --repeat runs of --steps steps after a warm-up; ratios are against the step without
-LoRA measured in the same process. Memory: MLX active memory after attaching, minus before.
+generation and are left out), the qkv as three diffusers-style q / k / v parts. The configurations
+are timed in turn, round by round (--repeat rounds; each a warm-up run, then --steps timed
+steps); figures are medians over the rounds, ratios against the step without LoRA of the same
+process. Memory: MLX active memory after attaching a LoRA, minus before.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def random_placements(model: nn.Module, rank: int, dtype: mx.Dtype, seed: int) -
     return placed
 
 
-def time_steps(model, positive, negative, size: int, args) -> C.Timing:
+def time_steps(model, positive, negative, size: int, args) -> float:
+    """Seconds per step of one run of --steps steps, after --warmup untimed runs (compilation)."""
     sigmas, sampler = C.schedule(args.steps + 1)
     den, _ = C.make_denoiser(model, positive, negative, sigmas=sigmas)
     noise = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(0))
@@ -88,8 +90,21 @@ def time_steps(model, positive, negative, size: int, args) -> C.Timing:
             mx.eval(x)
         return x
 
-    timing = C.time_calls(run, C.mlx_sync, args.warmup, args.repeat)
-    return C.Timing([t / args.steps for t in timing.runs])
+    return C.time_calls(run, C.mlx_sync, args.warmup, 1).median / args.steps
+
+
+def measure(model, positive, negative, size: int, args) -> Dict[int, C.Timing]:
+    """{number of LoRAs: step timing}, the configurations interleaved round by round (so a
+    machine whose load drifts affects all alike); LoRAs beyond the count are at weight 0,
+    which the layer skips."""
+    counts = sorted(args.loras)
+    timings = {n: C.Timing() for n in counts}
+    for _ in range(args.repeat):
+        for n in counts:
+            for j in range(max(counts)):
+                runtime.set_scale(model, f"l{j}", 1.0 if j < n else 0.0)
+            timings[n].runs.append(time_steps(model, positive, negative, size, args))
+    return timings
 
 
 def main(argv=None) -> None:
@@ -107,22 +122,20 @@ def main(argv=None) -> None:
             model = C.random_network("transformer", config, dtype, None if bits >= 16 else bits)
             positive = C.random_conditioning(1, 256, dtype, seed=1)
             negative = C.random_conditioning(1, 256, dtype, seed=2)
+            memory = []  # MLX memory each LoRA added when attached, and the size of its factors
+            for j in range(max(args.loras)):
+                before = mx.get_active_memory()
+                runtime.attach(model, random_placements(model, args.rank, dtype, seed=j), f"l{j}")
+                memory.append((mx.get_active_memory() - before, runtime.adapter_bytes(model, f"l{j}")))
+            label = f"{bits}-bit" if bits < 16 else args.dtype
             for size in args.size:
-                attached, base_time = 0, None
-                for n in sorted(args.loras):
-                    extra = 0
-                    while attached < n:
-                        before = mx.get_active_memory()
-                        runtime.attach(model, random_placements(model, args.rank, dtype, seed=attached), f"l{attached}")
-                        extra = mx.get_active_memory() - before
-                        attached += 1
-                    timing = time_steps(model, positive, negative, size, args)
-                    base_time = timing.median if n == 0 else base_time
+                timings = measure(model, positive, negative, size, args)
+                base_time = timings[0].median
+                for n, timing in timings.items():
                     ratio = timing.median / base_time
-                    lora_bytes = runtime.adapter_bytes(model, "l0") if n else 0
-                    label = f"{bits}-bit" if bits < 16 else args.dtype
+                    extra, lora_bytes = memory[n - 1] if n else (0, 0)
                     print(f"{name} {label} {size}²: {n} LoRA(s) {C.fmt_seconds(timing.median)}/step "
-                          f"({ratio:.3f}× no LoRA)" + (f", +{extra / 1e6:.1f} MB for the last one "
+                          f"({ratio:.3f}× no LoRA)" + (f", LoRA {n} added {extra / 1e6:.1f} MB "
                           f"(its factors: {lora_bytes / 1e6:.1f} MB)" if n else ""))  # fmt: skip
                     results.append(dict(model=model_name, bits=bits, size=size, loras=n, rank=args.rank,
                                         step=timing.to_dict(), ratio=ratio, extra_bytes_last=extra,
@@ -130,7 +143,7 @@ def main(argv=None) -> None:
                     rows.append([name, label, f"{size}²", n, C.fmt_seconds(timing.median),
                                  C.fmt_ratio(ratio, TARGET_ONE_LORA if n == 1 else None),
                                  C.fmt_gb(extra) if n else "–", C.fmt_gb(lora_bytes) if n else "–"])  # fmt: skip
-                runtime.detach(model)
+            runtime.detach(model)
             del model
             mx.clear_cache()
     body = "\n\n".join(filter(None, [
