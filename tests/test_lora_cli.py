@@ -53,10 +53,22 @@ def test_lora_flags_metadata_and_from_image(tiny, tmp_path, capsys):
     assert [(r["name"], r["scale"], r["source"]) for r in records] == [("style1", 0.8, str(a)), ("style2", 1.0, str(b))]
     assert all(len(r["sha256"]) == 64 for r in records)
     assert not np.array_equal(pixels(out), pixels(plain))
+    # --from-image: metadata is untrusted, so the LoRAs it names are loaded only when passed again
     again = tmp_path / "again.png"
-    assert main(["--from-image", str(out), "--dtype", "float32", "--memory-budget", "off", "-o", str(again)]) == 0
+    from_image = ["--from-image", str(out), "--model", str(root), "--dtype", "float32", "--memory-budget", "off",
+                  "-o", str(again)]  # fmt: skip
+    assert main(from_image) == 2
+    assert f"pass them again (--lora {a}:0.8 --lora {b}:1)" in capsys.readouterr().err
+    assert main([*from_image, "--lora", f"{a}:0.8", "--lora", str(b)]) == 0
     assert "LoRA style2" in capsys.readouterr().out
-    assert np.array_equal(pixels(out), pixels(again))  # the same LoRAs, reapplied from the metadata
+    assert np.array_equal(pixels(out), pixels(again))  # the same LoRAs, the same image
+    # ... or, on request, from the sources the metadata names (checked against their sha256)
+    from sd35_mlx.generate import build_parser, plan
+
+    args = build_parser().parse_args(["--from-image", str(out), "--model", str(root)])
+    args.trust_metadata_model = True
+    plan(args)
+    assert [(s.source, s.scale, s.sha256) for s in args.lora_specs] == [(r["source"], r["scale"], r["sha256"]) for r in records]
 
 
 def test_lora_strict_off_applies_the_rest(tiny, tmp_path, capsys, caplog):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from lora_files import dotted_key, kohya_key, linear_stems, random_lora
