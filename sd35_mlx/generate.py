@@ -187,7 +187,7 @@ def _metadata_loras(png: str, records, args: argparse.Namespace):
         raise InputError(f"{png}: metadata field {e}") from None
     if specs and not args.lora and not args.trust_metadata_model:
         names = " ".join(f"--lora {s.source}:{s.scale:g}" for s in specs)
-        raise InputError(f"{png} was made with LoRAs; pass them ({names:.300}) or --trust-metadata-model: "
+        raise InputError(f"{png} was made with LoRAs; pass them again ({names:.300}) or --trust-metadata-model: "
                          "files named only by metadata are never read")  # fmt: skip
     return specs if not args.lora else None
 
@@ -413,6 +413,8 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
     )  # fmt: skip
+    # LoRAs first: a distilling LoRA changes the variant, and so the defaults filled in below.
+    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
     # Every image is checked against this model (size vs its position grid, SLG layers vs its
     # depth) before the first one starts: no weight has been read yet (networks are lazy).
     jobs = [pipe.settings_with_defaults(job) for job in jobs]
@@ -421,7 +423,6 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         print(pipe.describe_plan())
     if not quiet:
         print(f"model: {pipe.name} ({pipe.variant.name}), ready in {time.perf_counter() - t0:.1f} s")
-    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
     t_start, longest, failed = time.perf_counter(), 0.0, 0
     for n, job in mine:
         t_job = time.perf_counter()

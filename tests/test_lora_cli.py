@@ -85,7 +85,7 @@ def test_lora_strict_off_applies_the_rest(tiny, tmp_path, capsys, caplog):
     err = capsys.readouterr().err
     assert "transformer.transformer_blocks.9.attn.to_q" in err and "--lora-strict off" in err
     with caplog.at_level("WARNING"):
-        assert main(["--model", str(root), *COMMON, "--quiet", "--lora", str(odd), "--lora-strict", "off",
+        assert main(["--model", str(root), *COMMON, "--lora", str(odd), "--lora-strict", "off",
                      "-o", str(tmp_path / "y.png")]) == 0  # fmt: skip
     assert f"applied {len(tensors) - 2} of {len(tensors)} keys" in caplog.text
 
