@@ -57,8 +57,6 @@ SUBSTITUTIONS = [
     ("python convert.py", "python {root}/convert.py"),
     # no network: the upload itself is checked against a stand-in hub in tests/test_convert.py
     (" --upload-repo me/sd35m-mlx", ""),
-    # a hub LoRA: a local file stands in (the hub path of LoRAs: tests/test_lora_*)
-    ("someone/their-lora:file.safetensors", "their-lora.safetensors"),
 ]
 
 NOT_RUN = {
@@ -70,12 +68,6 @@ NOT_RUN = {
     "-d '{\"prompt\": \"a corgi astronaut\", \"size\": \"1024x1024\", \"seed\": 7, \"steps\": 4}' > corgi.json":
         "needs that server; tests/test_serve.py sends the same request",
     "from openai import OpenAI": "the OpenAI client is not a dependency; tests/test_serve.py checks its request shapes",
-    "mlx.launch --backend ring -n 2 python -m sd35_mlx.generate -m stabilityai/stable-diffusion-3.5-medium "
-    "--prompt-file prompts.txt --seed 1 -o out/img.png": "several processes; tests/test_distributed.py launches them",
-    "mlx.launch --backend ring -n 2 python -m sd35_mlx.generate -m stabilityai/stable-diffusion-3.5-large "
-    "-p \"a lighthouse at dusk\" --cfg-parallel -o lighthouse.png": "several processes; tests/test_distributed.py",
-    "mlx.launch --hostfile hosts.json --backend ring python -m sd35_mlx.generate -m ./sd35-large-4bit "
-    "--prompt-file prompts.txt -o ~/sd35/img.png": "several machines",
 }
 
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", re.S | re.M)
