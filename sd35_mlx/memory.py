@@ -364,3 +364,18 @@ _ADVICE = {
     "denoise": "Use a smaller image (the transformer's activations grow with the pixel count).",
     "decode": "Use a smaller image (the VAE decodes one 512x512 tile at a time already).",
 }
+
+
+def own_need_bytes(estimator: "MemoryEstimator", height: int, width: int, t5_tokens: int = 256) -> int:
+    """The largest stage's need above its own weights at this size (activations and
+    temporaries of the encoders, a CFG-batch denoise step, an untiled decode): what a pipeline
+    that keeps every network loaded needs on top of what is resident (see SD35Pipeline's
+    kept-loaded memory limit)."""
+    encode = estimator.encode(None, "dropped") - max(estimator._bytes(n, m, None) for n, m in
+                                                     zip(("clip_l", "clip_g"), estimator.clips))  # fmt: skip
+    if estimator.trimmed_transformer:
+        raise InputError("own_need_bytes describes a kept-loaded pipeline: use an estimator with trimmed_transformer=False")
+    denoise = estimator.denoise(None, height, width, t5_tokens) - estimator._bytes("transformer", estimator.transformer, None)
+    decoder = sum(p.size * BYTES_16 for k, p in tree_flatten(estimator.vae.parameters()) if not k.startswith("encoder"))
+    decode = estimator.decode(height, width, tiled=False) - decoder
+    return int(max(encode, denoise, decode))

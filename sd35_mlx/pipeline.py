@@ -74,6 +74,8 @@ class SD35Pipeline:
         self._vae = None
         self._encoders = None
         self._preview_projection = None
+        self._kept_need: Optional[int] = None  # low_memory=False: see _within_budget
+        self._kept_need_size: Optional[Tuple[int, int, int]] = None
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -90,11 +92,30 @@ class SD35Pipeline:
 
     def _within_budget(self):
         """Hold MLX's memory limit just below the budget while a stage runs (see memory_limit)."""
-        from .memory import memory_limit, throttle_bytes
+        from .memory import memory_limit, throttle_bytes, throttle_margin
 
         if not self.memory_budget:
-            return memory_limit(None)
+            if self.low_memory or self._kept_need is None:
+                return memory_limit(None)
+            # Kept loaded: what is resident + the largest stage's own need. Without a limit,
+            # MLX's GPU backends run ever further ahead of the device once its buffer cache is
+            # warm (H200, Medium 1024²: peaks 28.7, 38.6, 41.1 GB over the first generations).
+            return memory_limit(mx.get_active_memory() + self._kept_need + throttle_margin())
         return memory_limit(throttle_bytes(int(self.memory_budget * 1e9), self.plan.headroom if self.plan else 0))
+
+    def _prepare_kept_loaded_limit(self, height: int, width: int, t5_tokens: int) -> None:
+        """Kept loaded without a budget: the largest stage's own need at this size, from the
+        planner's estimator (the largest size so far counts, so a smaller image never
+        tightens the limit of a larger one encoded before it)."""
+        if self.low_memory or self.memory_budget:
+            return
+        key = (height, width, t5_tokens)
+        if self._kept_need_size is not None and height * width <= self._kept_need_size[0] * self._kept_need_size[1]:
+            return
+        from .memory import own_need_bytes
+
+        self._kept_need = own_need_bytes(self._estimator(self._load_transformer().config), height, width, t5_tokens)
+        self._kept_need_size = key
 
     # ---- construction ----
     @classmethod
@@ -318,6 +339,7 @@ class SD35Pipeline:
         Stop iterating at any time to cancel. `noise` overrides the seeded initial noise.
         """
         s = self.settings_with_defaults(settings).with_seed()
+        self._prepare_kept_loaded_limit(s.height, s.width, s.t5_length)
         use_cfg = s.cfg > 1.0  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
         if embeddings is None:
             t0 = time.perf_counter()
