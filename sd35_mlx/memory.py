@@ -56,17 +56,44 @@ def default_budget_bytes() -> int:
 
 # How far below a budget MLX's memory limit is set (see `memory_limit`): evaluation checks the
 # limit as it commits work, so the peak passes it by up to one command buffer's temporaries.
-# Measured on an H100 with 100 MB buffers (MLX_MAX_MB_PER_BUFFER=100, as the CLI sets on
-# Linux): at most 0.06 GB over. MLX CUDA's default H100 buffers (1000 MB): up to 0.25 GB.
-THROTTLE_MARGIN = int(0.1 * GB)
-THROTTLE_MARGIN_LARGE_BUFFERS = int(0.3 * GB)
+# The margin is therefore one command buffer's size, read from MLX's own setting, not fitted
+# to a card: MLX_MAX_MB_PER_BUFFER (the CLI sets 100 MB on Linux; measured on an H100: at
+# most 0.06 GB over), else MLX CUDA's default (1000 MB on the H100 and H200; 0.25-0.42 GB
+# over was measured there). Metal's command buffers hold 40-50 MB.
+THROTTLE_MARGIN = int(0.1 * GB)  # the floor: also what a 100 MB buffer needs
+CUDA_DEFAULT_BUFFER_MB = 1000
+# Under a budget the limit is also held to the plan's estimated need plus this much room for
+# queued GPU work, so the measured peak is the estimate (+10 %) rather than whatever part of a
+# generous budget queued work would fill.
+QUEUE_ROOM = 0.10
+
+
+SMALL_COMMAND_BUFFERS = {"MLX_MAX_MB_PER_BUFFER": "100", "MLX_MAX_OPS_PER_BUFFER": "20"}
+
+
+def use_small_command_buffers() -> None:
+    """Small MLX command buffers (unless the environment says otherwise): the throttle's
+    overshoot stays near 0.05 GB at the same speed (docs/memory.md). MLX reads these when it
+    first uses the GPU: call before that."""
+    for key, value in SMALL_COMMAND_BUFFERS.items():
+        os.environ.setdefault(key, value)
+
+
+def command_buffer_bytes() -> int:
+    """The most one MLX command buffer may hold (MLX_MAX_MB_PER_BUFFER, else the backend's default)."""
+    try:
+        mb = int(os.environ.get("MLX_MAX_MB_PER_BUFFER", "0") or 0)
+    except ValueError:
+        mb = 0
+    if mb <= 0:
+        mb = CUDA_DEFAULT_BUFFER_MB if cuda_available() else 50
+    return mb * 10**6
 
 
 def throttle_margin() -> int:
-    """THROTTLE_MARGIN, or the larger one under MLX CUDA with its default (large) buffers."""
-    small_buffers = int(os.environ.get("MLX_MAX_MB_PER_BUFFER", "0") or 0) in range(1, 101)
-    on_cuda = cuda_available()
-    return THROTTLE_MARGIN_LARGE_BUFFERS if on_cuda and not small_buffers else THROTTLE_MARGIN
+    """One command buffer's temporaries (at least THROTTLE_MARGIN): how far past MLX's memory
+    limit evaluation can go before it waits."""
+    return max(THROTTLE_MARGIN, command_buffer_bytes())
 
 
 def throttle_bytes(budget_bytes: int, largest_op_bytes: int = 0) -> int:
@@ -75,6 +102,16 @@ def throttle_bytes(budget_bytes: int, largest_op_bytes: int = 0) -> int:
     the limit before evaluation checks it (H100: peaks 0.09-0.15 GB over with 0.11-0.17 GB
     MLP activations at CFG batch 2, 0.04-0.06 GB at batch 1)."""
     return max(budget_bytes - throttle_margin() - largest_op_bytes, budget_bytes // 2)
+
+
+def budget_limit(budget_bytes: int, plan: Optional["Plan"] = None) -> int:
+    """MLX's memory limit while a stage runs under a budget: `throttle_bytes(budget,
+    plan.headroom)`, held to the plan's estimated need + QUEUE_ROOM (the rest of a large
+    budget would only fill with queued work, and the estimate would stop describing the peak)."""
+    limit = throttle_bytes(budget_bytes, plan.headroom if plan is not None else 0)
+    if plan is None:
+        return limit
+    return min(limit, int(plan.peak * (1 + QUEUE_ROOM)))
 
 
 @contextmanager

@@ -146,7 +146,7 @@ class SD35Pipeline:
 
     def _within_budget(self):
         """Hold MLX's memory limit just below the budget while a stage runs (see memory_limit)."""
-        from .memory import memory_limit, throttle_bytes, throttle_margin
+        from .memory import budget_limit, memory_limit, throttle_margin
 
         if not self.budget_bytes:
             if self.low_memory or self._kept_need is None:
@@ -155,7 +155,7 @@ class SD35Pipeline:
             # MLX's GPU backends run ever further ahead of the device once its buffer cache is
             # warm (H200, Medium 1024²: peaks 28.7, 38.6, 41.1 GB over the first generations).
             return memory_limit(mx.get_active_memory() + self._kept_need + throttle_margin())
-        return memory_limit(throttle_bytes(self.budget_bytes, self.plan.headroom if self.plan else 0))
+        return memory_limit(budget_limit(self.budget_bytes, self.plan))
 
     def _prepare_kept_loaded_limit(self, height: int, width: int, t5_tokens: int) -> None:
         """Kept loaded without a budget: the largest stage's own need at this size, from the

@@ -229,7 +229,7 @@ def test_memory_budget_plans_and_refuses(tiny, caplog):
 
 def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypatch):
     """Encode, every denoising step and the decode run under MLX's memory limit
-    throttle_bytes(budget); the caller's limit is back after each (and between steps)."""
+    budget_limit(budget, plan); the caller's limit is back after each (and between steps)."""
     from sd35_mlx import memory
     from sd35_mlx.denoise import Denoiser
     from sd35_mlx.models import vae as vae_module
@@ -264,7 +264,7 @@ def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypat
     for info in pipe.generate_latents(s, noise=noise_pair(3)[0]):
         between.append(current["limit"])
     pipe.decode(info.latents)
-    limit = memory.throttle_bytes(int(50.0 * 1e9), pipe.plan.headroom)
+    limit = memory.budget_limit(int(50.0 * 1e9), pipe.plan)
     assert pipe.plan.headroom > 0
     assert seen["encode"] == [limit] and seen["decode"] == [limit] and seen["step"] == [limit] * 3
     assert between == [original] * 3 and current["limit"] == original
