@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizers", type=Path, required=True, help="folder with tokenizer/ tokenizer_2/ tokenizer_3/")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sd35-first-image"))
     p.add_argument("--torch-device", default="cuda")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the phase-by-phase runs")
     p.add_argument("--breakdown", type=Path, default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
     p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
@@ -273,8 +274,9 @@ def main(argv=None) -> int:
             r = fn(folder, args.workdir / f"{case}-{i}.png", args)
             res["runs"][case].append(r)
             log(f"{case} round {i + 1}: {r['wall_s']:.1f} s  {_stages(r)}")
-    res["breakdown"] = {"converted": breakdown_run(conv, args), "diffusers folder": breakdown_run(root, args)}
-    log(json.dumps(res["breakdown"], indent=1))
+    if not args.no_breakdown:
+        res["breakdown"] = {"converted": breakdown_run(conv, args), "diffusers folder": breakdown_run(root, args)}
+        log(json.dumps(res["breakdown"], indent=1))
     res["wall_s"] = time.perf_counter() - t_start
     info = C.machine_info(args.torch_device)
     body = report(args, info, res)

@@ -19,6 +19,7 @@ from ._version import __version__
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .components import QUANTIZABLE, REQUIRED, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
 from .conditioning import Conditioning, assemble
+from .cpu_compute import use_float32_compute
 from .denoise import Denoiser
 from .errors import InputError, SD35Error
 from .images import load_image, to_pil
@@ -284,6 +285,7 @@ class SD35Pipeline:
             from .loading import load_vae
 
             self._vae = load_vae(self.sources, dtype=self.dtype)
+            use_float32_compute(self._vae)  # the CPU only: 16-bit weights, float32 convolutions
         return self._vae
 
     def _load_encoders(self):
@@ -298,6 +300,7 @@ class SD35Pipeline:
                 if getattr(enc, name) is not None:
                     setattr(enc, name, self._quantize(getattr(enc, name), name))
                     use_dequantized_matmul(getattr(enc, name))  # quantized encoders: dequantize before large matmuls
+                    use_float32_compute(getattr(enc, name))  # the CPU only: float32 matmuls
             if self.t5_mode == T5Mode.STREAMED:
                 from .streaming import streamed_t5
 
