@@ -82,3 +82,23 @@ def test_own_need_is_the_largest_stage_above_its_weights():
     assert 0 < need <= max(decoder, est.denoise(None, 1024, 1024, 256))
     with pytest.raises(memory.InputError):
         memory.own_need_bytes(memory.MemoryEstimator(SD35_MEDIUM_MMDIT, trimmed_transformer=True), 1024, 1024)
+
+
+@pytest.mark.parametrize("factor", [1.3, 2.0, 4.0])
+def test_measured_peak_stays_within_the_budget_on_the_cpu(kept, factor):
+    """Budget invariant: under memory_budget=B the whole generation's measured peak is ≤ B
+    (B a few multiples of the smallest plan's need plus the throttle's margin)."""
+    from sd35_mlx.errors import InputError
+
+    root = kept.path
+    probe = SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=100.0, plan_size=(H, W))
+    smallest = probe.plan.peak + memory.throttle_margin() + probe.plan.headroom
+    budget = int(smallest * factor)
+    try:
+        pipe = SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=budget / 1e9, plan_size=(H, W))
+    except InputError:  # a tighter plan than the probe's does not exist at this budget: nothing to measure
+        pytest.skip("no plan fits")
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    pipe.generate(PROMPT, seed=0, steps=2, width=W, height=H, cfg=4.0)
+    assert mx.get_peak_memory() <= budget, (mx.get_peak_memory(), budget, pipe.plan.describe())
