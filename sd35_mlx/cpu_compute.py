@@ -51,20 +51,13 @@ def _retyped(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-def use_float32_compute(model: nn.Module, only_where_useful: bool = True) -> int:
-    """Swap the 16-bit nn.Linear / nn.Conv2d layers of `model` (exactly those types: quantized
-    layers have their own path) for their float32-computing twins, in place. Returns the count.
-    only_where_useful: only where `backend.compute_in_float32` says so (the CPU)."""
-    from .backend import compute_in_float32
-
-    if only_where_useful and not compute_in_float32(model_dtype(model)):
-        return 0
+def _swap(model: nn.Module, table: dict, wanted) -> int:
     count = 0
 
     def convert(_path: str, module: nn.Module) -> nn.Module:
         nonlocal count
-        cls = _SWAPS.get(type(module))
-        if cls is None or module["weight"].dtype not in HALF:
+        cls = table.get(type(module))
+        if cls is None or not wanted(module):
             return module
         count += 1
         return _retyped(module, cls)
@@ -73,6 +66,17 @@ def use_float32_compute(model: nn.Module, only_where_useful: bool = True) -> int
     if count:
         model.update_modules(leaves)
     return count
+
+
+def use_float32_compute(model: nn.Module, only_where_useful: bool = True) -> int:
+    """Swap the 16-bit nn.Linear / nn.Conv2d layers of `model` (exactly those types: quantized
+    layers have their own path) for their float32-computing twins, in place. Returns the count.
+    only_where_useful: only where `backend.compute_in_float32` says so (the CPU)."""
+    from .backend import compute_in_float32
+
+    if only_where_useful and not compute_in_float32(model_dtype(model)):
+        return 0
+    return _swap(model, _SWAPS, lambda m: m["weight"].dtype in HALF)
 
 
 def model_dtype(model: nn.Module) -> mx.Dtype:
@@ -87,17 +91,4 @@ def model_dtype(model: nn.Module) -> mx.Dtype:
 
 def use_native_compute(model: nn.Module) -> int:
     """Undo `use_float32_compute`."""
-    count = 0
-
-    def convert(_path: str, module: nn.Module) -> nn.Module:
-        nonlocal count
-        cls = _BACK.get(type(module))
-        if cls is None:
-            return module
-        count += 1
-        return _retyped(module, cls)
-
-    leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
-    if count:
-        model.update_modules(leaves)
-    return count
+    return _swap(model, _BACK, lambda m: True)

@@ -39,20 +39,12 @@ def test_memory_stays_flat_over_repeated_generations(kept):
     assert max(peaks) <= active[0] + kept._kept_need + memory.throttle_margin(), (peaks, active[0], kept._kept_need)
 
 
-def test_every_stage_runs_under_the_kept_loaded_limit(kept, monkeypatch):
+def test_every_stage_runs_under_the_kept_loaded_limit(kept, monkeypatch, memory_limit_log):
     from sd35_mlx.denoise import Denoiser
     from sd35_mlx.models import vae as vae_module
 
-    real_set = mx.set_memory_limit
-    current = {"limit": real_set(10**12)}
-    real_set(current["limit"])
-    original = current["limit"]
-
-    def recording_set(limit):
-        current["limit"] = limit
-        return real_set(limit)
-
-    monkeypatch.setattr(memory.mx, "set_memory_limit", recording_set)
+    current = memory_limit_log
+    original = current["original"]
     seen = {}
 
     def spy(name, fn):

@@ -227,7 +227,7 @@ def test_memory_budget_plans_and_refuses(tiny, caplog):
         SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=1e-6)
 
 
-def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypatch):
+def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypatch, memory_limit_log):
     """Encode, every denoising step and the decode run under MLX's memory limit
     budget_limit(budget, plan); the caller's limit is back after each (and between steps)."""
     from sd35_mlx import memory
@@ -235,16 +235,8 @@ def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypat
     from sd35_mlx.models import vae as vae_module
 
     root, _ = tiny
-    real_set = mx.set_memory_limit
-    current = {"limit": real_set(10**12)}
-    real_set(current["limit"])
-    original = current["limit"]
-
-    def recording_set(limit):
-        current["limit"] = limit
-        return real_set(limit)
-
-    monkeypatch.setattr(memory.mx, "set_memory_limit", recording_set)
+    current = memory_limit_log
+    original = current["original"]
     seen = {}
 
     def spy(name, fn):
