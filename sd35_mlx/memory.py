@@ -428,6 +428,10 @@ def plan_memory(
         f"nothing fits a {budget_bytes / GB:.2f} GB budget at {width}x{height}: the smallest plan "
         f"({smallest.describe()}) needs about {(smallest.peak + throttle_margin() + smallest.headroom) / GB:.2f} GB, most of it in the "
         f"{stage} stage. {_ADVICE[stage]} Or raise --memory-budget."
+        + (f" {throttle_margin() / GB:.1f} GB of that is room for one MLX command buffer: set "
+           "MLX_MAX_MB_PER_BUFFER=100 MLX_MAX_OPS_PER_BUFFER=20 before MLX first uses the GPU "
+           "(memory.use_small_command_buffers(); the CLI does) to need only 0.1 GB."
+           if throttle_margin() > THROTTLE_MARGIN else "")
     )
 
 
