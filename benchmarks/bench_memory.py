@@ -209,10 +209,10 @@ def memory_limit_for(args, config: Dict[str, Any], choice: Dict[str, Any]) -> Op
     """MLX's memory limit while a configuration runs: as the pipeline under a budget of its target
     (`budget`), MLX's default (`off`), or 1 byte (`floor`: every queued buffer is waited for,
     so the peak is what the stage itself needs)."""
-    from sd35_mlx.memory import throttle_bytes
+    from sd35_mlx.memory import budget_limit
 
     if args.throttle == "budget":
-        return throttle_bytes(int(config["target"]), choice["headroom"])
+        return budget_limit(int(config["target"]), choice["plan"])
     return {"off": None, "floor": 1}[args.throttle]
 
 
@@ -369,7 +369,7 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
                         args.t5_tokens, DECODE_TILES[-1])  # fmt: skip
     choice.update(t5_mode=str(plan.t5), tiled=plan.tile_vae, tile=plan.decode_tile, split_cfg=plan.split_cfg,
                   headroom=plan.headroom,
-                  planner={"stages": dict(plan.stages), "peak": plan.peak})  # fmt: skip
+                  planner={"stages": dict(plan.stages), "peak": plan.peak}, plan=plan)  # fmt: skip
     if args.tile != "auto":
         choice["tiled"] = args.tile == "on"
         choice["tile"] = choice["tile"] or DECODE_TILES[0] if choice["tiled"] else None
@@ -461,6 +461,10 @@ def report(args, info, out, rows) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.throttle == "budget" and sys.platform.startswith("linux"):
+        from sd35_mlx.memory import use_small_command_buffers
+
+        use_small_command_buffers()  # as the CLI runs under --memory-budget
     C.set_device(args.device)
     dtype = C.DTYPES[args.dtype]
     info = C.machine_info()

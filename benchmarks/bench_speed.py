@@ -21,7 +21,6 @@ mx.eval, PyTorch with torch.cuda.synchronize.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 import time
@@ -35,7 +34,8 @@ import mlx.core as mx  # noqa: E402
 
 from sd35_mlx.config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL  # noqa: E402
 
-TARGET_VS_DIFFUSERS = 0.75
+TARGET_VS_DIFFUSERS = 0.75  # eager diffusers (the last round's target)
+TARGET_VS_COMPILED = 0.9  # diffusers + torch.compile (issue 12)
 TARGET_QUANT_VS_16 = 1.1
 
 
@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", default=["denoise", "t5", "clip", "vae"],
                    choices=["denoise", "t5", "clip", "vae"], help="what to measure")  # fmt: skip
     p.add_argument("--torch", action="store_true", help="also time diffusers/transformers (bf16, SDPA)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time the diffusers step under torch.compile (default mode; implies --torch; "
+                        "its compile time per shape is reported separately)")  # fmt: skip
     p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
     p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
@@ -63,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.t5_bits is None:
         args.t5_bits = [16, 4]
+    args.torch = args.torch or args.torch_compile
     for b in args.bits + args.t5_bits:
         if b not in (4, 8, 16):
             p.error(f"bits must be 16, 8 or 4 (got {b})")
@@ -218,46 +222,18 @@ def mlx_vae(args, dtype) -> List[Dict[str, Any]]:
 
 
 # ---- PyTorch / diffusers ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def torch_build(device: str):
-    """Build modules directly on `device` in bf16 (no slow fp32 CPU init, no copy)."""
+def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> List[Dict[str, Any]]:
+    """diffusers' step on each size; `compiled`: the transformer under `torch.compile` (default
+    mode), whose first call per shape compiles (reported as compile_s, not timed)."""
     import torch
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def torch_sync(device: str):
-    import torch
-
-    def sync(_result):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    return sync
-
-
-def torch_denoise(args, model_key: str, device: str) -> List[Dict[str, Any]]:
-    import torch
-    from diffusers import SD3Transformer2DModel
+    import torch_reference as R
 
     name, base = C.MODELS[model_key]
-    cfg = C.truncated(base, args.layers)
-    with torch_build(device):
-        torch.manual_seed(0)
-        model = SD3Transformer2DModel(
-            sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, num_layers=cfg.depth,
-            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
-            caption_projection_dim=cfg.hidden_size, pooled_projection_dim=cfg.pooled_dim,
-            out_channels=cfg.out_channels, pos_embed_max_size=cfg.pos_embed_max_size,
-            dual_attention_layers=tuple(cfg.dual_attention_layers), qk_norm="rms_norm" if cfg.qk_norm else None,
-        ).eval()  # fmt: skip
-    sync = torch_sync(device)
+    model = R.transformer(C.truncated(base, args.layers), device)
+    forward = torch.compile(model) if compiled else model
+    label = "diffusers + torch.compile" if compiled else "diffusers"
+    sync = R.sync(device)
     sigmas, _ = C.schedule(args.steps)
     rows = []
     for size in args.size:
@@ -269,15 +245,22 @@ def torch_denoise(args, model_key: str, device: str) -> List[Dict[str, Any]]:
             pooled = torch.randn((2, 2048), generator=g, device=device, dtype=torch.bfloat16)
 
             # diffusers' StableDiffusion3Pipeline step: batch-2 forward, CFG, Euler update
-            def step(x, i, model=model, ctx=ctx, pooled=pooled):
+            def step(x, i, ctx=ctx, pooled=pooled):
                 x2 = torch.cat([x, x])
                 t = torch.full((2,), float(sigmas[i]) * 1000.0, device=device)
-                v = model(hidden_states=x2, encoder_hidden_states=ctx, pooled_projections=pooled,
-                          timestep=t, return_dict=False)[0]  # fmt: skip
+                v = forward(hidden_states=x2, encoder_hidden_states=ctx, pooled_projections=pooled,
+                            timestep=t, return_dict=False)[0]  # fmt: skip
                 v_uncond, v_cond = v.chunk(2)
                 v = v_uncond + C.CFG_SCALE * (v_cond - v_uncond)
                 return (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
 
+            compile_s = None
+            if compiled:  # the first call compiles this shape
+                sync(None)
+                start = time.perf_counter()
+                sync(step(noise, 0))
+                compile_s = time.perf_counter() - start
+                log(f"[{label}] {name} {size}²: first call (compile) {compile_s:.1f} s")
             timing = C.Timing()
             for run in range(args.warmup + args.repeat):
                 x = noise
@@ -288,29 +271,24 @@ def torch_denoise(args, model_key: str, device: str) -> List[Dict[str, Any]]:
                     sync(x)
                     if run >= args.warmup:
                         timing.runs.append(time.perf_counter() - start)
-        rows.append(dict(model=model_key, size=size, **timing.to_dict()))
-        log(f"[diffusers] {name} {size}²: {C.fmt_seconds(timing.median)} per step")
-    del model
+        rows.append(dict(model=model_key, size=size, compiled=compiled, compile_s=compile_s, **timing.to_dict()))
+        log(f"[{label}] {name} {size}²: {C.fmt_seconds(timing.median)} per step")
+    del model, forward
+    if compiled:
+        torch._dynamo.reset()
     free_memory()
     return rows
 
 
 def torch_t5(args, device: str) -> Dict[str, Any]:
     import torch
-    from transformers import T5Config, T5EncoderModel
 
-    c = C.truncated(T5_XXL, args.layers)
-    with torch_build(device):
-        torch.manual_seed(0)
-        model = T5EncoderModel(T5Config(
-            vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
-            num_heads=c.num_heads, relative_attention_num_buckets=c.relative_attention_num_buckets,
-            relative_attention_max_distance=c.relative_attention_max_distance, feed_forward_proj="gated-gelu",
-            layer_norm_epsilon=c.layer_norm_eps, is_encoder_decoder=False, use_cache=False,
-        )).eval()  # fmt: skip
+    import torch_reference as R
+
+    model = R.t5(C.truncated(T5_XXL, args.layers), device)
     ids = torch.tensor(C.t5_ids(2, args.t5_tokens).tolist(), device=device)
     with torch.no_grad():
-        timing = C.time_calls(lambda model=model: model(input_ids=ids)[0], torch_sync(device), args.warmup, args.repeat)
+        timing = C.time_calls(lambda model=model: model(input_ids=ids)[0], R.sync(device), args.warmup, args.repeat)
     log(f"[transformers] T5-XXL encode: {C.fmt_seconds(timing.median)}")
     del model
     free_memory()
@@ -319,29 +297,22 @@ def torch_t5(args, device: str) -> Dict[str, Any]:
 
 def torch_clip(args, device: str) -> Dict[str, Dict[str, Any]]:
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    import torch_reference as R
 
     ids = torch.tensor(C.clip_ids(2).tolist(), device=device)
     out: Dict[str, Dict[str, Any]] = {}
     models = {}
     for key, c in (("clip_l", CLIP_L), ("clip_g", CLIP_G)):
-        c = C.truncated(c, args.layers)
-        with torch_build(device):
-            torch.manual_seed(0)
-            models[key] = model = CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                max_position_embeddings=c.max_positions, hidden_act=c.activation,
-                projection_dim=c.projection_dim, layer_norm_eps=c.layer_norm_eps,
-            )).eval()  # fmt: skip
+        models[key] = model = R.clip(C.truncated(c, args.layers), device)
         with torch.no_grad():
-            timing = C.time_calls(lambda model=model: model(ids, output_hidden_states=True), torch_sync(device),
+            timing = C.time_calls(lambda model=model: model(ids, output_hidden_states=True), R.sync(device),
                                   args.warmup, args.repeat)  # fmt: skip
         out[key] = timing.to_dict()
         log(f"[transformers] {key} encode: {C.fmt_seconds(timing.median)}")
     with torch.no_grad():
         both = C.time_calls(
-            lambda ms=models: [m(ids, output_hidden_states=True) for m in ms.values()], torch_sync(device),
+            lambda ms=models: [m(ids, output_hidden_states=True) for m in ms.values()], R.sync(device),
             args.warmup, args.repeat,
         )  # fmt: skip
     out["clip_lg"] = both.to_dict()
@@ -352,24 +323,16 @@ def torch_clip(args, device: str) -> Dict[str, Dict[str, Any]]:
 
 def torch_vae(args, device: str) -> Dict[int, Dict[str, Any]]:
     import torch
-    from diffusers import AutoencoderKL
 
-    c = SD3_VAE
-    with torch_build(device):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(
-            in_channels=c.in_channels, out_channels=c.in_channels, latent_channels=c.latent_channels,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
-            norm_num_groups=c.norm_num_groups, sample_size=1024, scaling_factor=c.scaling_factor,
-            shift_factor=c.shift_factor, use_quant_conv=False, use_post_quant_conv=False,
-        ).eval()  # fmt: skip
+    import torch_reference as R
+
+    vae = R.vae(SD3_VAE, device)
     out = {}
     for size in args.size:
         g = torch.Generator(device=device).manual_seed(7)
         z = torch.randn((1, 16, size // 8, size // 8), generator=g, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            timing = C.time_calls(lambda z=z, vae=vae: vae.decode(z, return_dict=False)[0], torch_sync(device),
+            timing = C.time_calls(lambda z=z, vae=vae: vae.decode(z, return_dict=False)[0], R.sync(device),
                                   args.warmup, args.repeat)  # fmt: skip
         out[size] = timing.to_dict()
         log(f"[diffusers] VAE decode {size}²: {C.fmt_seconds(timing.median)}")
@@ -403,12 +366,16 @@ def report(args, info, results) -> str:
         shapes += f"T5 {args.t5_tokens} tokens; "
     lines.append(f"Settings: {args.dtype} weights and activations; {shapes}{runs}.")
     torch_steps = {(r["model"], r["size"]): r["median_s"] for r in results.get("diffusers_denoise", [])}
+    compiled = {(r["model"], r["size"]): r for r in results.get("diffusers_compiled_denoise", [])}
     if results.get("denoise"):
         sixteen = {(r["model"], r["size"]): r["pipeline"]["median_s"] for r in results["denoise"] if r["bits"] >= 16}
         headers = ["model", "size", "weights", "s/step (pipeline)"]
         if args.plain:
             headers.append("s/step (plain call)")
-        headers += ["diffusers bf16", "ours / diffusers", "vs our 16-bit"]
+        headers += ["diffusers bf16", "ours / diffusers"]
+        if compiled:
+            headers += ["diffusers + torch.compile", "ours / compiled"]
+        headers.append("vs our 16-bit")
         rows = []
         for r in results["denoise"]:
             ours = r["pipeline"]["median_s"]
@@ -417,10 +384,18 @@ def report(args, info, results) -> str:
             row = [r["model_name"], f"{r['size']}²", r["weights"], C.fmt_seconds(ours)]
             if args.plain:
                 row.append(C.fmt_seconds(r.get("plain", {}).get("median_s")))
-            row += [C.fmt_seconds(theirs), C.fmt_ratio(ratio(ours, theirs), limit),
-                    "–" if r["bits"] >= 16 else C.fmt_ratio(ratio(ours, base16), TARGET_QUANT_VS_16)]  # fmt: skip
+            row += [C.fmt_seconds(theirs), C.fmt_ratio(ratio(ours, theirs), limit)]
+            if compiled:
+                comp = compiled.get((r["model"], r["size"]), {}).get("median_s")
+                row += [C.fmt_seconds(comp), C.fmt_ratio(ratio(ours, comp), TARGET_VS_COMPILED if limit else None)]
+            row.append("–" if r["bits"] >= 16 else C.fmt_ratio(ratio(ours, base16), TARGET_QUANT_VS_16))
             rows.append(row)
         lines.append("**Denoising step**\n\n" + C.markdown_table(headers, rows))
+        if compiled:
+            spent = ", ".join(f"{C.MODELS[m][0]} {size}² {r['compile_s']:.0f} s" for (m, size), r in compiled.items())
+            lines.append(f"torch.compile (default mode) first call per shape, not in the step times: {spent}. "
+                         f"Targets: ours ≤ {TARGET_VS_COMPILED}× compiled diffusers (bf16), "
+                         f"quantized ≤ {TARGET_QUANT_VS_16}× our bf16.")  # fmt: skip
     other = []
     t_t5 = results.get("transformers_t5")
     for r in results.get("t5", []):
@@ -472,6 +447,9 @@ def main(argv=None) -> int:
             results["denoise"] += mlx_denoise(args, key, dtype)
             if torch_device:
                 results["diffusers_denoise"] += torch_denoise(args, key, torch_device)
+                if args.torch_compile:
+                    results.setdefault("diffusers_compiled_denoise", [])
+                    results["diffusers_compiled_denoise"] += torch_denoise(args, key, torch_device, compiled=True)
     if "t5" in args.only:
         results["t5"] = mlx_t5(args, dtype)
         if torch_device:

@@ -402,14 +402,18 @@ random weights (no download needed), measured by `benchmarks/bench_speed.py` and
 Each machine has its own section; a script run with `--write-docs` replaces only its own
 table in its machine's section. Raw numbers (every timed run) are in `benchmarks/results/`.
 
-Targets (from the project's issue), on the same GPU as the diffusers baseline:
-- speed: every figure at ≤ 0.75× diffusers' time (diffusers 0.42.1, H100, bf16: SD3.5 Medium
-  86 ms per step at 1024² / 38 ms at 512², Large 192 ms / 58 ms, VAE decode 1024² 91 ms,
-  T5-XXL encode 21 ms);
+Targets (from the project's issues), on the same GPU as the diffusers baseline:
+- speed (issue 12): every bf16 step at ≤ 0.9× diffusers + `torch.compile` (default mode) in
+  the same run (`bench_speed.py --torch-compile`; earlier rounds: ≤ 0.75× eager diffusers);
 - quantized networks cost memory, not time: a 4-bit or 8-bit transformer step at ≤ 1.1× the
-  16-bit step on the same backend;
-- peak memory of a whole 1024² generation (MLX's peak counter): Medium with 4-bit T5 and
-  4-bit transformer ≤ 2.5 GB, Medium with T5 dropped ≤ 2.0 GB, Large 4-bit ≤ 5 GB.
+  16-bit step on the same backend, 512² included;
+- first image: a fresh CLI process (Medium 1024², 28 steps, warm file cache) ≤ diffusers'
+  load + first generation (`bench_first_image.py`);
+- kept loaded: over 20 generations the peak stops growing after the second and stays
+  ≤ 1.1 × (weights + the largest stage's own need) (`bench_kept_loaded.py`);
+- peak memory of a whole 1024² generation (MLX's peak counter) under `--memory-budget` of:
+  Medium with 4-bit T5 and 4-bit transformer ≤ 2.5 GB, Medium with T5 dropped ≤ 2.0 GB,
+  Large 4-bit ≤ 5 GB, the planner's estimate within ±15 % of the measured peak.
 
 A "step" is one denoising step with CFG (batch 2) and T5 at 256 tokens (77 + 256 = 333 text
 tokens), run exactly as the pipeline runs it (`Denoiser`), unless a table says otherwise.

@@ -5,7 +5,11 @@ Public API: `SD35Pipeline` (+ `LoadOptions`), `GenerationSettings`, `SkipLayerSe
 types `StepInfo` / `GenerationInterrupted`.
 """
 
-from . import images
+from . import cpu_blas
+
+cpu_blas.preload()  # before anything imports mlx.core: MLX's Linux CPU wheel then uses OpenBLAS
+
+from . import images  # noqa: E402
 from ._version import __version__
 from .callbacks import GenerationInterrupted, StepInfo
 from .errors import InputError, SD35Error, WeightFileError, WeightMappingError

@@ -47,11 +47,14 @@ class Kernels:
     joint_heads: the CUDA kernel that splits the qkv projections into heads
         (models/joint_heads.py) instead of reshapes, norms and concatenations.
     group_norm: compiled GroupNorm (+ SiLU) on GPUs (models/vae.py).
+    cpu_float32: on the CPU, 16-bit matmuls, convolutions and attention compute in float32
+        (cpu_compute.py: MLX's CPU backend has no fast 16-bit kernels; the weights stay 16-bit).
     """
 
     dequantize: bool = True
     joint_heads: bool = True
     group_norm: bool = True
+    cpu_float32: bool = True
 
     @contextmanager
     def overridden(self, **switches: bool) -> Iterator["Kernels"]:
@@ -72,4 +75,9 @@ class Kernels:
 
 KERNELS = Kernels()
 
-__all__ = ["BACKENDS", "backend_name", "cuda_available", "on_cpu", "Kernels", "KERNELS"]
+
+def compute_in_float32(dtype: mx.Dtype, device: Optional[mx.Device] = None) -> bool:
+    """Whether 16-bit work should be computed in float32 here (the CPU; see Kernels.cpu_float32)."""
+    return KERNELS.cpu_float32 and dtype in (mx.bfloat16, mx.float16) and on_cpu(device)
+
+__all__ = ["BACKENDS", "backend_name", "compute_in_float32", "cuda_available", "on_cpu", "Kernels", "KERNELS"]

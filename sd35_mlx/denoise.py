@@ -32,6 +32,7 @@ import numpy as np
 
 from .conditioning import Conditioning
 from .errors import InputError
+from .cpu_compute import use_float32_compute
 from .fast_quantized import use_dequantized_matmul
 from .models.mmdit import FreedWeightsError
 from .sampling.guidance import SkipLayerGuidance, cfg_combine
@@ -95,6 +96,7 @@ class Denoiser:
         self._pooled = cond.pooled.astype(self.dtype)
 
         use_dequantized_matmul(transformer, dequantize_min_rows)  # no-op if not quantized
+        use_float32_compute(transformer)  # the CPU only: 16-bit weights, float32 matmuls
         self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
         self.table = None  # (steps, B, N, H) packed modulations
         if self.sigmas is not None:

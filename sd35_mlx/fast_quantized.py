@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .backend import KERNELS, backend_name
+from .backend import KERNELS, backend_name, compute_in_float32
 
 # Rows (tokens × batch) from which dequantize-then-matmul is used, per backend. Measured
 # with benchmarks/bench_quantized_matmul.py (docs/performance.md): on the CPU the quantized
@@ -145,10 +145,10 @@ class DequantizingLinear(nn.QuantizedLinear):
         rows = math.prod(x.shape[:-1])
         if rows < self.min_rows:
             return super().__call__(x)
-        w = dequantized_weight(self, x.dtype)
-        if "bias" in self:
-            return mx.addmm(self["bias"].astype(x.dtype), x, w.T)
-        return x @ w.T
+        dtype = mx.float32 if compute_in_float32(x.dtype) else x.dtype  # the CPU: see cpu_compute.py
+        xc, w = x.astype(dtype), dequantized_weight(self, dtype)
+        y = mx.addmm(self["bias"].astype(dtype), xc, w.T) if "bias" in self else xc @ w.T
+        return y.astype(x.dtype)
 
 
 def use_dequantized_matmul(model: nn.Module, min_rows: Optional[int] = None) -> int:

@@ -333,13 +333,13 @@ def resolve_budget(value, keep_loaded: bool) -> Optional[float]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    if _plans_memory(args.memory_budget, args.keep_loaded) and sys.platform.startswith("linux"):
-        # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has run.
-        # The pipeline holds MLX to the budget (memory.memory_limit), which waits at buffer
-        # boundaries: small buffers keep the overshoot near 0.05 GB (1000 MB on an H100 by
-        # default: up to 0.25 GB) at the same speed (docs/memory.md). Set before MLX starts.
-        os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
-        os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
+    if (_plans_memory(args.memory_budget, args.keep_loaded) or args.keep_loaded) and sys.platform.startswith("linux"):
+        # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has
+        # run; the pipeline holds MLX to a memory limit (the budget's, or kept loaded, what is
+        # resident + the largest stage's need), which waits at buffer boundaries.
+        from .memory import use_small_command_buffers
+
+        use_small_command_buffers()
     args.budget_is_auto = args.memory_budget == "auto"
     args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
     try:

@@ -56,17 +56,44 @@ def default_budget_bytes() -> int:
 
 # How far below a budget MLX's memory limit is set (see `memory_limit`): evaluation checks the
 # limit as it commits work, so the peak passes it by up to one command buffer's temporaries.
-# Measured on an H100 with 100 MB buffers (MLX_MAX_MB_PER_BUFFER=100, as the CLI sets on
-# Linux): at most 0.06 GB over. MLX CUDA's default H100 buffers (1000 MB): up to 0.25 GB.
-THROTTLE_MARGIN = int(0.1 * GB)
-THROTTLE_MARGIN_LARGE_BUFFERS = int(0.3 * GB)
+# The margin is therefore one command buffer's size, read from MLX's own setting, not fitted
+# to a card: MLX_MAX_MB_PER_BUFFER (the CLI sets 100 MB on Linux; measured on an H100: at
+# most 0.06 GB over), else MLX CUDA's default (1000 MB on the H100 and H200; 0.25-0.42 GB
+# over was measured there). Metal's command buffers hold 40-50 MB.
+THROTTLE_MARGIN = int(0.1 * GB)  # the floor: also what a 100 MB buffer needs
+CUDA_DEFAULT_BUFFER_MB = 1000
+# Under a budget the limit is also held to the plan's estimated need plus this much room for
+# queued GPU work, so the measured peak is the estimate (+10 %) rather than whatever part of a
+# generous budget queued work would fill.
+QUEUE_ROOM = 0.10
+
+
+SMALL_COMMAND_BUFFERS = {"MLX_MAX_MB_PER_BUFFER": "100", "MLX_MAX_OPS_PER_BUFFER": "20"}
+
+
+def use_small_command_buffers() -> None:
+    """Small MLX command buffers (unless the environment says otherwise): the throttle's
+    overshoot stays near 0.05 GB at the same speed (docs/memory.md). MLX reads these when it
+    first uses the GPU: call before that."""
+    for key, value in SMALL_COMMAND_BUFFERS.items():
+        os.environ.setdefault(key, value)
+
+
+def command_buffer_bytes() -> int:
+    """The most one MLX command buffer may hold (MLX_MAX_MB_PER_BUFFER, else the backend's default)."""
+    try:
+        mb = int(os.environ.get("MLX_MAX_MB_PER_BUFFER", "0") or 0)
+    except ValueError:
+        mb = 0
+    if mb <= 0:
+        mb = CUDA_DEFAULT_BUFFER_MB if cuda_available() else 50
+    return mb * 10**6
 
 
 def throttle_margin() -> int:
-    """THROTTLE_MARGIN, or the larger one under MLX CUDA with its default (large) buffers."""
-    small_buffers = int(os.environ.get("MLX_MAX_MB_PER_BUFFER", "0") or 0) in range(1, 101)
-    on_cuda = cuda_available()
-    return THROTTLE_MARGIN_LARGE_BUFFERS if on_cuda and not small_buffers else THROTTLE_MARGIN
+    """One command buffer's temporaries (at least THROTTLE_MARGIN): how far past MLX's memory
+    limit evaluation can go before it waits."""
+    return max(THROTTLE_MARGIN, command_buffer_bytes())
 
 
 def throttle_bytes(budget_bytes: int, largest_op_bytes: int = 0) -> int:
@@ -75,6 +102,16 @@ def throttle_bytes(budget_bytes: int, largest_op_bytes: int = 0) -> int:
     the limit before evaluation checks it (H100: peaks 0.09-0.15 GB over with 0.11-0.17 GB
     MLP activations at CFG batch 2, 0.04-0.06 GB at batch 1)."""
     return max(budget_bytes - throttle_margin() - largest_op_bytes, budget_bytes // 2)
+
+
+def budget_limit(budget_bytes: int, plan: Optional["Plan"] = None) -> int:
+    """MLX's memory limit while a stage runs under a budget: `throttle_bytes(budget,
+    plan.headroom)`, held to the plan's estimated need + QUEUE_ROOM (the rest of a large
+    budget would only fill with queued work, and the estimate would stop describing the peak)."""
+    limit = throttle_bytes(budget_bytes, plan.headroom if plan is not None else 0)
+    if plan is None:
+        return limit
+    return min(limit, int(plan.peak * (1 + QUEUE_ROOM)))
 
 
 @contextmanager
@@ -391,6 +428,10 @@ def plan_memory(
         f"nothing fits a {budget_bytes / GB:.2f} GB budget at {width}x{height}: the smallest plan "
         f"({smallest.describe()}) needs about {(smallest.peak + throttle_margin() + smallest.headroom) / GB:.2f} GB, most of it in the "
         f"{stage} stage. {_ADVICE[stage]} Or raise --memory-budget."
+        + (f" {throttle_margin() / GB:.1f} GB of that is room for one MLX command buffer: set "
+           "MLX_MAX_MB_PER_BUFFER=100 MLX_MAX_OPS_PER_BUFFER=20 before MLX first uses the GPU "
+           "(memory.use_small_command_buffers(); the CLI does) to need only 0.1 GB."
+           if throttle_margin() > THROTTLE_MARGIN else "")
     )
 
 
@@ -399,3 +440,18 @@ _ADVICE = {
     "denoise": "Use a smaller image (the transformer's activations grow with the pixel count).",
     "decode": "Use a smaller image (the VAE decodes one 512x512 tile at a time already).",
 }
+
+
+def own_need_bytes(estimator: "MemoryEstimator", height: int, width: int, t5_tokens: int = 256) -> int:
+    """The largest stage's need above its own weights at this size (activations and
+    temporaries of the encoders, a CFG-batch denoise step, an untiled decode): what a pipeline
+    that keeps every network loaded needs on top of what is resident (see SD35Pipeline's
+    kept-loaded memory limit)."""
+    encode = estimator.encode(None, T5Mode.DROPPED) - max(estimator._bytes(n, m, None) for n, m in
+                                                     zip(("clip_l", "clip_g"), estimator.clips))  # fmt: skip
+    if estimator.trimmed_transformer:
+        raise InputError("own_need_bytes describes a kept-loaded pipeline: use an estimator with trimmed_transformer=False")
+    denoise = estimator.denoise(None, height, width, t5_tokens) - estimator._bytes("transformer", estimator.transformer, None)
+    decoder = sum(p.size * BYTES_16 for k, p in tree_flatten(estimator.vae.parameters()) if not k.startswith("encoder"))
+    decode = estimator.decode(height, width, tiled=False) - decoder
+    return int(max(encode, denoise, decode))

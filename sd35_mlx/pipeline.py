@@ -22,6 +22,7 @@ from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .checks import positive_gb
 from .components import QUANTIZABLE, REQUIRED, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
 from .conditioning import Conditioning, assemble
+from .cpu_compute import use_float32_compute
 from .denoise import Denoiser
 from .errors import InputError, MissingTokenizersError
 from .images import init_image_size, load_image, to_pil
@@ -85,6 +86,8 @@ class SD35Pipeline:
         self._vae = None
         self._encoders = None
         self._preview_projection = None
+        self._kept_need: Optional[int] = None  # low_memory=False: see _within_budget
+        self._kept_need_size: Optional[Tuple[int, int, int]] = None
         self._loras = LoRARegistry()
         self._base_variant: Optional[Variant] = None  # set while a distilling LoRA sets the defaults
         # Building the transformer is lazy in MLX (no weights are read until used), so
@@ -138,11 +141,30 @@ class SD35Pipeline:
 
     def _within_budget(self):
         """Hold MLX's memory limit just below the budget while a stage runs (see memory_limit)."""
-        from .memory import memory_limit, throttle_bytes
+        from .memory import budget_limit, memory_limit, throttle_margin
 
         if not self.budget_bytes:
-            return memory_limit(None)
-        return memory_limit(throttle_bytes(self.budget_bytes, self.plan.headroom if self.plan else 0))
+            if self.low_memory or self._kept_need is None:
+                return memory_limit(None)
+            # Kept loaded: what is resident + the largest stage's own need. Without a limit,
+            # MLX's GPU backends run ever further ahead of the device once its buffer cache is
+            # warm (H200, Medium 1024²: peaks 28.7, 38.6, 41.1 GB over the first generations).
+            return memory_limit(mx.get_active_memory() + self._kept_need + throttle_margin())
+        return memory_limit(budget_limit(self.budget_bytes, self.plan))
+
+    def _prepare_kept_loaded_limit(self, height: int, width: int, t5_tokens: int) -> None:
+        """Kept loaded without a budget: the largest stage's own need at this size, from the
+        planner's estimator (the largest size so far counts, so a smaller image never
+        tightens the limit of a larger one encoded before it)."""
+        if self.low_memory or self.budget_bytes:
+            return
+        key = (height, width, t5_tokens)
+        if self._kept_need_size is not None and height * width <= self._kept_need_size[0] * self._kept_need_size[1]:
+            return
+        from .memory import own_need_bytes
+
+        self._kept_need = own_need_bytes(self._estimator(self._load_transformer().config), height, width, t5_tokens)
+        self._kept_need_size = key
 
     # ---- construction ----
     @classmethod
@@ -251,6 +273,7 @@ class SD35Pipeline:
             from .loading import load_vae
 
             self._vae = load_vae(self.sources, dtype=self.dtype)
+            use_float32_compute(self._vae)  # the CPU only: 16-bit weights, float32 convolutions
         return self._vae
 
     def _load_encoders(self):
@@ -266,6 +289,7 @@ class SD35Pipeline:
                     setattr(enc, name, self._quantize(getattr(enc, name), name))
                     use_dequantized_matmul(getattr(enc, name))  # quantized encoders: dequantize before large matmuls
                     self._loras.attach_all(getattr(enc, name), name)
+                    use_float32_compute(getattr(enc, name))  # the CPU only: float32 matmuls
             if self.t5_mode == T5Mode.STREAMED:
                 from .streaming import streamed_t5
 
@@ -424,6 +448,7 @@ class SD35Pipeline:
         call this with the same settings (docs/distributed.md).
         """
         s = self.settings_with_defaults(settings).with_seed()
+        self._prepare_kept_loaded_limit(s.height, s.width, s.t5_length)
         use_cfg = uses_cfg(s.cfg)  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
         if cfg_exchange is not None:
             from .distributed import check_cfg_parallel

@@ -359,9 +359,27 @@ def test_throttle_leaves_room_below_the_budget(monkeypatch):
     assert throttle_bytes(int(2 * GB), 10**8) == int(2 * GB) - THROTTLE_MARGIN - 10**8  # room for a large op
     assert throttle_bytes(10**8) == 5 * 10**7  # never below half a tiny budget
     monkeypatch.setattr(memory.mx.cuda, "is_available", lambda: True)  # MLX CUDA: 1000 MB buffers by default
-    assert throttle_margin() == memory.THROTTLE_MARGIN_LARGE_BUFFERS > THROTTLE_MARGIN
+    assert throttle_margin() == memory.CUDA_DEFAULT_BUFFER_MB * 10**6 > THROTTLE_MARGIN
     monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "100")  # what the CLI sets on Linux
     assert throttle_margin() == THROTTLE_MARGIN
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "400")  # the margin is one buffer, whatever its size
+    assert throttle_margin() == 4 * 10**8
+
+
+def test_budget_limit_is_the_plans_need_plus_queue_room_within_the_budget(monkeypatch):
+    """Under a budget MLX is held to the plan's estimate + QUEUE_ROOM (so the estimate describes
+    the measured peak), never above throttle_bytes(budget)."""
+    from sd35_mlx import memory
+
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "100")
+    est = MemoryEstimator(SD35_MEDIUM_MMDIT, trimmed_transformer=True, split_cfg=True)
+    spec = make_spec("transformer", 4)
+    plan = est.plan(spec, None, T5Mode.STREAMED, True, 1024, 1024, 256, DECODE_TILES[-1])
+    roomy = memory.budget_limit(int(100 * GB), plan)
+    assert roomy == int(plan.peak * (1 + memory.QUEUE_ROOM))
+    tight = int(plan.peak + throttle_margin() + plan.headroom + 10**7)
+    assert memory.budget_limit(tight, plan) == throttle_bytes(tight, plan.headroom) < roomy
+    assert memory.budget_limit(int(2 * GB)) == throttle_bytes(int(2 * GB))  # no plan: the budget's limit
 
 
 def test_denoise_setup_counts_when_it_exceeds_the_step():

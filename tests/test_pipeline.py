@@ -227,24 +227,16 @@ def test_memory_budget_plans_and_refuses(tiny, caplog):
         SD35Pipeline.from_pretrained(root, dtype=mx.float32, memory_budget=1e-6)
 
 
-def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypatch):
+def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypatch, memory_limit_log):
     """Encode, every denoising step and the decode run under MLX's memory limit
-    throttle_bytes(budget); the caller's limit is back after each (and between steps)."""
+    budget_limit(budget, plan); the caller's limit is back after each (and between steps)."""
     from sd35_mlx import memory
     from sd35_mlx.denoise import Denoiser
     from sd35_mlx.models import vae as vae_module
 
     root, _ = tiny
-    real_set = mx.set_memory_limit
-    current = {"limit": real_set(10**12)}
-    real_set(current["limit"])
-    original = current["limit"]
-
-    def recording_set(limit):
-        current["limit"] = limit
-        return real_set(limit)
-
-    monkeypatch.setattr(memory.mx, "set_memory_limit", recording_set)
+    current = memory_limit_log
+    original = current["original"]
     seen = {}
 
     def spy(name, fn):
@@ -264,7 +256,7 @@ def test_memory_budget_holds_mlx_below_the_budget_in_every_stage(tiny, monkeypat
     for info in pipe.generate_latents(s, noise=noise_pair(3)[0]):
         between.append(current["limit"])
     pipe.decode(info.latents)
-    limit = memory.throttle_bytes(int(50.0 * 1e9), pipe.plan.headroom)
+    limit = memory.budget_limit(int(50.0 * 1e9), pipe.plan)
     assert pipe.plan.headroom > 0
     assert seen["encode"] == [limit] and seen["decode"] == [limit] and seen["step"] == [limit] * 3
     assert between == [original] * 3 and current["limit"] == original

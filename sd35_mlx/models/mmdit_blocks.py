@@ -18,6 +18,7 @@ from typing import Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backend import compute_in_float32
 from .joint_heads import heads, joint_heads
 
 NORM_EPS = 1e-6
@@ -40,7 +41,10 @@ def ada_chunks(linear: nn.Linear, c: mx.array, n: int) -> Chunks:
 
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """(B, heads, L, d) each -> (B, L, heads*d)."""
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
+    dtype = q.dtype
+    if compute_in_float32(dtype):  # the CPU's 16-bit attention has no fast kernel
+        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1])).astype(dtype)
     b, h, n, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
