@@ -17,6 +17,7 @@ process. Memory: MLX active memory after attaching a LoRA, minus before.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,17 @@ def measure(model, positive, negative, size: int, args) -> Dict[int, C.Timing]:
     return timings
 
 
+def fmt_mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def load_average() -> str:
+    try:
+        return "{:.1f}".format(os.getloadavg()[0])
+    except OSError:
+        return "?"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     C.set_device(args.device)
@@ -114,6 +126,7 @@ def main(argv=None) -> None:
     dtype = C.DTYPES[args.dtype]
     t0 = time.perf_counter()
     print(C.machine_title(info))
+    load_before = load_average()
     results, rows = [], []
     for model_name in args.model:
         name, config = C.MODELS[model_name]
@@ -142,7 +155,7 @@ def main(argv=None) -> None:
                                         lora_bytes=lora_bytes))  # fmt: skip
                     rows.append([name, label, f"{size}²", n, C.fmt_seconds(timing.median),
                                  C.fmt_ratio(ratio, TARGET_ONE_LORA if n == 1 else None),
-                                 C.fmt_gb(extra) if n else "–", C.fmt_gb(lora_bytes) if n else "–"])  # fmt: skip
+                                 fmt_mb(extra) if n else "–", fmt_mb(lora_bytes) if n else "–"])  # fmt: skip
             runtime.detach(model)
             del model
             mx.clear_cache()
@@ -151,7 +164,9 @@ def main(argv=None) -> None:
         C.truncation_note(args.layers),
         C.markdown_table(["model", "weights", "size", "LoRAs", "step", "vs no LoRA", "memory added (last LoRA)",
                           "its factors"], rows),
-        f"Goal: ≤ {TARGET_ONE_LORA}× with one rank-16 LoRA. `{info['command']}`",
+        f"Goal: ≤ {TARGET_ONE_LORA}× with one rank-16 LoRA. Load average (1 min) {load_before} at the start, "
+        f"{load_average()} at the end on {info['cpu_cores']} cores: a busy machine cannot resolve the ~1 % a "
+        f"LoRA costs. `{info['command']}`",
     ]))  # fmt: skip
     C.publish(args, info, "lora", body, {"results": results, "wall_s": time.perf_counter() - t0}, print)
 
