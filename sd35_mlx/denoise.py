@@ -59,6 +59,7 @@ class Denoiser:
         compile: bool = True,
         dequantize_min_rows: Optional[int] = None,
         split_cfg: bool = False,
+        cfg_exchange=None,
     ):
         """sigmas: the schedule (num_steps + 1 values); with it every step's modulations
         are precomputed. free_adaln (needs sigmas) / free_pos_embed: drop those weights
@@ -66,7 +67,9 @@ class Denoiser:
         dequantize_min_rows: rows from which quantized layers dequantize before their
         matmul (default per backend; fast_quantized.py). split_cfg: run the negative and
         positive passes one after the other (batch 1 each, evaluated in between) instead of
-        as one batch of 2: half the activation memory, somewhat slower."""
+        as one batch of 2: half the activation memory, somewhat slower. cfg_exchange
+        (distributed.CFGExchange): CFG-parallel over 2 ranks, this rank runs one of the two
+        passes on its half of the conditioning and the velocities are exchanged each step."""
         if free_adaln and sigmas is None:
             raise InputError("free_adaln needs the schedule (sigmas=) to precompute the modulations")
         self.transformer = transformer
@@ -79,6 +82,11 @@ class Denoiser:
         self.free_pos_embed = free_pos_embed
         self._n_pos = positive.batch_size
         cond = self.batched if self.batched is not None else positive
+        self.exchange = cfg_exchange
+        if cfg_exchange is not None:
+            if negative is None:
+                raise InputError(f"CFG-parallel needs cfg > 1 and a negative conditioning (cfg={cfg:g})")
+            cond = positive if cfg_exchange.runs_conditional else negative  # this rank's half
         self._pooled = cond.pooled.astype(self.dtype)
 
         use_dequantized_matmul(transformer, dequantize_min_rows)  # no-op if not quantized
@@ -94,7 +102,7 @@ class Denoiser:
                 transformer.free_conditioning_weights()
         # Embedded once: the text tokens do not change between steps.
         self._ctx = transformer.embed_context(cond.context)
-        self._ctx_pos = self._ctx[-self._n_pos :] if self.batched is not None else self._ctx
+        self._ctx_pos = self._ctx[-self._n_pos :] if self.batched is not None and cfg_exchange is None else self._ctx
         mx.eval(self._ctx)
         self._compile = compile
         self._fns = {}
@@ -122,6 +130,8 @@ class Denoiser:
         """Velocity (float32) for `latents` at `sigma` (step index `step`, 0-based)."""
         self._prepare_positions(latents)
         mods = self.modulations_at(step, sigma)
+        if self.exchange is not None:
+            return self._exchanged_velocity(latents, mods, step)
         if self.split_cfg:
             return self._split_velocity(latents, mods, step)
         return self._fn(self._kind(step), euler=False)(latents, mods)
@@ -138,6 +148,8 @@ class Denoiser:
         mods = self.modulations_at(step, sigma)
         # dt in float32, the difference taken in float32 (as EulerSampler does)
         dt = np.float32(sampler.sigmas[step + 1]) - np.float32(sigma)
+        if self.exchange is not None:
+            return latents.astype(mx.float32) + mx.array(dt) * self._exchanged_velocity(latents, mods, step)
         if self.split_cfg:
             return latents.astype(mx.float32) + mx.array(dt) * self._split_velocity(latents, mods, step)
         return self._fn(self._kind(step), euler=True)(latents, mods, mx.array(dt, dtype=mx.float32))
@@ -155,6 +167,17 @@ class Denoiser:
             v_skip = self._pass(self.slg.layers)(latents, self._ctx_pos, mods[-n:])
             v = self.slg.apply(v, v_cond, v_skip)
         return v
+
+    def _exchanged_velocity(self, latents: mx.array, mods: mx.array, step: int) -> mx.array:
+        """CFG-parallel: this rank's pass(es), one exchange, then the guidance every rank
+        computes alike (the same arithmetic as the batched path)."""
+        x, slg = self.exchange, self.slg_active(step)
+        own = [self._pass(())(latents, self._ctx, mods)]
+        if slg and x.runs_conditional:
+            own.append(self._pass(self.slg.layers)(latents, self._ctx, mods))
+        v_cond, v_uncond, v_skip = x.exchange(own, step, with_skip=slg)
+        v = cfg_combine(v_uncond, v_cond, self.cfg)
+        return self.slg.apply(v, v_cond, v_skip) if slg else v
 
     def _pass(self, skip_layers: tuple) -> Callable:
         key = ("pass", skip_layers)

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", help="img2img: the starting image")
     s.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img: how much to change the image (0, 1]")
 
+    d = p.add_argument_group("several processes (started by mlx.launch; docs/distributed.md)")
+    d.add_argument("--cfg-parallel", action="store_true",
+                   help="2 ranks: rank 0 runs the conditional pass, rank 1 the unconditional one (needs cfg > 1). "
+                        "Without it, several ranks share out the images (data-parallel)")
+    d.add_argument("--peer-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop when the other ranks have not answered for this long (default 300)")
+
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
                     help="apply a LoRA (file, folder, HF repo id or repo:file; scale default 1.0); repeatable. "
@@ -199,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # default: up to 0.25 GB) at the same speed (docs/memory.md). Set before MLX starts.
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
+    args.budget_is_auto = args.memory_budget == "auto"
     args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
     try:
         model, t5, jobs = plan(args)
@@ -246,9 +254,27 @@ def load_loras(pipe, specs, strict: bool) -> None:
 def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     import mlx.core as mx
 
-    from .images import save_png
+    from .distributed import (CFGExchange, Ranks, agree_on_budget, agree_on_seeds, check_cfg_parallel,
+                              check_data_parallel, exit_on_terminate)  # fmt: skip
+    from .images import save_png, unique_paths
     from .pipeline import SD35Pipeline
     from .progress import ProgressBar, peak_memory_gb
+
+    ranks = Ranks.init(timeout_s=args.peer_timeout)  # a group of one unless mlx.launch started us
+    if ranks.size > 1:
+        exit_on_terminate(ranks.rank)
+        if args.memory_budget is not None:
+            args.memory_budget = agree_on_budget(ranks, args.memory_budget, machine_wide=args.budget_is_auto)
+    if args.cfg_parallel:
+        for job in jobs:
+            check_cfg_parallel(ranks.size, job.cfg)
+    else:
+        check_data_parallel(ranks, len(jobs))
+    paths = unique_paths(args.output, len(jobs))  # before any rank writes (agree_on_seeds waits for all)
+    jobs = agree_on_seeds(ranks, jobs)
+    mine = list(enumerate(jobs)) if args.cfg_parallel else ranks.shard(jobs)
+    exchange = CFGExchange(ranks) if args.cfg_parallel else None
+    quiet = args.quiet or not ranks.is_main  # rank 0 reports
 
     t0 = time.perf_counter()
     pipe = SD35Pipeline.from_pretrained(
@@ -258,24 +284,49 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
     )  # fmt: skip
-    if pipe.plan is not None and not args.quiet:
+    if pipe.plan is not None and not quiet:
         print(pipe.describe_plan())
-    if not args.quiet:
+    if not quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")
     load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
-    out = Path(args.output)
-    for n, job in enumerate(jobs):
-        job = pipe.settings_with_defaults(job).with_seed()
-        bar = None if args.quiet else ProgressBar(job.steps if not job.init_image else None, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
-        result = pipe.generate(settings=job, callback=bar, verbose=not args.quiet)
-        path = save_png(result.image, out, result.metadata)
+    t_start, longest = time.perf_counter(), 0.0
+    for n, job in mine:
+        t_job = time.perf_counter()
+        job = pipe.settings_with_defaults(job)
+        if exchange is not None:
+            check_cfg_parallel(ranks.size, job.cfg)  # the variant's default cfg is known now
+        bar = None if quiet else ProgressBar(job.steps if not job.init_image else None, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
+        if exchange is not None and not ranks.is_main:
+            for _ in pipe.generate_latents(job, cfg_exchange=exchange):  # rank 0 decodes and writes
+                pass
+            continue
+        result = pipe.generate(settings=job, callback=bar, verbose=not quiet, cfg_exchange=exchange)
+        path = save_png(result.image, paths[n], result.metadata)
+        longest = max(longest, time.perf_counter() - t_job)
         if bar is not None:
             bar.close()
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
             print(f"saved {path}  ({stages}; peak memory {peak_memory_gb():.2f} GB)")
-        else:
+        elif ranks.is_main:
             print(path)
+    if ranks.size > 1 and exchange is None:
+        _report_data_parallel(ranks, mine, paths, longest, time.perf_counter() - t_start, args.quiet)
     return 0
+
+
+def _report_data_parallel(ranks, mine, paths, longest: float, seconds: float, quiet: bool) -> None:
+    """Rank 0 names the images the other ranks wrote and the throughput of all of them."""
+    from .distributed import gather_done
+
+    done = gather_done(ranks, [n for n, _ in mine], len(paths), longest)
+    if not ranks.is_main:
+        return
+    for n, path in enumerate(paths):
+        if ranks.owner(n) != 0 and done[n]:
+            print(path if quiet else f"saved {path}  (rank {ranks.owner(n)})")
+    if not quiet:
+        rate = 60 * int(done.sum()) / max(seconds, 1e-9)
+        print(f"{int(done.sum())} images on {ranks.size} ranks in {seconds:.1f} s ({rate:.2f} images/min)")
 
 
 if __name__ == "__main__":

@@ -391,13 +391,20 @@ class SD35Pipeline:
         embeddings: Optional[PromptEmbeddings] = None,
         noise: Optional[mx.array] = None,
         verbose: bool = False,
+        cfg_exchange=None,
     ) -> Iterator[StepInfo]:
         """Yield a `StepInfo` after every denoising step; the last one holds the final latents.
 
         Stop iterating at any time to cancel. `noise` overrides the seeded initial noise.
+        cfg_exchange (`distributed.CFGExchange`): CFG-parallel over 2 ranks, both of which
+        call this with the same settings (docs/distributed.md).
         """
         s = self.settings_with_defaults(settings).with_seed()
         use_cfg = uses_cfg(s.cfg)  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
+        if cfg_exchange is not None:
+            from .distributed import check_cfg_parallel
+
+            check_cfg_parallel(cfg_exchange.ranks.size, s.cfg)
         if embeddings is None:
             t0 = time.perf_counter()
             embeddings = self.encode_prompt(
@@ -431,6 +438,7 @@ class SD35Pipeline:
                 cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
                 split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
+                cfg_exchange=cfg_exchange,
             )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()
@@ -498,9 +506,11 @@ class SD35Pipeline:
         callback: Optional[StepCallback] = None,
         noise: Optional[mx.array] = None,
         verbose: bool = False,
+        cfg_exchange=None,
         **overrides: Any,
     ) -> GeneratedImage:
-        """Generate one image. Fields of `GenerationSettings` can be passed as keywords."""
+        """Generate one image. Fields of `GenerationSettings` can be passed as keywords.
+        cfg_exchange: CFG-parallel over 2 ranks (see `generate_latents`)."""
         s = settings or GenerationSettings()
         if prompt is not None:
             overrides["prompt"] = prompt
@@ -508,7 +518,7 @@ class SD35Pipeline:
             overrides["skip_layer_guidance"] = SkipLayerGuidance(**overrides["skip_layer_guidance"])
         s = self.settings_with_defaults(replace(s, **overrides)).with_seed()
         final = None
-        for info in self.generate_latents(s, embeddings=embeddings, noise=noise, verbose=verbose):
+        for info in self.generate_latents(s, embeddings=embeddings, noise=noise, verbose=verbose, cfg_exchange=cfg_exchange):
             final = info
             if callback is not None and callback(info) is False:
                 raise GenerationInterrupted(f"stopped by the callback after step {info.step}/{info.total}")

@@ -25,6 +25,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from ..components import DIFFUSERS_FOLDERS
 from ..errors import InputError
 
 
@@ -210,8 +211,7 @@ def peft_configs(metadata: Mapping[str, str], where: str) -> Dict[str, dict]:
     return out
 
 
-_PEFT_COMPONENT = {"transformer": "transformer", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
-                   "t5": "text_encoder_3"}  # fmt: skip
+_PEFT_COMPONENT = DIFFUSERS_FOLDERS  # PEFT prefixes are the diffusers folder names
 
 
 def _peft_scale(config: Mapping, module: str, rank: int) -> Optional[float]:
