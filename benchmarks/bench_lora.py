@@ -1,8 +1,8 @@
 """Cost of runtime LoRAs: a denoising step with 0, 1 and 3 LoRAs, at 16-bit and 4-bit, and the
 memory each LoRA adds.
 
-    python benchmarks/bench_lora.py --model medium large --size 1024 --bits 16 4 --write-docs
-    python benchmarks/bench_lora.py --model medium --size 256 --layers 2 --steps 2   # quick CPU smoke run
+    python benchmarks/bench_lora.py --model medium large --size 1024 --bits 16 4 --diffusers-fused --write-docs
+    python benchmarks/bench_lora.py --model medium --size 128 --layers 1 --steps 1 --repeat 2 --device cpu  # CPU smoke run
 
 Full-size random networks (benchmarks/common.py), CFG batch 2, T5 at 256 tokens, the step as
 the pipeline runs it (`sd35_mlx.denoise.Denoiser`, compiled; quantized layers de-quantize
@@ -45,6 +45,9 @@ from sd35_mlx.adapters.source import read_lora  # noqa: E402
 from sd35_mlx.adapters.targets import TABLES, _our_names, layer_dims, module_targets  # noqa: E402
 
 TARGET_ONE_LORA = 1.05  # the issue's goal for one rank-16 LoRA
+CPU_NOTE = ("**On a CPU the ratios are not speed evidence**, least of all ours / diffusers: MLX and PyTorch use "
+            "different CPU kernels, and a shared machine's load swings more between rounds than a LoRA costs. "
+            "They show that the baseline runs; speed figures come from a GPU run.")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.loras = [0] + args.loras  # the baseline
     if args.diffusers is None:
         args.diffusers = diffusers_available()
+    elif args.diffusers and not diffusers_available():
+        p.error("--diffusers needs torch, diffusers and peft: pip install torch diffusers peft (or --no-diffusers)")
+    if args.diffusers_fused and not args.diffusers:
+        p.error("--diffusers-fused needs the diffusers baseline (torch, diffusers and peft)")
     return args
 
 
@@ -276,7 +283,8 @@ def main(argv=None) -> None:
         C.truncation_note(args.layers),
         C.markdown_table(headers, rows),
         "diffusers: SD3Transformer2DModel bf16 + SDPA, the same LoRA files through PEFT (`load_lora_adapter` + "
-        "`set_adapters`, unfused). " + " ".join(fused_lines) if args.diffusers else "",
+        "`set_adapters`, unfused). " + "; ".join(fused_lines) + ("." if fused_lines else "") if args.diffusers else "",
+        CPU_NOTE if args.diffusers and not args.torch_device.startswith("cuda") else "",
         f"Goal: ≤ {TARGET_ONE_LORA}× with one rank-16 LoRA. Load average (1 min) {load_before} at the start, "
         f"{load_average()} at the end on {info['cpu_cores']} cores: a busy machine cannot resolve the ~1 % a "
         f"LoRA costs. `{info['command']}`",
