@@ -142,7 +142,7 @@ def measure(model, positive, negative, size: int, args) -> Dict[int, C.Timing]:
     return timings
 
 
-def diffusers_measure(model_key: str, config, files: List[Path], size: int, args) -> Dict[str, C.Timing]:
+def diffusers_measure(config, files: List[Path], size: int, args) -> Dict[str, C.Timing]:
     """diffusers' step ({"0", "1", "3", "1 fused", ...}: timing) with the LoRA files loaded
     through PEFT; the step is StableDiffusion3Pipeline's (batch-2 forward, CFG, Euler)."""
     import torch
@@ -245,7 +245,7 @@ def main(argv=None) -> None:
             for size in args.size:
                 timings = measure(model, positive, negative, size, args)
                 if args.diffusers and size not in reference:
-                    reference[size] = diffusers_measure(model_name, config, files, size, args)
+                    reference[size] = diffusers_measure(config, files, size, args)
                     for key, timing in reference[size].items():
                         if key.endswith("fused"):
                             fused_lines.append(f"{name} {size}²: diffusers {key} LoRA(s) {C.fmt_seconds(timing.median)}"
