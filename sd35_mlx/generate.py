@@ -7,7 +7,6 @@ Every flag maps to a field of `GenerationSettings` or an argument of
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
