@@ -54,7 +54,7 @@ def test_lora_flags_metadata_and_from_image(tiny, tmp_path, capsys):
     assert all(len(r["sha256"]) == 64 for r in records)
     assert not np.array_equal(pixels(out), pixels(plain))
     again = tmp_path / "again.png"
-    assert main(["--from-image", str(out), "--dtype", "float32", "--memory-budget", "off", "-o", str(again)]) == 0
+    assert main(["--from-image", str(out), "--trust-metadata-model", "--dtype", "float32", "--memory-budget", "off", "-o", str(again)]) == 0
     assert "LoRA style2" in capsys.readouterr().out
     assert np.array_equal(pixels(out), pixels(again))  # the same LoRAs, reapplied from the metadata
 
