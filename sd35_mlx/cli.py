@@ -26,15 +26,15 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(quiet: bool) -> None:
-    """The libraries log; the CLI shows their warnings (with --quiet: only errors). Their notes
-    (INFO: which file is loaded, …) stay hidden: the CLI prints what matters itself."""
+def setup_logging() -> None:
+    """The libraries log; the CLI shows their warnings (--quiet too: they say something is off).
+    Their notes (INFO: which file is loaded, …) stay hidden: the CLI prints what matters itself."""
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname_lower)s%(message)s"))
     handler.addFilter(_label_levels)
     package = logging.getLogger("sd35_mlx")
     package.handlers[:] = [h for h in package.handlers if not isinstance(h, _StderrHandler)] + [handler]
-    package.setLevel(logging.ERROR if quiet else logging.WARNING)
+    package.setLevel(logging.WARNING)
 
 
 def _label_levels(record: logging.LogRecord) -> bool:

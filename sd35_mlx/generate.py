@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default="sd35.png",
                    help="output PNG; may carry {seed} and {index} (e.g. 'out-{seed}.png'); a taken name gets -1, -2 …")
-    o.add_argument("--quiet", action="store_true", help="print only the paths written and errors")
+    o.add_argument("--quiet", action="store_true", help="print only the paths written (and warnings, errors)")
     return p
 
 
@@ -331,7 +331,7 @@ def resolve_budget(value, keep_loaded: bool) -> Optional[float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging()
     if (_plans_memory(args.memory_budget, args.keep_loaded) or args.keep_loaded) and sys.platform.startswith("linux"):
         # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has
         # run; the pipeline holds MLX to a memory limit (the budget's, or kept loaded, what is
@@ -412,16 +412,15 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
     )  # fmt: skip
-    # LoRAs first: a distilling LoRA changes the variant, and so the defaults filled in below.
-    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
-    # Every image is checked against this model (size vs its position grid, SLG layers vs its
-    # depth) before the first one starts: no weight has been read yet (networks are lazy).
-    jobs = [pipe.settings_with_defaults(job) for job in jobs]
-    mine = [(n, jobs[n]) for n, _ in mine]
     if pipe.plan is not None and pipe.plan_changes and not quiet:
         print(pipe.describe_plan())
     if not quiet:
         print(f"model: {pipe.name} ({pipe.variant.name}), ready in {time.perf_counter() - t0:.1f} s")
+    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")  # may change the defaults
+    # Every image is checked against this model (size vs its position grid, SLG layers vs its
+    # depth) before the first one starts: no network weight has been read yet (they are lazy).
+    jobs = [pipe.settings_with_defaults(job) for job in jobs]
+    mine = [(n, jobs[n]) for n, _ in mine]
     t_start, longest, failed = time.perf_counter(), 0.0, 0
     for n, job in mine:
         t_job = time.perf_counter()

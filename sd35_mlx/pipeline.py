@@ -8,6 +8,7 @@ memory is the largest stage rather than the sum.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -191,7 +192,7 @@ class SD35Pipeline:
         o = replace(o, quantize=named_quantization(o.quantize))
         local = Path(str(model)).expanduser()
         # Absolute from here on: recorded in the metadata, and read lazily (after a chdir, too).
-        name = str(local.resolve()) if local.exists() else str(model)
+        name = os.path.abspath(local) if local.exists() else str(model)  # (a symlink's name kept)
         path = resolve_model_path(name, revision=o.revision, components=_wanted(o.t5) + ("tokenizers",))
         return cls(resolve_sources(path, _wanted(o.t5)), name=name, options=o)
 

@@ -56,9 +56,10 @@ class GenerationSettings:
             v = getattr(self, name)
             if v is None:
                 continue
-            whole_number(name, v, 16, MAX_SIDE)
-            if v % 16:
-                raise InputError(f"{name} must be a positive multiple of 16 (got {v!r}); try {round(v / 16) * 16}")
+            whole_number(name, v, -(2**63), None)  # the type; the range comes with the multiple
+            if v % 16 or not 16 <= v <= MAX_SIDE:
+                nearest = min(max(round(v / 16) * 16, 16), MAX_SIDE)
+                raise InputError(f"{name} must be a multiple of 16 between 16 and {MAX_SIDE} (got {v}); try {nearest}")
         lo, hi = T5_LENGTH_RANGE
         whole_number("t5_length", self.t5_length, lo, hi)
         if self.cfg is not None:

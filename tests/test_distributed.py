@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 FP32_BOUND = 1e-5  # max|Δ| / max|ref| of the final latents, CFG-parallel against one process
 BF16_BOUND = 1e-2
-CLI_ARGS = ["-n", "fog", "-W", "64", "-H", "48", "--steps", "3", "--cfg", "4", "--t5-length", "77", "--dtype", "float32", "--quiet"]
+CLI_ARGS = ["-W", "64", "-H", "48", "--steps", "3", "--cfg", "4", "--t5-length", "77", "--dtype", "float32", "--quiet"]
 
 
 @pytest.fixture(scope="module")

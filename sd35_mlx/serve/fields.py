@@ -155,6 +155,7 @@ FIELDS: Dict[str, Field] = {
                                  "true, or {layers, scale, start, end}: skip-layer guidance (3.5 Medium)"),  # fmt: skip
     "strength": Field(_number, "strength", "how much to change the image, (0, 1]", ("edits",)),
     "loras": Field(_lora_weights, None, "{name: weight} for LoRAs the server loaded (--lora); the others keep their weight"),
+    "img2img_rule": Field(_text, "img2img_rule", "diffusers (default) or stability: step truncation and SLG window", ("edits",)),
 }
 # OpenAI fields whose only meaningful value here is the one we produce; other values are refused.
 FIXED_VALUES = {"response_format": ("b64_json",), "output_format": ("png",), "background": ("auto", "opaque")}
