@@ -68,6 +68,10 @@ NOT_RUN = {
     "-d '{\"prompt\": \"a corgi astronaut\", \"size\": \"1024x1024\", \"seed\": 7, \"steps\": 4}' > corgi.json":
         "needs that server; tests/test_serve.py sends the same request",
     "from openai import OpenAI": "the OpenAI client is not a dependency; tests/test_serve.py checks its request shapes",
+    "sudo apt-get install libopenblas0-pthread # Debian / Ubuntu (Fedora: dnf install openblas)":
+        "a system package; tests/test_cpu_compute.py checks the OpenBLAS preload with whatever is installed",
+    "SD35_MLX_BLAS=off python -m sd35_mlx.generate ... # opt out; or =/path/to/libopenblas.so":
+        "an illustration of the variable (the '...' is any generate command); tests/test_cpu_compute.py tests it",
 }
 
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", re.S | re.M)

@@ -377,9 +377,10 @@ def test_loras_loaded_by_the_server_are_reweighted_per_request(tiny_root, tmp_pa
         code, _, payload = post_json(s, {"prompt": "x", "loras": {"other": 1}})
         assert code == 400 and payload["error"]["param"] == "loras" and "no LoRA named 'other'" in payload["error"]["message"]
         # the metadata names the LoRA and its weight, so the CLI regenerates the image with it
+        # (metadata is untrusted: the LoRA file it names is read only with --trust-metadata-model)
         (tmp_path / "served.png").write_bytes(default)
         r = run_cli("--from-image", str(tmp_path / "served.png"), "--model", str(tiny_root), "--dtype", "float32",
-                    "-o", str(tmp_path / "cli.png"))  # fmt: skip
+                    "--trust-metadata-model", "-o", str(tmp_path / "cli.png"))  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert np.array_equal(pixels[0], np.asarray(Image.open(tmp_path / "cli.png")))
     finally:
