@@ -17,6 +17,8 @@ import mlx.core as mx
 from . import __version__
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .conditioning import Conditioning, assemble
+from .control.metadata import control_metadata
+from .control.prepare import ControlSession
 from .denoise import Denoiser
 from .errors import InputError
 from .images import load_image, to_pil
@@ -74,9 +76,11 @@ class SD35Pipeline:
         self._vae = None
         self._encoders = None
         self._preview_projection = None
+        self._controlnets: Dict[Tuple[str, ...], Any] = {}  # loaded with, and released with, the transformer
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
+        self.transformer_config = config
         self.context_dim = config.context_dim
         self.variant: Variant = detect_variant(config, hint=variant_hint or _recorded_variant(self.path) or name)
         self.tokenizers = self._load_tokenizers(tokenizers)
@@ -232,10 +236,20 @@ class SD35Pipeline:
             self._encoders = enc
         return self._encoders
 
+    def _load_controlnet(self, spec):
+        """A ControlNet (sd35_mlx.control.spec), cached until the transformer is released."""
+        key = tuple(str(f) for f in spec.files)
+        if key not in self._controlnets:
+            self._controlnets[key] = self._quantize(spec.load(dtype=self.dtype), "controlnet")
+        return self._controlnets[key]
+
     def release(self, *names: str) -> None:
-        """Drop networks (default: all) and return their memory to the system."""
+        """Drop networks (default: all) and return their memory to the system. ControlNets
+        go with the transformer."""
         for n in names or ("transformer", "vae", "encoders"):
             setattr(self, f"_{n}", None)
+            if n == "transformer":
+                self._controlnets = {}
         mx.clear_cache()
 
     # ---- stages ----
@@ -333,7 +347,9 @@ class SD35Pipeline:
             noise = initial_noise(s.seed, h, w, batch=embeddings.positive.context.shape[0])
         sigmas = flow_sigmas(s.steps, s.shift)
         latents = noise
-        if s.init_image is not None:
+        control = ControlSession.open(self, s)  # ControlNets recognised and checked; no weights read
+        image_latents = None
+        if s.init_image is not None and not (control and control.inpainting_controlnet):
             t0 = time.perf_counter()
             image = load_image(s.init_image, s.width, s.height)
             image_latents = self.encode_image(image)
@@ -342,6 +358,9 @@ class SD35Pipeline:
             sigmas = img2img_sigmas(s.steps, s.strength, s.shift)
             latents = scale_noise(image_latents, noise, float(sigmas[0]))
             self.timings["encode_image"] = time.perf_counter() - t0
+        controlnets, blend = control.prepare(self, s, noise, image_latents) if control else ((), None)
+        if control and self.low_memory:
+            self.release("vae")
 
         # With low_memory the pipeline owns the transformer for this one generation, so it
         # may free the adaLN weights (precomputed for the whole schedule) and the full
@@ -352,6 +371,7 @@ class SD35Pipeline:
                 cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
                 split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
+                controlnets=controlnets,
             )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()
@@ -359,6 +379,8 @@ class SD35Pipeline:
             for i in range(len(sigmas) - 1):
                 with self._within_budget():  # per step: the caller's code between steps runs unlimited
                     latents = denoiser.step(latents, i, sampler)
+                    if blend is not None:  # inpainting: the known region back, noised to the next sigma
+                        latents = blend.apply(latents, sigmas[i + 1])
                     mx.eval(latents)
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)
         finally:
@@ -406,6 +428,7 @@ class SD35Pipeline:
             dtype=str(self.dtype).replace("mlx.core.", ""),
             sd35_mlx_version=__version__,
         )
+        meta.update(control_metadata(s))
         return meta
 
     def generate(

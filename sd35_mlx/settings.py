@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from .control.settings import ControlNetSettings
 from .errors import InputError
 
 SAMPLERS = ("euler", "dpmpp_2m")
@@ -41,6 +43,10 @@ class GenerationSettings:
     skip_layer_guidance: Optional[SkipLayerSettings] = None
     init_image: Optional[str] = None
     strength: float = 0.6
+    # ControlNets and inpainting (docs/control.md)
+    controlnets: Tuple[ControlNetSettings, ...] = ()
+    mask: Optional[str] = None  # white = repaint; needs init_image
+    mask_blur: float = 0.0
 
     def validate(self) -> "GenerationSettings":
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
@@ -63,6 +69,7 @@ class GenerationSettings:
                 raise InputError(f"strength must be in (0, 1] (got {self.strength}); 1.0 ignores the init image")
             if not Path(self.init_image).is_file():
                 raise InputError(f"init image not found: {self.init_image}")
+        self._validate_control()
         slg = self.skip_layer_guidance
         if slg is not None:
             if not (0.0 <= slg.start < slg.end <= 1.0):
@@ -73,12 +80,27 @@ class GenerationSettings:
             raise InputError(f"seed must be in [0, 2**63) (got {self.seed})")
         return self
 
+    def _validate_control(self) -> None:
+        from .control.inpaint import check_mask_size
+        from .control.settings import check_readable_image
+
+        for cn in self.controlnets:
+            cn.validate(init_image=self.init_image)
+        if self.mask is not None:
+            if self.init_image is None:
+                raise InputError("a mask needs the image it applies to (init_image / --init-image)")
+            if not (self.mask_blur >= 0.0 and math.isfinite(self.mask_blur)):
+                raise InputError(f"mask blur must be a radius ≥ 0 (got {self.mask_blur})")
+            check_readable_image(self.mask, "mask")
+            check_mask_size(self.mask, self.init_image)
+
     def with_seed(self) -> "GenerationSettings":
         """A copy with a concrete seed (random when none was given)."""
         return self if self.seed is not None else replace(self, seed=random.randrange(2**32))
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
+        d["controlnets"] = [asdict(c) for c in self.controlnets]
         if self.skip_layer_guidance is not None:
             d["skip_layer_guidance"]["layers"] = list(self.skip_layer_guidance.layers)
         return d
@@ -93,4 +115,8 @@ class GenerationSettings:
                 layers=tuple(slg.get("layers", (7, 8, 9))),
                 scale=slg.get("scale", 2.8), start=slg.get("start", 0.01), end=slg.get("end", 0.2),
             )  # fmt: skip
+        if "controlnets" in kwargs:
+            kwargs["controlnets"] = tuple(
+                c if isinstance(c, ControlNetSettings) else ControlNetSettings(**c) for c in kwargs["controlnets"]
+            )
         return cls(**kwargs)
