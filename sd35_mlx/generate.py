@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .control import cli as control_cli
 from .errors import InputError, SD35Error
 from .settings import SAMPLERS, GenerationSettings, SkipLayerSettings
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slg-end", type=float, default=0.2)
     s.add_argument("--init-image", help="img2img: the starting image")
     s.add_argument("--strength", type=float, default=0.6, help="img2img: how much to change the image (0, 1]")
+
+    control_cli.add_arguments(p)
 
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default="sd35.png", help="output PNG (several images get -1, -2 … suffixes)")
@@ -128,6 +131,7 @@ def plan(args: argparse.Namespace):
     if args.init_image:
         overrides["init_image"] = args.init_image
         overrides["strength"] = args.strength
+    overrides.update(control_cli.overrides(args))
     seeds: List[Optional[int]] = list(args.seed) if args.seed else [base.seed if args.from_image else None]
     jobs = []
     for prompt in prompts:
@@ -135,6 +139,11 @@ def plan(args: argparse.Namespace):
             for k in range(args.num_images):
                 s = seed + k if seed is not None else None
                 jobs.append(replace(base, **overrides, prompt=prompt, seed=s).validate())
+    if args.from_image:
+        from .control.metadata import check_control_inputs
+
+        for job in jobs:
+            check_control_inputs(meta, job)
     return model, t5, jobs
 
 
@@ -214,6 +223,8 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         bar = None if args.quiet else ProgressBar(job.steps if not job.init_image else None, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
         result = pipe.generate(settings=job, callback=bar, verbose=not args.quiet)
         path = save_png(result.image, out, result.metadata)
+        for saved in control_cli.save_control_images(args.save_control, pipe.control_images, path.stem):
+            print(f"control image: {saved}")
         if bar is not None:
             bar.close()
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())

@@ -77,6 +77,7 @@ class SD35Pipeline:
         self._encoders = None
         self._preview_projection = None
         self._controlnets: Dict[Tuple[str, ...], Any] = {}  # loaded with, and released with, the transformer
+        self.control_images: list = []
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -359,6 +360,7 @@ class SD35Pipeline:
             latents = scale_noise(image_latents, noise, float(sigmas[0]))
             self.timings["encode_image"] = time.perf_counter() - t0
         controlnets, blend = control.prepare(self, s, noise, image_latents) if control else ((), None)
+        self.control_images = control.control_images if control else []  # what each ControlNet saw
         if control and self.low_memory:
             self.release("vae")
 

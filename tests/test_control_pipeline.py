@@ -134,7 +134,7 @@ def _reference_controlnet_pipeline(ref, nets):
 
 
 def _settings(**kw):
-    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, steps=4, cfg=4.0, sampler="euler",
+    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, steps=3, cfg=4.0, sampler="euler",
                 t5_length=77)  # fmt: skip
     return GenerationSettings(**{**base, **kw})
 
@@ -146,7 +146,7 @@ def test_one_joint_controlnet_with_cfg(tiny, ours, controlnets, tmp_path, poster
     noise, noise_t = noise_pair(3)
     pipe = _reference_controlnet_pipeline(ref, [nets["joint_a"]])
     with torch.no_grad():
-        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=4,
+        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=3,
                         guidance_scale=4.0, max_sequence_length=77, control_image=Image.open(img),
                         controlnet_conditioning_scale=0.5, latents=noise_t, output_type="latent").images  # fmt: skip
     s = _settings(controlnets=(ControlNetSettings(paths["joint_a"], image=img, scale=0.5),))
@@ -181,7 +181,7 @@ def test_image_only_controlnet_with_the_diffusers_rule(tiny, ours, controlnets, 
     noise, noise_t = noise_pair(7)
     pipe = _reference_controlnet_pipeline(ref, [nets["image"]])
     with torch.no_grad():
-        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=4,
+        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=3,
                         guidance_scale=4.0, max_sequence_length=77, control_image=Image.open(img),
                         controlnet_conditioning_scale=1.0, latents=noise_t, output_type="latent").images  # fmt: skip
     s = _settings(controlnets=(ControlNetSettings(paths["image"], image=img, residual_rule="diffusers",
@@ -211,7 +211,7 @@ def test_stability_file_with_its_rule_and_canny_encoding(tiny, ours, controlnets
     control = torch.from_numpy((a * 127.5 + 0.5).transpose(2, 0, 1)[None].copy())  # Stability's canny input
     try:
         with torch.no_grad():
-            expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=4,
+            expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=3,
                             guidance_scale=4.0, max_sequence_length=77, control_image=control,
                             latents=noise_t, output_type="latent").images  # fmt: skip
     finally:
@@ -239,9 +239,9 @@ def test_inpainting_matches_diffusers(tiny, ours, tmp_path, monkeypatch):
         with torch.no_grad():
             expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.open(init),
                             mask_image=Image.open(mask), height=H, width=W, strength=strength,
-                            num_inference_steps=6, guidance_scale=4.0, max_sequence_length=77,
+                            num_inference_steps=4, guidance_scale=4.0, max_sequence_length=77,
                             output_type="latent").images  # fmt: skip
-        s = _settings(steps=6, init_image=init, mask=mask, strength=strength)
+        s = _settings(steps=4, init_image=init, mask=mask, strength=strength)
         got = final_latents(ours, s, noise)
         check(got, expected)
     # outside the mask the result is the init image's latents
@@ -261,7 +261,7 @@ def test_controlnet_inpainting_matches_diffusers(tiny, ours, controlnets, tmp_pa
     pipe = StableDiffusion3ControlNetInpaintingPipeline(**ref.components, controlnet=nets["inpaint"])
     with torch.no_grad():
         expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, control_image=Image.open(init),
-                        control_mask=Image.open(mask), height=H, width=W, num_inference_steps=4,
+                        control_mask=Image.open(mask), height=H, width=W, num_inference_steps=3,
                         guidance_scale=4.0, max_sequence_length=77, controlnet_conditioning_scale=0.95,
                         latents=noise_t, output_type="latent").images  # fmt: skip
     s = _settings(init_image=init, mask=mask, controlnets=(ControlNetSettings(paths["inpaint"], scale=0.95),))
