@@ -343,15 +343,18 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
     from sd35_mlx.models.vae_tiling import should_tile
 
     from sd35_mlx.memory import DECODE_TILES, plan_memory, throttle_bytes
+    from sd35_mlx.quantize import make_spec
 
     bits, t5_bits = config["transformer_bits"], config["t5_bits"]
+    tr_spec = make_spec("transformer", bits) if bits else None
+    t5_spec = make_spec("t5", t5_bits) if t5_bits else None
     choice: Dict[str, Any] = {"t5_mode": "dropped" if t5_bits is None else "loaded",
                               "tiled": should_tile(args.size, args.size, int(config["target"])), "tile": None}  # fmt: skip
     est = estimator(args, config)
     tilings = ((False, None),) + tuple((True, t) for t in DECODE_TILES)
     try:
         if t5_bits is None:  # T5 dropped is the configuration itself, not the planner's choice
-            plans = [est.plan(bits, None, "dropped", tiled, args.size, args.size, args.t5_tokens, tile, split)
+            plans = [est.plan(tr_spec, None, "dropped", tiled, args.size, args.size, args.t5_tokens, tile, split)
                      for split in (False, True) for tiled, tile in tilings]  # fmt: skip
             plan = next((p for p in plans if p.peak <= throttle_bytes(int(config["target"]), p.headroom)), None)
             if plan is None:
@@ -359,12 +362,12 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
                                  f"{min(p.peak for p in plans) / C.GB:.2f} GB)")  # fmt: skip
         else:
             plan = plan_memory(est, int(config["target"]), args.size, args.size, t5_tokens=args.t5_tokens,
-                               allow_drop_t5=False, fixed={"transformer": bits, "t5": t5_bits})  # fmt: skip
+                               allow_drop_t5=False, fixed={"transformer": tr_spec, "t5": t5_spec})  # fmt: skip
     except Exception as e:  # nothing fits by the estimate: say so, measure the smallest settings anyway
         choice["planner_note"] = f"planner: {str(e).split(', most of it')[0]}"
-        plan = est.plan(bits, t5_bits, "dropped" if t5_bits is None else "streamed", True, args.size, args.size,
+        plan = est.plan(tr_spec, t5_spec, "dropped" if t5_bits is None else "streamed", True, args.size, args.size,
                         args.t5_tokens, DECODE_TILES[-1])  # fmt: skip
-    choice.update(t5_mode=plan.t5, tiled=plan.tile_vae, tile=plan.decode_tile, split_cfg=plan.split_cfg,
+    choice.update(t5_mode=str(plan.t5), tiled=plan.tile_vae, tile=plan.decode_tile, split_cfg=plan.split_cfg,
                   headroom=plan.headroom,
                   planner={"stages": dict(plan.stages), "peak": plan.peak})  # fmt: skip
     if args.tile != "auto":

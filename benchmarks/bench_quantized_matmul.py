@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from sd35_mlx.conditioning import Conditioning  # noqa: E402
 from sd35_mlx.config import SD3_MEDIUM_MMDIT, SD35_LARGE_MMDIT, SD35_MEDIUM_MMDIT, MMDiTConfig  # noqa: E402
 from sd35_mlx.denoise import Denoiser  # noqa: E402
-from sd35_mlx.fast_quantized import backend_name, default_min_rows, use_dequantized_matmul  # noqa: E402
+from sd35_mlx.backend import backend_name  # noqa: E402
+from sd35_mlx.fast_quantized import default_min_rows, use_dequantized_matmul  # noqa: E402
 from sd35_mlx.models.mmdit import MMDiT  # noqa: E402
 from sd35_mlx.quantize import make_spec, quantize_network  # noqa: E402
 from sd35_mlx.sampling import flow_sigmas, make_sampler  # noqa: E402

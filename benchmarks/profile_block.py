@@ -26,6 +26,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).parent))
 import common as C  # noqa: E402
 
+from sd35_mlx.backend import KERNELS  # noqa: E402
 from sd35_mlx.models import joint_heads as jh  # noqa: E402
 from sd35_mlx.models.mmdit_blocks import JointBlock, attention  # noqa: E402
 
@@ -105,11 +106,10 @@ def main() -> None:
     mx.eval(x, ctx, mod)
     rows = []
 
-    jh.FUSE_ON_CUDA = False
-    run_block = mx.compile(lambda x, ctx: block(x, ctx, mod))
-    rows.append(("joint block, plain MLX layout", timed(lambda: run_block(x, ctx), args.repeat)))
-    plain_out = run_block(x, ctx)
-    jh.FUSE_ON_CUDA = True
+    with KERNELS.overridden(joint_heads=False):
+        run_block = mx.compile(lambda x, ctx: block(x, ctx, mod))
+        rows.append(("joint block, plain MLX layout", timed(lambda: run_block(x, ctx), args.repeat)))
+        plain_out = run_block(x, ctx)
     run_fused = mx.compile(lambda x, ctx: block(x, ctx, mod))
     fused_out = run_fused(x, ctx)
     err = max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item() for a, b in zip(plain_out, fused_out))
@@ -142,7 +142,6 @@ def main() -> None:
         cq, ck, cv = jh.split_heads(block.context.attn, qkv_c)
         return attention(mx.concatenate([cq, q], 2), mx.concatenate([ck, k], 2), mx.concatenate([cv, v], 2))
 
-    jh.FUSE_ON_CUDA = True
     fused_layout = mx.compile(lambda a, c: attention(*jh.joint_heads(block.context.attn, c, block.x.attn, a)))
     rows.append(("  attention with the fused layout (CUDA kernel)", timed(lambda: fused_layout(qkv_x, qkv_c), args.repeat)))
     run_ours = mx.compile(ours)

@@ -1,9 +1,9 @@
 """SD3 conditioning: the MMDiT's text context and pooled vector, assembled from the three encoders.
 
-Spec §4.3 (same in SAI `get_cond` and diffusers `encode_prompt`):
+docs/text.md, "What SD3 takes from each encoder" (same in SAI `get_cond` and diffusers `encode_prompt`):
     context = concat_seq( pad_features(concat_feat(L_hidden, G_hidden), joint_dim), T5_hidden )
     pooled  = concat_feat(L_pooled, G_pooled)
-CLIP tokens come first (77), T5 tokens after. Dropping T5 (§4.5) appends *zeros* of the T5 length:
+CLIP tokens come first (77), T5 tokens after. Dropping T5 appends *zeros* of the T5 length:
 zero tokens are not inert (`context_embedder(0) = bias`), so 77 vs 256 zeros change the image.
 """
 
@@ -126,7 +126,7 @@ def assemble(
     t5_length: int | None = None,
     joint_dim: int | None = None,
 ) -> Conditioning:
-    """Build the MMDiT conditioning from the encoder outputs (spec §4.3, §4.5).
+    """Build the MMDiT conditioning from the encoder outputs (docs/text.md).
 
     clip_l / clip_g: penultimate hidden (B, 77, 768 / 1280) and pooled (B, 768 / 1280).
     t5_hidden: (B, T, joint_dim), or None to drop T5: then `t5_length` zero tokens

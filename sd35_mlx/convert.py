@@ -36,22 +36,21 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .components import COMPONENTS, DTYPES, QUANTIZABLE, REQUIRED, TOKENIZER_FOLDERS, component_dtype, parse_dtype
 from .errors import CLIPProjectionWarning, InputError, SD35Error, WeightFileError
 from .quantize import (
-    COMPONENTS, MODES, QUANTIZABLE, QuantSpec, dequantize_network, make_spec, parse_quantize,
-    quantize_network, spec_of, unquantized_share,
+    MODES, QuantSpec, dequantize_network, make_spec, parse_quantize, quantize_network, spec_of,
+    unquantized_share,
 )  # fmt: skip
+from .variants import detect_variant
 from .weights.converted import (
-    DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FOLDERS, check_target, is_converted,
-    license_files, load_converted_component, logical_parameters, parse_dtype, read_converted_config,
-    save_converted, stored_bytes,
+    DEFAULT_MAX_SHARD_BYTES, check_target, is_converted, license_files, load_converted_component,
+    logical_parameters, read_converted_config, save_converted, stored_bytes,
 )  # fmt: skip
 from .weights.safetensors_file import PICKLE_SUFFIXES, refuse_pickle
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("bfloat16", "float16", "float32")
-REQUIRED = ("transformer", "vae", "clip_l", "clip_g")  # T5 is optional (T5-drop mode)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 DISK_MARGIN_BYTES = 64 * 10**6  # config, tokenizers, model card, filesystem slack
 
@@ -143,8 +142,8 @@ def default_output_name(inputs: Sequence[str], specs: Mapping[str, Optional[Quan
 
 # ---- sources ------------------------------------------------------------------------------------
 def _component_dtype(component: str, dtype: str) -> mx.Dtype:
-    # T5-XXL overflows float16 (spec §4.1): it is stored in bfloat16 instead.
-    return mx.bfloat16 if component == "t5" and dtype == "float16" else parse_dtype(dtype)
+    # T5 in bfloat16 when float16 is asked for: said once, in the plan (components.component_dtype)
+    return component_dtype(component, parse_dtype(dtype), warn=False)
 
 
 def _local_inputs(items: Sequence[str], revision: Optional[str], token: Optional[str],
@@ -242,7 +241,7 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
 
 
 def _check_projection(plan: Plan, component: str, model, source: str) -> None:
-    """Spec §4.2: a CLIP-L text_projection that is not the identity is reported, not refused
+    """A CLIP-L text_projection that is not the identity is reported, not refused
     (it is converted as stored; see sd35_mlx.weights.tables.clip)."""
     if component == "clip_l":
         from .weights.tables.clip import clip_l_projection_note
@@ -339,11 +338,7 @@ def plan_conversion(
     return plan
 
 
-def _variant(plan: Plan) -> Optional[str]:
-    try:
-        from .variants import detect_variant
-    except ImportError:
-        return None
+def _variant(plan: Plan) -> str:
     model = plan.loaders["transformer"]()  # lazy: builds the graph, reads no tensor data
     hint = " ".join(plan.inputs)
     return detect_variant(model.config, hint=hint).name

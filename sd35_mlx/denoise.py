@@ -35,8 +35,8 @@ from .control.stack import ActiveControlNet, ControlStack
 from .errors import InputError
 from .fast_quantized import use_dequantized_matmul
 from .models.mmdit import FreedWeightsError
+from .sampling.guidance import SkipLayerGuidance, cfg_combine
 from .sampling.samplers import EulerSampler, Sampler
-from .settings import SkipLayerSettings
 
 
 def timestep_of(sigma: float) -> np.float32:
@@ -52,7 +52,7 @@ class Denoiser:
         negative: Optional[Conditioning],
         *,
         cfg: float,
-        skip_layer_guidance: Optional[SkipLayerSettings],
+        skip_layer_guidance: Optional[SkipLayerGuidance],
         num_steps: int,
         sigmas: Optional[Sequence[float]] = None,
         free_adaln: bool = False,
@@ -108,11 +108,7 @@ class Denoiser:
 
     # ---- schedule ----
     def slg_active(self, step: int) -> bool:
-        s = self.slg
-        return (
-            s is not None and s.scale > 0
-            and step > self.num_steps * s.start and step < self.num_steps * s.end
-        )  # fmt: skip
+        return self.slg is not None and self.slg.active(step, self.num_steps)
 
     def modulations_at(self, step: int, sigma: float) -> mx.array:
         """Packed modulations (B, N, H) for this step: a table row, or computed now."""
@@ -173,10 +169,10 @@ class Denoiser:
         mx.eval(v_uncond)
         v_cond = self._pass((), pos, active)(latents, self._ctx_pos, mods[-n:], t, scales)
         mx.eval(v_cond)
-        v = v_uncond + self.cfg * (v_cond - v_uncond)
+        v = cfg_combine(v_uncond, v_cond, self.cfg)
         if self.slg_active(step):
-            v_skip = self._pass(tuple(self.slg.layers), pos, active)(latents, self._ctx_pos, mods[-n:], t, scales)
-            v = v + float(self.slg.scale) * (v_cond - v_skip)
+            v_skip = self._pass(self.slg.layers, pos, active)(latents, self._ctx_pos, mods[-n:], t, scales)
+            v = self.slg.apply(v, v_cond, v_skip)
         return v
 
     def _pass(self, skip_layers: tuple, rows: slice, active: tuple) -> Callable:
@@ -228,12 +224,9 @@ class Denoiser:
         return self._fns[key]
 
     def _build(self, kind: str, euler: bool, active: tuple = ()) -> Callable:
-        tr, dtype, ctx, ctx_pos, n_pos, scale = (
-            self.transformer, self.dtype, self._ctx, self._ctx_pos, self._n_pos, self.cfg
+        tr, dtype, ctx, ctx_pos, n_pos, scale, slg, control = (
+            self.transformer, self.dtype, self._ctx, self._ctx_pos, self._n_pos, self.cfg, self.slg, self.control
         )  # fmt: skip
-        slg_layers = tuple(self.slg.layers) if self.slg is not None else ()
-        slg_scale = float(self.slg.scale) if self.slg is not None else 0.0
-        control = self.control
 
         def residuals(x, t, scales, rows=slice(None), skip=()):
             return control.residuals(x, t, scales, active, rows, skip) if active else None
@@ -245,12 +238,12 @@ class Denoiser:
             x2 = mx.concatenate([x, x], axis=0)
             out = tr.forward_packed(x2, ctx, mods, (), residuals(x2, t, scales)).astype(mx.float32)
             v_uncond, v_cond = out[:-n_pos], out[-n_pos:]
-            v = v_uncond + scale * (v_cond - v_uncond)
+            v = cfg_combine(v_uncond, v_cond, scale)
             if kind == "cfg+slg":
                 # the conditional pass with layers skipped: the positive half of the table row
-                res = residuals(x, t, scales, slice(-n_pos, None), slg_layers)
-                v_skip = tr.forward_packed(x, ctx_pos, mods[-n_pos:], slg_layers, res).astype(mx.float32)
-                v = v + slg_scale * (v_cond - v_skip)
+                res = residuals(x, t, scales, slice(-n_pos, None), slg.layers)
+                v_skip = tr.forward_packed(x, ctx_pos, mods[-n_pos:], slg.layers, res).astype(mx.float32)
+                v = slg.apply(v, v_cond, v_skip)
             return v
 
         if not euler:

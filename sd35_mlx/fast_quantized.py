@@ -25,18 +25,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from .backend import KERNELS, backend_name
+
 # Rows (tokens × batch) from which dequantize-then-matmul is used, per backend. Measured
 # with benchmarks/bench_quantized_matmul.py (docs/performance.md): on the CPU the quantized
 # kernel is slower at every size; on CUDA (H100) dequantize-then-matmul is faster from
 # 64–256 rows on. Metal is unmeasured here: the same threshold as CUDA until measured.
 DEFAULT_MIN_ROWS = {"cpu": 1, "cuda": 256, "metal": 256}
-
-
-def backend_name(device: Optional[mx.Device] = None) -> str:
-    device = device or mx.default_device()
-    if device.type == mx.cpu:
-        return "cpu"
-    return "cuda" if mx.cuda.is_available() else "metal"
 
 
 def default_min_rows(device: Optional[mx.Device] = None) -> int:
@@ -57,12 +52,9 @@ def dequantized_weight(layer: nn.QuantizedLinear, dtype: Optional[mx.Dtype] = No
     return mx.dequantize(w, scales, biases, layer.group_size, layer.bits, mode=layer.mode, dtype=dtype)
 
 
-FAST_DEQUANTIZE_ON_CUDA = True  # benchmarks flip this to time mx.dequantize
-
-
 def _use_dequantize_kernel(layer: nn.QuantizedLinear, dtype: mx.Dtype) -> bool:
     return (
-        FAST_DEQUANTIZE_ON_CUDA
+        KERNELS.dequantize
         and backend_name() == "cuda"
         and layer.mode == "affine"
         and layer.bits in (4, 8)
@@ -201,6 +193,6 @@ def use_quantized_matmul(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_MIN_ROWS", "DequantizingLinear", "backend_name", "default_min_rows", "dequantized_weight",
+    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dequantized_weight",
     "use_dequantized_matmul", "use_quantized_matmul",
 ]  # fmt: skip

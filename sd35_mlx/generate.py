@@ -7,6 +7,7 @@ Every flag maps to a field of `GenerationSettings` or an argument of
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -14,11 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .control import cli as control_cli
 from .errors import InputError, SD35Error
-from .settings import SAMPLERS, GenerationSettings, SkipLayerSettings
+from .settings import DEFAULT_STRENGTH, SAMPLERS, GenerationSettings, SkipLayerGuidance
 
-DTYPES = ("bfloat16", "float16", "float32")
+SLG = SkipLayerGuidance()  # the defaults of the --slg-* flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", "-p", help="the prompt")
     g.add_argument("--negative-prompt", "-n", default="", help="negative prompt (default: empty string)")
     g.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines and # comments skipped)")
-    g.add_argument("--t5-length", type=int, default=256, help="T5 tokens (77–512; also the zero length in T5-drop mode)")
+    g.add_argument("--t5-length", type=int, default=None,
+                   help=f"T5 tokens ({T5_LENGTH_RANGE[0]}–{T5_LENGTH_RANGE[1]}, default {T5_DEFAULT_LENGTH}; "
+                        "also the zero length in T5-drop mode)")  # fmt: skip
     g.add_argument("--from-image", help="regenerate from the metadata of a PNG written by sd35_mlx (flags given override it)")
 
     s = p.add_argument_group("sampling")
@@ -63,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, nargs="+", help="one or more seeds (default: random)")
     s.add_argument("--num-images", "-N", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
     s.add_argument("--slg", action="store_true", help="skip-layer guidance (recommended for 3.5 Medium)")
-    s.add_argument("--slg-layers", type=int, nargs="+", default=[7, 8, 9])
-    s.add_argument("--slg-scale", type=float, default=2.8)
-    s.add_argument("--slg-start", type=float, default=0.01)
-    s.add_argument("--slg-end", type=float, default=0.2)
+    s.add_argument("--slg-layers", type=int, nargs="+", default=list(SLG.layers), help="blocks skipped (default %(default)s)")
+    s.add_argument("--slg-scale", type=float, default=SLG.scale, help="default %(default)s")
+    s.add_argument("--slg-start", type=float, default=SLG.start, help="fraction of the steps (default %(default)s)")
+    s.add_argument("--slg-end", type=float, default=SLG.end, help="fraction of the steps (default %(default)s)")
     s.add_argument("--init-image", help="img2img: the starting image")
-    s.add_argument("--strength", type=float, default=0.6, help="img2img: how much to change the image (0, 1]")
+    s.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img: how much to change the image (0, 1]")
 
     control_cli.add_arguments(p)
 
@@ -124,10 +128,10 @@ def plan(args: argparse.Namespace):
     overrides = {k: getattr(args, k) for k in ("steps", "cfg", "sampler", "shift", "width", "height") if getattr(args, k) is not None}
     if args.negative_prompt or not args.from_image:
         overrides["negative_prompt"] = args.negative_prompt
-    if args.t5_length != 256 or not args.from_image:
+    if args.t5_length is not None:
         overrides["t5_length"] = args.t5_length
     if args.slg:
-        overrides["skip_layer_guidance"] = SkipLayerSettings(tuple(args.slg_layers), args.slg_scale, args.slg_start, args.slg_end)
+        overrides["skip_layer_guidance"] = SkipLayerGuidance(tuple(args.slg_layers), args.slg_scale, args.slg_start, args.slg_end)
     if args.init_image:
         overrides["init_image"] = args.init_image
         overrides["strength"] = args.strength
@@ -176,6 +180,7 @@ def resolve_budget(value, keep_loaded: bool) -> Optional[float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_warnings()
     if _plans_memory(args.memory_budget, args.keep_loaded) and sys.platform.startswith("linux"):
         # MLX's CUDA backend keeps an operation's inputs alive until its command buffer has run.
         # The pipeline holds MLX to the budget (memory.memory_limit), which waits at buffer
@@ -193,6 +198,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def _show_library_warnings() -> None:
+    """The library logs (truncated prompts, T5 missing, tokenizers fetched): show its warnings
+    on stderr, as plain lines, unless the application configured logging itself."""
+    logger = logging.getLogger("sd35_mlx")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
 
 
 def _largest_size(jobs: List[GenerationSettings]):
@@ -215,6 +231,8 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
     )  # fmt: skip
+    if pipe.plan is not None and not args.quiet:
+        print(pipe.describe_plan())
     if not args.quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")
     out = Path(args.output)

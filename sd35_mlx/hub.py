@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from .errors import SD35Error
-from .weights.layouts import COMPONENTS, DIFFUSERS_FOLDERS, SAI_TEXT_ENCODERS_FOLDER, TOKENIZER_FOLDERS
+from .components import COMPONENTS, DIFFUSERS_FOLDERS, TOKENIZER_FOLDERS
+from .weights.layouts import SAI_TEXT_ENCODERS_FOLDER
 from .weights.safetensors_file import PICKLE_SUFFIXES, refuse_pickle
 
 log = logging.getLogger(__name__)

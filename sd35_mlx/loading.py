@@ -6,7 +6,8 @@ Each loader loads only its own network(s): `load_vae(path)` reads no transformer
   loader needs are downloaded (see `sd35_mlx.hub`);
 - a local diffusers folder, one of its component folders, a Stability single file, a
   folder with Stability files (`text_encoders/…` included), a separate encoder file;
-- a converted sd35_mlx folder.
+- a converted sd35_mlx folder;
+- a `ModelSources` (`sd35_mlx.weights.sources`): a model resolved once, as the pipeline does.
 See `sd35_mlx.weights.layouts` for how files and layouts are found.
 """
 
@@ -16,16 +17,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .errors import SD35Error, WeightFileError
-from .weights.layouts import (
-    TOKENIZER_FOLDERS, ComponentSource, _converted, is_converted_folder, resolve_component,
-    resolve_components,
-)  # fmt: skip
+from .components import TOKENIZER_FOLDERS, check_component, component_dtype
+from .errors import WeightFileError
+from .weights.converted import load_converted_component
+from .weights.layouts import ComponentSource
 from .weights.safetensors_file import load_tensors
+from .weights.sources import ModelSources, resolve_sources
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class Tokenizers:
 
 
 # ---- paths ------------------------------------------------------------------------------------
+ModelPath = Union[str, os.PathLike, ModelSources]
+
+
 def _local_path(path: str | os.PathLike, components: Sequence[str]) -> Path:
     """`path` itself when it exists locally, else the Hub snapshot holding `components`."""
     local = Path(os.fspath(path)).expanduser()
@@ -53,6 +57,13 @@ def _local_path(path: str | os.PathLike, components: Sequence[str]) -> Path:
     from .hub import resolve_model_path
 
     return resolve_model_path(os.fspath(path), components=components)
+
+
+def model_sources(path: ModelPath, components: Sequence[str]) -> ModelSources:
+    """`path` resolved (downloading `components` when it is a repo id); sources pass through."""
+    if isinstance(path, ModelSources):
+        return path
+    return resolve_sources(_local_path(path, components), components)
 
 
 def _tensors(files: Sequence[Path], cache: Optional[Dict[Path, dict]] = None) -> Dict[str, mx.array]:
@@ -86,6 +97,8 @@ def _load_source(component: str, source: ComponentSource, dtype: Optional[mx.Dty
                  cache: Optional[Dict[Path, dict]] = None):  # fmt: skip
     from .weights.tables import clip, mmdit, t5, vae
 
+    check_component(component)
+
     tensors = _tensors(source.files, cache)
     files = _names(source)
     log.info("loading the %s from %s (%s)", component, ", ".join(files), source.layout.name)
@@ -95,79 +108,63 @@ def _load_source(component: str, source: ComponentSource, dtype: Optional[mx.Dty
         return vae.load_vae(tensors, source.layout, files=files, dtype=dtype, hf_config=source.hf_config)
     if component in ("clip_l", "clip_g"):
         model = clip.load_clip(tensors, source.layout, files=files, dtype=dtype, hf_config=source.hf_config)
-        if component == "clip_l":  # spec §4.2: SD3 means CLIP-L's projection to be the identity
+        if component == "clip_l":  # SD3 means CLIP-L's projection to be the identity (docs/text_encoders_clip.md)
             clip.warn_if_clip_l_projected(model, ", ".join(files))
         return model
-    if component == "t5":
-        return t5.load_t5(tensors, source.layout, files=files, dtype=_t5_dtype(dtype), hf_config=source.hf_config)
-    raise SD35Error(f"unknown component {component!r}")
-
-
-def _t5_dtype(dtype: Optional[mx.Dtype]) -> Optional[mx.Dtype]:
-    """T5-XXL's activations overflow float16 (spec §4.1): never run it in plain fp16."""
-    if dtype is not None and dtype == mx.float16:
-        log.warning(
-            "T5-XXL overflows in float16 (its activations exceed the fp16 range and turn into "
-            "inf/NaN); loading T5 in bfloat16 instead."
-        )
-        return mx.bfloat16
-    return dtype
+    return t5.load_t5(tensors, source.layout, files=files, dtype=component_dtype("t5", dtype), hf_config=source.hf_config)
 
 
 def _load_converted(folder: Path, component: str, dtype: Optional[mx.Dtype]):
-    module = _converted()
-    if component == "t5":
-        dtype = _t5_dtype(dtype)
-    model = module.load_converted_component(folder, component, dtype=dtype)
-    if component == "clip_l":  # spec §4.2, as in _load_source
+    model = load_converted_component(folder, component, dtype=dtype)  # (T5: never float16)
+    if component == "clip_l":  # as in _load_source
         from .weights.tables.clip import warn_if_clip_l_projected
 
         warn_if_clip_l_projected(model, f"converted folder {folder}")
     return model
 
 
-def load_component(path: str | os.PathLike, component: str, dtype: Optional[mx.Dtype] = None):
+def _load(sources: ModelSources, component: str, dtype: Optional[mx.Dtype], cache: Optional[Dict[Path, dict]] = None):
+    if sources.converted is not None:
+        return _load_converted(sources.path, component, dtype)
+    return _load_source(component, sources.source(component), dtype, cache)
+
+
+def load_component(path: ModelPath, component: str, dtype: Optional[mx.Dtype] = None):
     """One network ("transformer", "vae", "clip_l", "clip_g" or "t5") from any supported path."""
-    local = _local_path(path, (component,))
-    if is_converted_folder(local):
-        return _load_converted(local, component, dtype)
-    return _load_source(component, resolve_component(local, component), dtype)
+    check_component(component)
+    return _load(model_sources(path, (component,)), component, dtype)
 
 
-def load_transformer(path: str | os.PathLike, dtype: Optional[mx.Dtype] = None):
+def load_transformer(path: ModelPath, dtype: Optional[mx.Dtype] = None):
     """The MMDiT (`sd35_mlx.models.mmdit.MMDiT`); `dtype` None keeps the file's dtype."""
     return load_component(path, "transformer", dtype)
 
 
-def load_vae(path: str | os.PathLike, dtype: Optional[mx.Dtype] = None):
+def load_vae(path: ModelPath, dtype: Optional[mx.Dtype] = None):
     """The VAE (`sd35_mlx.models.vae.VAE`; decoder-only files give a VAE without encoder)."""
     return load_component(path, "vae", dtype)
 
 
-def load_text_encoders(path: str | os.PathLike, dtype: Optional[mx.Dtype] = None, t5: bool = True) -> TextEncoders:
+def load_text_encoders(path: ModelPath, dtype: Optional[mx.Dtype] = None, t5: bool = True) -> TextEncoders:
     """CLIP-L, CLIP-G and (when `t5` and present) T5-XXL, loaded one after the other.
 
     T5 runs in bf16 or fp32: dtype=float16 loads it in bfloat16 (logged). A model without
     T5 gives `t5=None` (SD3 then runs with zeros in place of T5's tokens).
     """
     wanted = ("clip_l", "clip_g") + (("t5",) if t5 else ())
-    local = _local_path(path, wanted)
-    if is_converted_folder(local):
-        return _converted_text_encoders(local, dtype, t5)
-    sources = resolve_components(local, wanted)
-    for name in ("clip_l", "clip_g"):
-        if name not in sources:
-            resolve_component(local, name)  # raises, saying what is there
+    sources = model_sources(path, wanted)
+    if sources.converted is not None:
+        return _converted_text_encoders(sources.path, dtype, t5)
     cache: Dict[Path, dict] = {}  # an all-in-one file is opened once
     encoders = TextEncoders(
-        clip_l=_load_source("clip_l", sources["clip_l"], dtype, cache),
-        clip_g=_load_source("clip_g", sources["clip_g"], dtype, cache),
+        clip_l=_load(sources, "clip_l", dtype, cache),
+        clip_g=_load(sources, "clip_g", dtype, cache),
     )
     if t5:
-        if "t5" in sources:
-            encoders.t5 = _load_source("t5", sources["t5"], dtype, cache)
+        if sources.has("t5"):
+            encoders.t5 = _load(sources, "t5", dtype, cache)
         else:
-            log.warning("%s: no T5-XXL text encoder found; continuing without T5", local)
+            log.warning("%s: no T5-XXL text encoder found; continuing without T5", sources.path)
     return encoders
 
 

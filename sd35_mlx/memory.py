@@ -15,6 +15,9 @@ staged execution the peak is the largest stage, not the sum:
 
 Activation constants depend on the device (`device`, default: MLX's default device): plan
 for the machine that will run the generation.
+
+Typed in, typed out: quantization is a `QuantSpec` per network (None: 16-bit), the T5 mode a
+`T5Mode`, sizes are bytes (GB only in `Plan.describe` and messages).
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .backend import cuda_available, on_cpu
+from .components import T5_DEFAULT_LENGTH, T5Mode
 from .config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL, MMDiTConfig, T5Config, VAEConfig
 from .errors import InputError
 from .models.vae_tiling import DEFAULT_DECODE_TILE
+from .quantize import QuantSpec, make_spec
 
 GB = 1e9
 BYTES_16 = 2
@@ -59,7 +65,7 @@ THROTTLE_MARGIN_LARGE_BUFFERS = int(0.3 * GB)
 def throttle_margin() -> int:
     """THROTTLE_MARGIN, or the larger one under MLX CUDA with its default (large) buffers."""
     small_buffers = int(os.environ.get("MLX_MAX_MB_PER_BUFFER", "0") or 0) in range(1, 101)
-    on_cuda = hasattr(mx, "cuda") and mx.cuda.is_available()
+    on_cuda = cuda_available()
     return THROTTLE_MARGIN_LARGE_BUFFERS if on_cuda and not small_buffers else THROTTLE_MARGIN
 
 
@@ -99,7 +105,7 @@ def quantized_paths_for(model: nn.Module, bits: Optional[int], group_size: int =
     """Module paths quantized at `bits` (the component's keep list applies when named)."""
     if not bits:
         return set()
-    from .quantize import make_spec, quantizable_layers
+    from .quantize import quantizable_layers
 
     if component:
         return set(quantizable_layers(model, make_spec(component, bits=bits, group_size=group_size)))
@@ -126,13 +132,17 @@ def network_bytes(model: nn.Module, bits: Optional[int] = None, group_size: int 
     return total
 
 
+def _bits(spec: Optional[QuantSpec]) -> Optional[int]:
+    return spec.bits if spec is not None else None
+
+
 @dataclass(frozen=True)
 class Plan:
     """What was chosen and the estimated need of each stage (bytes)."""
 
-    transformer_bits: Optional[int]
-    t5_bits: Optional[int]
-    t5: str  # "loaded", "streamed" or "dropped"
+    transformer_spec: Optional[QuantSpec]  # None: 16-bit
+    t5_spec: Optional[QuantSpec]  # None: 16-bit (or dropped)
+    t5: T5Mode
     tile_vae: bool
     stages: Dict[str, int] = field(default_factory=dict)
     decode_tile: Optional[int] = None  # latents per tile side when tiled
@@ -143,17 +153,24 @@ class Plan:
     def peak(self) -> int:
         return max(self.stages.values())
 
-    def quantize_spec(self) -> str:
-        parts = []
-        if self.transformer_bits:
-            parts.append(f"transformer={self.transformer_bits}")
-        if self.t5 != "dropped":
-            parts.append(f"t5={self.t5_bits or 16}")
-        return ",".join(parts)
+    @property
+    def transformer_bits(self) -> Optional[int]:
+        return _bits(self.transformer_spec)
+
+    @property
+    def t5_bits(self) -> Optional[int]:
+        return _bits(self.t5_spec)
+
+    def quantization(self) -> Dict[str, Optional[QuantSpec]]:
+        """The chosen specs: the transformer's, and T5's unless it is dropped."""
+        out = {"transformer": self.transformer_spec}
+        if self.t5 != T5Mode.DROPPED:
+            out["t5"] = self.t5_spec
+        return out
 
     def describe(self) -> str:
-        tr = f"{self.transformer_bits}-bit" if self.transformer_bits else "16-bit"
-        t5 = "dropped" if self.t5 == "dropped" else f"{self.t5_bits or 16}-bit, {self.t5}"
+        tr = self.transformer_spec.label if self.transformer_spec else "16-bit"
+        t5 = "dropped" if self.t5 == T5Mode.DROPPED else f"{self.t5_spec.label if self.t5_spec else '16-bit'}, {self.t5}"
         stages = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in self.stages.items())
         vae = f"tiled ({self.decode_tile * 8} px tiles)" if self.tile_vae and self.decode_tile else (
             "tiled" if self.tile_vae else "untiled")  # fmt: skip
@@ -192,36 +209,38 @@ class MemoryEstimator:
 
     @property
     def on_cpu(self) -> bool:
-        return self.device.type == mx.DeviceType.cpu
+        return on_cpu(self.device)
 
-    def _bytes(self, name: str, model: nn.Module, bits: Optional[int], where: Optional[str] = None) -> int:
-        key = (name, bits, where)
+    def _bytes(self, name: str, model: nn.Module, spec: Optional[QuantSpec], where: Optional[str] = None) -> int:
+        # the spec's bits and group size, with the component's default keep list
+        key = (name, _bits(spec), spec.group_size if spec else None, where)
         if key not in self._cache:
-            self._cache[key] = network_bytes(model, bits, component=name, where=where)
+            group = spec.group_size if spec else 64
+            self._cache[key] = network_bytes(model, _bits(spec), group, component=name, where=where)
         return self._cache[key]
 
-    def t5_streamed(self, bits: Optional[int]) -> int:
+    def t5_streamed(self, spec: Optional[QuantSpec]) -> int:
         """Peak weights of streamed T5: the stem (embedding table) or one block, whichever is
         larger. A block is read at 16-bit (q, k, v and their fused copy coexist for a moment)
-        and, with `bits`, quantized on the fly (a converted 4-bit folder needs less)."""
+        and, with `spec`, quantized on the fly (a converted 4-bit folder needs less)."""
         stem = sum(p.size * BYTES_16 for k, p in tree_flatten(self.t5.parameters()) if not k.startswith("blocks."))
         block16 = self._bytes("t5", self.t5, None, "blocks.0.")
         qkv16 = self._bytes("t5", self.t5, None, "blocks.0.attn.qkv")
-        block = block16 + qkv16 + (self._bytes("t5", self.t5, bits, "blocks.0.") if bits else 0)
+        block = block16 + qkv16 + (self._bytes("t5", self.t5, spec, "blocks.0.") if spec else 0)
         return max(stem, block)
 
-    def encode(self, t5_bits: Optional[int], t5_mode: str) -> int:
+    def encode(self, t5_spec: Optional[QuantSpec], t5_mode: T5Mode) -> int:
         """Encoders run one after another and each is released after use: the largest counts."""
         sizes = [self._bytes(n, m, None) for n, m in zip(("clip_l", "clip_g"), self.clips)]
-        if t5_mode == "loaded":
-            sizes.append(self._bytes("t5", self.t5, t5_bits))
-        elif t5_mode == "streamed":
-            sizes.append(self.t5_streamed(t5_bits))
+        if t5_mode == T5Mode.LOADED:
+            sizes.append(self._bytes("t5", self.t5, t5_spec))
+        elif t5_mode == T5Mode.STREAMED:
+            sizes.append(self.t5_streamed(t5_spec))
         return max(sizes) + int(0.1 * GB)  # activations (T5 at 256 tokens: ~0.1 GB)
 
-    def conditioning_bytes(self, bits: Optional[int]) -> int:
+    def conditioning_bytes(self, spec: Optional[QuantSpec]) -> int:
         """Weights only the modulations need: every adaLN and the timestep/pooled embedders."""
-        return sum(self._bytes("transformer", self.transformer, bits, part)
+        return sum(self._bytes("transformer", self.transformer, spec, part)
                    for part in ("adaLN", "t_embedder.", "y_embedder."))  # fmt: skip
 
     def modulation_table_bytes(self, steps: int, batch: int = 2) -> int:
@@ -239,13 +258,13 @@ class MemoryEstimator:
         c = self.mmdit_config
         return batch * self._tokens(height, width, t5_tokens) * c.mlp_ratio * c.hidden_size * BYTES_16
 
-    def denoise(self, bits: Optional[int], height: int, width: int, t5_tokens: int, batch: int = 2,
+    def denoise(self, spec: Optional[QuantSpec], height: int, width: int, t5_tokens: int, batch: int = 2,
                 steps: int = 50) -> int:  # fmt: skip
         c = self.mmdit_config
-        weights = self._bytes("transformer", self.transformer, bits)
+        weights = self._bytes("transformer", self.transformer, spec)
         grid = (height // 16) * (width // 16)
         if self.trimmed_transformer:  # `steps`: the modulation table's length
-            weights -= self.conditioning_bytes(bits)
+            weights -= self.conditioning_bytes(spec)
             weights -= c.pos_embed_max_size**2 * c.hidden_size * BYTES_16  # the stored table
             weights += grid * c.hidden_size * BYTES_16  # its crop
             weights += self.modulation_table_bytes(steps, batch)
@@ -265,7 +284,7 @@ class MemoryEstimator:
             # Before a step can run, the Denoiser reads the adaLN weights (for the modulation
             # table) and the whole position table (for its crop), then frees both: only the
             # larger of that moment and the step counts (it sets the peak of shallow models).
-            setup = self.conditioning_bytes(bits) + c.pos_embed_max_size**2 * c.hidden_size * BYTES_16
+            setup = self.conditioning_bytes(spec) + c.pos_embed_max_size**2 * c.hidden_size * BYTES_16
             need = max(need, setup)
         return int(need)
 
@@ -277,42 +296,56 @@ class MemoryEstimator:
         h, w = (min(height, tile), min(width, tile)) if tiled else (height, width)
         return decoder + decode_activation_bytes(h, w, self.vae_config, device=self.device)
 
-    def plan(self, transformer_bits, t5_bits, t5_mode, tile, height, width, t5_tokens,
-             tile_latents: Optional[int] = None, split_cfg: Optional[bool] = None) -> Plan:
-        """split_cfg: None = as the estimator allows (`self.split_cfg`)."""
+    def plan(self, transformer: Optional[QuantSpec], t5: Optional[QuantSpec], t5_mode: T5Mode, tile: bool,
+             height: int, width: int, t5_tokens: int, tile_latents: Optional[int] = None,
+             split_cfg: Optional[bool] = None) -> Plan:  # fmt: skip
+        """The estimate of one setting. split_cfg: None = as the estimator allows (`self.split_cfg`)."""
+        t5_mode = T5Mode(t5_mode)
         split = self.split_cfg if split_cfg is None else split_cfg
         batch = 1 if split else 2
         stages = {
-            "encode": self.encode(t5_bits, t5_mode),
-            "denoise": self.denoise(transformer_bits, height, width, t5_tokens, batch=batch),
+            "encode": self.encode(t5, t5_mode),
+            "denoise": self.denoise(transformer, height, width, t5_tokens, batch=batch),
             "decode": self.decode(height, width, tile, tile_latents),
         }
-        return Plan(transformer_bits, t5_bits if t5_mode != "dropped" else None, t5_mode, tile, stages,
+        return Plan(transformer, t5 if t5_mode != T5Mode.DROPPED else None, t5_mode, tile, stages,
                     (tile_latents or DEFAULT_DECODE_TILE) if tile else None, split,
                     self.largest_step_allocation(height, width, t5_tokens, batch))
 
 
-def candidates(allow_drop_t5: bool = True, fixed: Optional[Dict[str, Optional[int]]] = None):
-    """Settings (transformer bits, T5 bits, T5 mode) from best to smallest memory.
+def candidates(allow_drop_t5: bool = True, fixed: Optional[Mapping[str, Optional[QuantSpec]]] = None,
+               t5_mode: Optional[T5Mode] = None):  # fmt: skip
+    """Settings (transformer spec, T5 spec, T5 mode) from best to smallest memory.
 
     Loaded T5 is quantized first (fast); below that T5 is streamed. Streamed T5 stays 16-bit:
     a block is read at 16-bit anyway, so quantizing it on the fly would only cost accuracy
     and time (a `fixed` T5 setting, e.g. a converted 4-bit T5, is kept). Dropping T5 comes
     last; with streaming it saves no memory (CLIP-G is the largest encoder), only time.
+
+    `fixed` specs (what the user named, or how a converted folder stores a network) keep
+    the rungs whose bits match, with the fixed spec itself in them. A fixed `t5_mode` keeps
+    only its rungs (dropped: the transformer's ladder without T5).
     """
-    fixed = fixed or {}
-    streamed_t5 = fixed.get("t5")
-    order = [
-        (None, None, "loaded"), (None, 8, "loaded"), (None, 4, "loaded"),
-        (None, streamed_t5, "streamed"), (8, streamed_t5, "streamed"), (4, streamed_t5, "streamed"),
-    ]  # fmt: skip
-    if allow_drop_t5:
-        order.append((4, None, "dropped"))
-    for tr, t5, mode in order:
-        if "transformer" in fixed and tr != fixed["transformer"]:
-            continue
-        if "t5" in fixed and mode != "dropped" and t5 != fixed["t5"]:
-            continue
+    fixed = dict(fixed or {})
+    L, S, D = T5Mode.LOADED, T5Mode.STREAMED, T5Mode.DROPPED
+    order = [(None, None, L), (None, 8, L), (None, 4, L), (None, "fixed", S), (8, "fixed", S), (4, "fixed", S)]
+    if t5_mode == D:
+        order = [(None, None, D), (8, None, D), (4, None, D)]
+    elif t5_mode is not None:
+        order = [rung for rung in order if rung[2] == t5_mode]
+    elif allow_drop_t5:
+        order.append((4, None, D))
+    for tr_bits, t5_bits, mode in order:
+        tr = make_spec("transformer", tr_bits) if tr_bits else None
+        t5 = fixed.get("t5") if t5_bits == "fixed" else (make_spec("t5", t5_bits) if t5_bits else None)
+        if "transformer" in fixed:
+            if tr_bits != _bits(fixed["transformer"]):
+                continue
+            tr = fixed["transformer"]
+        if "t5" in fixed and mode != D:
+            if _bits(t5) != _bits(fixed["t5"]):
+                continue
+            t5 = fixed["t5"]
         yield tr, t5, mode
 
 
@@ -330,20 +363,22 @@ def plan_memory(
     height: int,
     width: int,
     *,
-    t5_tokens: int = 256,
+    t5_tokens: int = T5_DEFAULT_LENGTH,
     allow_drop_t5: bool = True,
-    fixed: Optional[Dict[str, Optional[int]]] = None,
+    fixed: Optional[Mapping[str, Optional[QuantSpec]]] = None,
+    t5_mode: Optional[T5Mode] = None,
 ) -> Plan:
     """The best-quality settings whose estimated need fits `budget_bytes`, else InputError.
 
     A plan fits when its largest stage fits under `throttle_bytes(budget_bytes, plan.headroom)`, the memory
     limit the pipeline then sets: the rest of the budget is room for queued GPU work (speed).
     Within each rung CFG runs as one batch of 2 if that fits, else (when the estimator allows
-    it) as two batch-1 passes.
+    it) as two batch-1 passes. `fixed` / `t5_mode`: settings that are not the planner's to
+    choose (see `candidates`).
     """
     tried: List[Plan] = []
     splits = (False, True) if estimator.split_cfg else (False,)  # CFG in one pass is faster: tried first
-    for tr, t5, mode in candidates(allow_drop_t5, fixed):
+    for tr, t5, mode in candidates(allow_drop_t5, fixed, t5_mode):
         for split in splits:
             for tile, tile_latents in ((False, None),) + tuple((True, t) for t in DECODE_TILES):
                 p = estimator.plan(tr, t5, mode, tile, height, width, t5_tokens, tile_latents, split)

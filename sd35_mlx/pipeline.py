@@ -7,24 +7,34 @@ memory is the largest stage rather than the sum.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from . import __version__
+from ._version import __version__
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
+from .components import QUANTIZABLE, REQUIRED, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
 from .conditioning import Conditioning, assemble
 from .control.metadata import control_metadata
 from .control.prepare import ControlSession
 from .denoise import Denoiser
-from .errors import InputError
+from .errors import InputError, SD35Error
 from .images import load_image, to_pil
-from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise
-from .settings import GenerationSettings, SkipLayerSettings
+from .memory import Plan, default_budget_bytes
+from .quantize import QuantSpec, Quantization, named_quantization, quantization_text
+from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise, uses_cfg
+from .settings import GenerationSettings, SkipLayerGuidance
 from .variants import Variant, detect_variant, validate_size
+from .weights.sources import ModelSources, resolve_sources
+
+log = logging.getLogger(__name__)
+
+# quantize= of the API: text such as "transformer=4,t5=4", or {component: QuantSpec or None}
+QuantizeArg = Union[None, str, Mapping[str, Optional[QuantSpec]]]
 
 
 @dataclass
@@ -46,15 +56,19 @@ class GeneratedImage:
 
 
 class SD35Pipeline:
+    """Holds the model's resolved sources, its typed load plan (a `QuantSpec` or None per
+    network, a `T5Mode`) and, with a memory budget, the planner's `Plan`; loads each network
+    when its stage needs it."""
+
     def __init__(
         self,
-        path: Path,
+        path: Union[Path, ModelSources],
         *,
         name: str,
         dtype: mx.Dtype = mx.bfloat16,
         use_t5: bool = True,
         low_memory: bool = True,
-        quantize: Optional[str] = None,
+        quantize: QuantizeArg = None,
         variant_hint: Optional[str] = None,
         tile_vae: Optional[bool] = None,
         stream_t5: bool = False,
@@ -62,16 +76,21 @@ class SD35Pipeline:
         plan_size: Optional[Tuple[int, int]] = None,
         tokenizers: Optional[str] = None,
     ):
-        self.path = Path(path)
+        self.sources: ModelSources = path if isinstance(path, ModelSources) else resolve_sources(path, _wanted(use_t5))
+        self.path = self.sources.path
         self.name = name
         self.dtype = dtype
-        self.use_t5 = use_t5
         self.low_memory = low_memory
-        self.quantize = quantize
         self.tile_vae = tile_vae
-        self.stream_t5 = stream_t5
-        self.memory_budget = memory_budget
-        self.plan = None
+        self.t5_mode = T5Mode.DROPPED if not use_t5 else T5Mode.STREAMED if stream_t5 else T5Mode.LOADED
+        if self.t5_mode != T5Mode.DROPPED and not self.sources.has("t5"):
+            log.warning("%s: no T5-XXL text encoder found; continuing without T5", self.path)
+            self.t5_mode = T5Mode.DROPPED
+        # {component: QuantSpec or None}: what was named, and how a converted folder stores it
+        self.quantization: Quantization = self._fixed_quantization(named_quantization(quantize))
+        self.budget_bytes: Optional[int] = None if memory_budget is None else _budget_bytes(memory_budget)
+        self.plan: Optional[Plan] = None
+        self.plan_size: Optional[Tuple[int, int]] = None
         self._transformer = None
         self._vae = None
         self._encoders = None
@@ -83,23 +102,58 @@ class SD35Pipeline:
         config = self._load_transformer().config
         self.transformer_config = config
         self.context_dim = config.context_dim
-        self.variant: Variant = detect_variant(config, hint=variant_hint or _recorded_variant(self.path) or name)
+        hint = variant_hint or self.sources.recorded_variant or name
+        self.variant: Variant = detect_variant(config, hint=hint)
         self.tokenizers = self._load_tokenizers(tokenizers)
         if self.use_t5 and self.tokenizers.t5 is None:
-            raise InputError(f"{path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
+            raise InputError(f"{self.path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
         if low_memory:
             self._transformer = None
-        if memory_budget is not None:
-            self._apply_memory_plan(config, memory_budget, plan_size)
+        if self.budget_bytes is not None:
+            self._apply_memory_plan(config, plan_size)
         self.timings: Dict[str, float] = {}
+
+    # ---- the load plan, typed ----
+    @property
+    def use_t5(self) -> bool:
+        return self.t5_mode != T5Mode.DROPPED
+
+    @property
+    def stream_t5(self) -> bool:
+        return self.t5_mode == T5Mode.STREAMED
+
+    @property
+    def memory_budget(self) -> Optional[float]:
+        """The budget in GB (None: no plan)."""
+        return None if self.budget_bytes is None else self.budget_bytes / 1e9
+
+    @property
+    def quantize(self) -> Optional[str]:
+        """The load-time quantization as text ('transformer=4,t5=4'), None when there is none."""
+        text = quantization_text(self.quantization)
+        return None if text == "none" else text
+
+    def _fixed_quantization(self, named: Quantization) -> Quantization:
+        """What the user named, with what a converted folder stores (already quantized networks
+        load as stored: they are not quantized again)."""
+        fixed = dict(named)
+        for c in QUANTIZABLE:
+            stored = self.sources.stored_quantization(c)
+            if stored is None:
+                continue
+            if c in named and named[c] != stored:
+                wanted = named[c].label if named[c] else "16-bit"
+                log.warning("%s: the %s is stored as %s; using it as stored (not %s)", self.path, c, stored.label, wanted)
+            fixed[c] = stored
+        return fixed
 
     def _within_budget(self):
         """Hold MLX's memory limit just below the budget while a stage runs (see memory_limit)."""
         from .memory import memory_limit, throttle_bytes
 
-        if not self.memory_budget:
+        if not self.budget_bytes:
             return memory_limit(None)
-        return memory_limit(throttle_bytes(int(self.memory_budget * 1e9), self.plan.headroom if self.plan else 0))
+        return memory_limit(throttle_bytes(self.budget_bytes, self.plan.headroom if self.plan else 0))
 
     # ---- construction ----
     @classmethod
@@ -110,7 +164,7 @@ class SD35Pipeline:
         dtype: mx.Dtype = mx.bfloat16,
         t5: bool = True,
         low_memory: bool = True,
-        quantize: Optional[str] = None,
+        quantize: QuantizeArg = None,
         revision: Optional[str] = None,
         variant: Optional[str] = None,
         tile_vae: Optional[bool] = None,
@@ -122,7 +176,8 @@ class SD35Pipeline:
         """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
 
         t5=False is T5-drop mode: T5 is never loaded and zeros stand in for its tokens.
-        quantize: e.g. "transformer=4,t5=4" to quantize at load time.
+        quantize: e.g. "transformer=4,t5=4" (or {component: QuantSpec or None}) to quantize at
+            load time; parsed here, once. A converted folder's networks load as stored.
         stream_t5: run T5 one block at a time from the memory-mapped file (slower, far less memory).
         memory_budget: GB the whole generation may use; the planner then chooses quantization,
             T5 mode (loaded, streamed or dropped) and VAE tiling, and refuses if nothing fits.
@@ -132,18 +187,17 @@ class SD35Pipeline:
         """
         from .hub import resolve_model_path
 
-        components = ("transformer", "vae", "clip_l", "clip_g", "tokenizers") + (("t5",) if t5 else ())
-        path = resolve_model_path(str(model), revision=revision, components=components)
+        quantization = named_quantization(quantize)  # parsed here, once: a bad spec fails before any download
+        path = resolve_model_path(str(model), revision=revision, components=_wanted(t5) + ("tokenizers",))
         return cls(
-            path, name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
-            quantize=quantize, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
+            resolve_sources(path, _wanted(t5)), name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
+            quantize=quantization, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
             memory_budget=memory_budget, plan_size=plan_size, tokenizers=tokenizers,
         )  # fmt: skip
 
     def _load_tokenizers(self, source: Optional[str]):
         """From `source`, else the model path, else (Stability single files ship none) the
         official diffusers repo of the detected variant, tokenizer files only (~3 MB)."""
-        from .errors import SD35Error
         from .hub import resolve_model_path
         from .loading import load_tokenizers
 
@@ -155,85 +209,83 @@ class SD35Pipeline:
             repo = self.variant.repo_id
             if repo is None:
                 raise InputError(f"{first} Pass tokenizers=<a diffusers repo id or folder> (CLI: --tokenizers).") from first
-            print(f"{self.path} has no tokenizer files; using those of {repo}")
+            log.warning("%s has no tokenizer files; using those of %s", self.path, repo)
             return load_tokenizers(resolve_model_path(repo, components=("tokenizers",)))
 
-    def _apply_memory_plan(self, config, budget_gb: float, size: Optional[Tuple[int, int]]) -> None:
-        """Choose quantization, T5 mode and tiling for the budget; what the user named stays."""
+    def _apply_memory_plan(self, config, size: Optional[Tuple[int, int]]) -> None:
+        """Choose quantization, T5 mode and tiling for the budget; what is fixed stays."""
         from .memory import plan_memory
-        from .quantize import parse_quantize
 
-        if budget_gb <= 0:
-            raise InputError(f"memory budget must be positive (got {budget_gb} GB)")
-        given = parse_quantize(self.quantize, defaults=False) if self.quantize else {}
-        named = {item.split("=")[0].strip() for item in (self.quantize or "").split(",") if "=" in item}
-        fixed = {k: (given[k].bits if given[k] else None) for k in named & {"transformer", "t5"}}
         height, width = size or (self.variant.default_size, self.variant.default_size)
-        self.plan = plan_memory(self._estimator(config), int(budget_gb * 1e9), height, width, fixed=fixed)
-        chosen = [p for p in self.plan.quantize_spec().split(",") if p and p.split("=")[0] not in named]
-        self.quantize = ",".join(([self.quantize] if self.quantize else []) + chosen) or None
-        self.use_t5 = self.use_t5 and self.plan.t5 != "dropped"
-        self.stream_t5 = self.stream_t5 or self.plan.t5 == "streamed"
+        self.plan_size = (height, width)
+        fixed = {c: self.quantization[c] for c in ("transformer", "t5") if c in self.quantization}
+        t5_mode = None if self.t5_mode == T5Mode.LOADED else self.t5_mode  # asked to stream or drop: kept
+        self.plan = plan_memory(self._estimator(config), self.budget_bytes, height, width, fixed=fixed, t5_mode=t5_mode)
+        for c, spec in self.plan.quantization().items():
+            self.quantization.setdefault(c, spec)
+        self.t5_mode = self.plan.t5
         if self.tile_vae is None:
             self.tile_vae = self.plan.tile_vae or None  # None: still decided per image size
-        print(f"memory plan for {budget_gb:g} GB at {width}x{height}: {self.plan.describe()}")
+        log.info("%s", self.describe_plan())
+
+    def describe_plan(self) -> str:
+        """One line: the memory plan and the budget and size it was made for ('' without a plan)."""
+        if self.plan is None:
+            return ""
+        height, width = self.plan_size
+        return f"memory plan for {self.memory_budget:g} GB at {width}x{height}: {self.plan.describe()}"
 
     def _estimator(self, config):
         """Estimates from this model's own networks (built lazily: no weights are read)."""
         from .loading import load_text_encoders, load_vae
         from .memory import MemoryEstimator
 
-        enc = load_text_encoders(self.path, t5=self.use_t5)
-        kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.path).config)
+        enc = load_text_encoders(self.sources, t5=self.use_t5)
+        kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.sources).config)
         if enc.t5 is not None:
             kwargs["t5"] = enc.t5.config
         return MemoryEstimator(config, trimmed_transformer=self.low_memory, split_cfg=True, **kwargs)
 
     # ---- networks, loaded on demand ----
     def _quantize(self, model, component: str):
-        if not self.quantize:
-            return model
-        from .quantize import parse_quantize, quantize_network
+        """Quantize a freshly loaded network by the plan (a converted one is already as stored)."""
+        from .quantize import quantize_network
 
-        spec = parse_quantize(self.quantize, defaults=False).get(component)
-        return quantize_network(model, spec, component) if spec else model
+        spec = self.quantization.get(component)
+        if spec is None or spec == self.sources.stored_quantization(component):
+            return model
+        return quantize_network(model, spec, component)
 
     def _load_transformer(self):
         if self._transformer is None:
             from .loading import load_transformer
 
-            self._transformer = self._quantize(load_transformer(self.path, dtype=self.dtype), "transformer")
+            self._transformer = self._quantize(load_transformer(self.sources, dtype=self.dtype), "transformer")
         return self._transformer
 
     def _load_vae(self):
         if self._vae is None:
             from .loading import load_vae
 
-            self._vae = load_vae(self.path, dtype=self.dtype)
+            self._vae = load_vae(self.sources, dtype=self.dtype)
         return self._vae
 
     def _load_encoders(self):
         if self._encoders is None:
+            from .fast_quantized import use_dequantized_matmul
             from .loading import load_text_encoders
 
-            streaming = self.use_t5 and self.stream_t5
-            enc = load_text_encoders(self.path, dtype=self.dtype, t5=self.use_t5 and not streaming)
-            if self.use_t5 and not streaming and enc.t5 is None:
-                self.use_t5 = False  # the loader found no T5 weights and said so: T5-drop mode
-            for name in ("clip_l", "clip_g", "t5"):
+            enc = load_text_encoders(self.sources, dtype=self.dtype, t5=self.t5_mode == T5Mode.LOADED)
+            if self.t5_mode == T5Mode.LOADED and enc.t5 is None:
+                self.t5_mode = T5Mode.DROPPED  # the loader found no T5 weights and said so: T5-drop mode
+            for name in TEXT_ENCODERS:
                 if getattr(enc, name) is not None:
                     setattr(enc, name, self._quantize(getattr(enc, name), name))
-            from .fast_quantized import use_dequantized_matmul
-
-            for name in ("clip_l", "clip_g", "t5"):  # quantized encoders: dequantize before large matmuls
-                if getattr(enc, name) is not None:
-                    use_dequantized_matmul(getattr(enc, name))
-            if streaming:
-                from .quantize import parse_quantize
+                    use_dequantized_matmul(getattr(enc, name))  # quantized encoders: dequantize before large matmuls
+            if self.t5_mode == T5Mode.STREAMED:
                 from .streaming import streamed_t5
 
-                spec = parse_quantize(self.quantize, defaults=False).get("t5") if self.quantize else None
-                enc.t5 = streamed_t5(self.path, quantize=spec, dtype=self.dtype)
+                enc.t5 = streamed_t5(self.sources, quantize=self.quantization.get("t5"), dtype=self.dtype)
             self._encoders = enc
         return self._encoders
 
@@ -274,7 +326,7 @@ class SD35Pipeline:
         prompt: Union[str, Sequence[str]],
         negative_prompt: Union[str, Sequence[str]] = "",
         *,
-        t5_length: int = 256,
+        t5_length: int = T5_DEFAULT_LENGTH,
         with_negative: bool = True,
         verbose: bool = False,
     ) -> PromptEmbeddings:
@@ -292,7 +344,7 @@ class SD35Pipeline:
         with self._within_budget():
             for name, label, tokenizer in (("clip_l", "CLIP-L", tok.clip_l), ("clip_g", "CLIP-G", tok.clip_g)):
                 batch = tokenizer.tokenize(texts)
-                _report_truncation(label, batch, verbose)
+                _report_truncation(label, batch)
                 outputs[name] = getattr(enc, name)(mx.array(batch.ids))
                 mx.eval(outputs[name])
                 if self.low_memory:
@@ -300,7 +352,7 @@ class SD35Pipeline:
             t5_hidden = None
             if self.use_t5:
                 batch = tok.t5.tokenize(texts, max_length=t5_length)
-                _report_truncation("T5", batch, verbose)
+                _report_truncation("T5", batch)
                 t5_hidden = enc.t5(mx.array(batch.ids))
                 mx.eval(t5_hidden)
         cond = assemble(outputs["clip_l"], outputs["clip_g"], t5_hidden, t5_length, joint_dim=self.context_dim)
@@ -333,7 +385,7 @@ class SD35Pipeline:
         Stop iterating at any time to cancel. `noise` overrides the seeded initial noise.
         """
         s = self.settings_with_defaults(settings).with_seed()
-        use_cfg = s.cfg > 1.0  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
+        use_cfg = uses_cfg(s.cfg)  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
         if embeddings is None:
             t0 = time.perf_counter()
             embeddings = self.encode_prompt(
@@ -398,7 +450,7 @@ class SD35Pipeline:
 
         tile = self.tile_vae
         if tile is None:
-            budget = int(self.memory_budget * 1e9) if self.memory_budget else _memory_budget_bytes()
+            budget = self.budget_bytes or default_budget_bytes()
             tile = should_tile(latents.shape[1] * 8, latents.shape[2] * 8, budget)
         with self._within_budget():
             if tile and self.plan is not None and self.plan.decode_tile:
@@ -426,8 +478,8 @@ class SD35Pipeline:
             model=self.name,
             variant=self.variant.name,
             t5=("dropped" if not self.use_t5 else "t5xxl") + f":{s.t5_length}",
-            quantization=self.quantize or "none",
-            dtype=str(self.dtype).replace("mlx.core.", ""),
+            quantization=quantization_text(self.quantization),
+            dtype=dtype_name(self.dtype),
             sd35_mlx_version=__version__,
         )
         meta.update(control_metadata(s))
@@ -449,7 +501,7 @@ class SD35Pipeline:
         if prompt is not None:
             overrides["prompt"] = prompt
         if "skip_layer_guidance" in overrides and isinstance(overrides["skip_layer_guidance"], dict):
-            overrides["skip_layer_guidance"] = SkipLayerSettings(**overrides["skip_layer_guidance"])
+            overrides["skip_layer_guidance"] = SkipLayerGuidance(**overrides["skip_layer_guidance"])
         s = self.settings_with_defaults(replace(s, **overrides)).with_seed()
         final = None
         for info in self.generate_latents(s, embeddings=embeddings, noise=noise, verbose=verbose):
@@ -472,25 +524,17 @@ def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: 
     )
 
 
-def _recorded_variant(path: Path) -> Optional[str]:
-    """The variant a converted folder recorded (Turbo and Large share one architecture)."""
-    from .weights.converted import is_converted, read_converted_config
-
-    return read_converted_config(path).get("variant") if is_converted(path) else None
+def _wanted(t5: bool) -> Tuple[str, ...]:
+    return REQUIRED + (("t5",) if t5 else ())
 
 
-def _memory_budget_bytes() -> int:
-    try:
-        from .memory import default_budget_bytes
-
-        return default_budget_bytes()
-    except ImportError:
-        return 1 << 62
+def _budget_bytes(gb: float) -> int:
+    """The API's budget (GB) in bytes, the unit used inside."""
+    if not gb > 0:
+        raise InputError(f"memory budget must be positive (got {gb} GB)")
+    return int(gb * 1e9)
 
 
-def _report_truncation(name: str, batch, verbose: bool) -> None:
-    for i, dropped in enumerate(getattr(batch, "dropped", ()) or ()):
-        n = dropped if isinstance(dropped, int) else getattr(dropped, "count", 0)
-        if n:
-            text = getattr(dropped, "text", "")
-            print(f"{name}: prompt {i + 1} was truncated, {n} tokens dropped" + (f": '{text}'" if text else ""))
+def _report_truncation(name: str, batch) -> None:
+    for line in batch.truncation_warnings(name):  # prompts first, then the negatives
+        log.warning("%s", line)

@@ -19,17 +19,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from .components import COMPONENTS, QUANTIZABLE, TEXT_ENCODERS, check_component
 from .errors import InputError
 
-COMPONENTS = ("transformer", "vae", "clip_l", "clip_g", "t5")
-TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
-QUANTIZABLE = ("transformer", "clip_l", "clip_g", "t5")  # everything but the VAE
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -161,11 +159,6 @@ def make_spec(component: str, bits: Optional[int] = None, group_size: Optional[i
     )
 
 
-def check_component(name: str) -> None:
-    if name not in COMPONENTS:
-        raise InputError(f"unknown component {name!r}; components are {', '.join(COMPONENTS)}")
-
-
 def default_quantization() -> Dict[str, Optional[QuantSpec]]:
     """T5 at 4-bit (it is 59% of SD3.5 Medium's weights), everything else 16-bit."""
     return {c: (make_spec("t5", 4) if c == "t5" else None) for c in COMPONENTS}
@@ -239,6 +232,56 @@ def parse_quantize(
 
 def describe(specs: Mapping[str, Optional[QuantSpec]]) -> str:
     return ", ".join(f"{c}={s.label if s else '16-bit'}" for c, s in specs.items())
+
+
+# ---- the load-time boundary: what the user named, parsed once ----
+Quantization = Dict[str, Optional[QuantSpec]]  # {component: spec, or None for 16-bit}
+
+
+def named_quantization(value: Union[None, str, Mapping[str, Optional[QuantSpec]]]) -> Quantization:
+    """The components a load-time `quantize=` argument names, as specs (None: 16-bit).
+
+    value: None (nothing named), text such as "transformer=4,t5=4" ("none": every quantizable
+    network named as 16-bit), or {component: QuantSpec or None}. Unnamed components are
+    absent: the pipeline leaves them 16-bit or lets the memory planner choose them.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("none", "16", "off"):
+            return {c: None for c in QUANTIZABLE}
+        specs = parse_quantize(text, defaults=False)
+        named = {item.split("=", 1)[0].strip() for item in text.split(",") if "=" in item}
+        return {c: specs[c] for c in COMPONENTS if c in named and c != "vae"}
+    out: Quantization = {}
+    for c, spec in value.items():
+        check_component(c)
+        if c == "vae" and spec is not None:
+            make_spec("vae")  # raises the explanation
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise InputError(f"quantize[{c!r}] must be a QuantSpec or None (got {type(spec).__name__})")
+        if c != "vae":
+            out[c] = spec
+    return out
+
+
+def spec_text(spec: Optional[QuantSpec]) -> str:
+    """The `parse_value` text of a spec: '4', '4:32', 'mxfp4', '16' (keep lists are not written)."""
+    if spec is None:
+        return "16"
+    rule = MODES[spec.mode]
+    if spec.mode != "affine":
+        return spec.mode + ("" if spec.group_size == rule.default_group_size else f":{spec.group_size}")
+    return f"{spec.bits}" + ("" if spec.group_size == rule.default_group_size else f":{spec.group_size}")
+
+
+def quantization_text(specs: Mapping[str, Optional[QuantSpec]]) -> str:
+    """'transformer=4,t5=16' for the networks `specs` names (in component order), 'none' when
+    none of them is quantized; `named_quantization` reads it back."""
+    if all(s is None for s in specs.values()):
+        return "none"
+    return ",".join(f"{c}={spec_text(specs[c])}" for c in QUANTIZABLE if c in specs)
 
 
 # ---- applying a spec to a network ----
@@ -345,6 +388,6 @@ def spec_of(model: nn.Module) -> Optional[Tuple[int, int, str]]:
 __all__ = [
     "COMPONENTS", "QUANTIZABLE", "TEXT_ENCODERS", "MODES", "DEFAULT_KEEP", "QuantSpec",
     "validate", "make_spec", "default_quantization", "parse_value", "parse_quantize",
-    "describe", "quantizable_layers", "quantize_network", "dequantize_network",
+    "describe", "Quantization", "named_quantization", "spec_text", "quantization_text", "quantizable_layers", "quantize_network", "dequantize_network",
     "is_quantized", "quantized_paths", "spec_of", "unquantized_share",
 ]  # fmt: skip

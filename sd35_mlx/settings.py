@@ -11,19 +11,17 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from .components import T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .control.settings import ControlNetSettings
 from .errors import InputError
+from .sampling.guidance import SkipLayerGuidance
+from .sampling.samplers import SAMPLERS as _SAMPLER_CLASSES
 
-SAMPLERS = ("euler", "dpmpp_2m")
-T5_LENGTH_RANGE = (77, 512)
+SAMPLERS = tuple(_SAMPLER_CLASSES)
+DEFAULT_STRENGTH = 0.6  # img2img: how much of the schedule runs (1.0 ignores the init image)
 
-
-@dataclass(frozen=True)
-class SkipLayerSettings:
-    layers: Tuple[int, ...] = (7, 8, 9)
-    scale: float = 2.8
-    start: float = 0.01
-    end: float = 0.2
+# One skip-layer guidance type (its defaults are defined there); the old name stays public.
+SkipLayerSettings = SkipLayerGuidance
 
 
 @dataclass(frozen=True)
@@ -39,10 +37,10 @@ class GenerationSettings:
     sampler: Optional[str] = None
     shift: Optional[float] = None
     seed: Optional[int] = None
-    t5_length: int = 256
-    skip_layer_guidance: Optional[SkipLayerSettings] = None
+    t5_length: int = T5_DEFAULT_LENGTH
+    skip_layer_guidance: Optional[SkipLayerGuidance] = None
     init_image: Optional[str] = None
-    strength: float = 0.6
+    strength: float = DEFAULT_STRENGTH
     # ControlNets and inpainting (docs/control.md)
     controlnets: Tuple[ControlNetSettings, ...] = ()
     mask: Optional[str] = None  # white = repaint; needs init_image
@@ -110,11 +108,11 @@ class GenerationSettings:
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         slg = kwargs.get("skip_layer_guidance")
-        if isinstance(slg, dict):
-            kwargs["skip_layer_guidance"] = SkipLayerSettings(
-                layers=tuple(slg.get("layers", (7, 8, 9))),
-                scale=slg.get("scale", 2.8), start=slg.get("start", 0.01), end=slg.get("end", 0.2),
-            )  # fmt: skip
+        if isinstance(slg, dict):  # absent fields take SkipLayerGuidance's defaults
+            known = {f.name for f in fields(SkipLayerGuidance)}
+            kwargs["skip_layer_guidance"] = SkipLayerGuidance(
+                **{k: tuple(v) if k == "layers" else v for k, v in slg.items() if k in known}
+            )
         if "controlnets" in kwargs:
             kwargs["controlnets"] = tuple(
                 c if isinstance(c, ControlNetSettings) else ControlNetSettings(**c) for c in kwargs["controlnets"]

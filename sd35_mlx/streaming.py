@@ -26,17 +26,19 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .components import component_dtype
 from .config import T5Config
 from .errors import WeightFileError, WeightMappingError
 from .models.t5 import T5Block, T5Encoder
 from .quantize import QuantSpec, quantizable_layers
 from .weights.mapping import NetworkLayout, apply_rules, cast_floating, check_against_model
 from .weights.safetensors_file import load_tensors
+from .weights.sources import ModelSources, resolve_sources
 
 log = logging.getLogger(__name__)
 
@@ -258,40 +260,29 @@ class StreamedT5:
         return out
 
 
-def _resolve_t5_dtype(dtype: Optional[mx.Dtype]) -> Optional[mx.Dtype]:
-    from .loading import _t5_dtype
-
-    return _t5_dtype(dtype)
-
-
 def streamed_t5(
-    path: str | os.PathLike, quantize: Optional[QuantSpec] = None, dtype: Optional[mx.Dtype] = None
+    path: Union[str, os.PathLike, ModelSources], quantize: Optional[QuantSpec] = None, dtype: Optional[mx.Dtype] = None
 ) -> StreamedT5:
     """A StreamedT5 for the T5 at `path`: a diffusers folder (text_encoder_3/), Stability
     files (text_encoders/t5xxl_fp16.safetensors, or inside an all-in-one file), one T5 file,
-    or a converted sd35_mlx folder.
+    or a converted sd35_mlx folder (or those, resolved once: a `ModelSources`).
 
     quantize: for 16-bit sources, quantize each block on the fly. A converted folder's T5 is
     used as stored (its config.json says how it was quantized); `quantize` is then ignored
     when it asks for something else (logged), as re-quantizing quantized weights is not done.
     float16 becomes bfloat16 as in `load_text_encoders` (T5 overflows fp16).
     """
-    from .weights.converted import is_converted
-
-    path = Path(path).expanduser()
-    dtype = _resolve_t5_dtype(dtype)
-    if is_converted(path):
-        return _converted_streamed_t5(path, quantize, dtype)
-    from .weights.layouts import resolve_component
-
-    source = resolve_component(path, "t5")
+    sources = path if isinstance(path, ModelSources) else resolve_sources(path, ("t5",))
+    dtype = component_dtype("t5", dtype)
+    if sources.converted is not None:
+        return _converted_streamed_t5(sources, quantize, dtype)
+    source = sources.source("t5")
     return StreamedT5.from_files(source.files, source.layout, source.hf_config, quantize, dtype)
 
 
-def _converted_streamed_t5(folder: Path, quantize: Optional[QuantSpec], dtype: Optional[mx.Dtype]) -> StreamedT5:
-    from .weights.converted import read_converted_config
-
-    entry = read_converted_config(folder)["components"].get("t5")
+def _converted_streamed_t5(sources: ModelSources, quantize: Optional[QuantSpec], dtype: Optional[mx.Dtype]) -> StreamedT5:
+    folder = sources.path
+    entry = sources.converted["components"].get("t5")
     if entry is None:
         raise WeightFileError(f"{folder}: this converted folder has no T5 (converted with --drop-t5?)")
     files = [folder / f for f in entry.get("files", []) if not f.endswith(".json")]
@@ -301,7 +292,7 @@ def _converted_streamed_t5(folder: Path, quantize: Optional[QuantSpec], dtype: O
             f"{folder}: the T5 weight file(s) {', '.join(missing) or '(none listed)'} are missing; "
             "the folder is incomplete. Copy or download it again."
         )
-    stored = QuantSpec.from_dict(entry["quantization"]) if entry.get("quantization") else None
+    stored = sources.stored_quantization("t5")
     if stored is None:
         spec = quantize  # 16-bit tensors: quantize on the fly if asked
     else:

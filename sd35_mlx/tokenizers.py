@@ -4,7 +4,7 @@ They read diffusers' `tokenizer/`, `tokenizer_2/`, `tokenizer_3/` folders and yi
 transformers' `CLIPTokenizer` / `T5Tokenizer` as diffusers' SD3 pipeline calls them
 (`padding="max_length", truncation=True`), without depending on transformers.
 
-Spec §4.4: CLIP-L pads with `<|endoftext|>` (49407); CLIP-G pads with `!` (id 0), and because
+Token rules (docs/text.md): CLIP-L pads with `<|endoftext|>` (49407); CLIP-G pads with `!` (id 0), and because
 `tokenizer_2/` declares `!` a *special* token, every `!` in a prompt is cut out before BPE and
 becomes id 0 (`"hello!!"` -> `hello</w>, 0, 0` instead of `hello</w>, !!</w>`). We reproduce that
 from the folder's files; `pad_is_special=False` gives the open_clip / SAI tokenization instead.
@@ -31,10 +31,10 @@ from tokenizers import (
 )
 from tokenizers.models import BPE, Unigram
 
+from .components import T5_DEFAULT_LENGTH
 from .errors import InputError
 
 CLIP_MAX_LENGTH = 77
-T5_DEFAULT_LENGTH = 256  # diffusers' max_sequence_length default
 T5_MIN_LENGTH, T5_MAX_LENGTH = 77, 512
 
 # OpenAI CLIP's pre-tokenization pattern (as in transformers' CLIPTokenizer).

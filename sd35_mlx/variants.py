@@ -1,6 +1,6 @@
 """The published SD3 / SD3.5 models: architecture, official repo and sampling defaults.
 
-Defaults follow the model cards' diffusers recipes (spec §5.3, anchors "SD3.x default
+Defaults follow the model cards' diffusers recipes (docs/sampling.md, "Variants"; anchors "SD3.x default
 sampling parameters"), with diffusers' Euler sampler and shift 3.0 everywhere. SAI's
 reference script uses other defaults (dpmpp_2m, 40–50 steps, shift 1.0 for SD3 Medium);
 pass them explicitly to reproduce it.
@@ -55,7 +55,7 @@ SD35_MEDIUM = Variant(
     repo_id="stabilityai/stable-diffusion-3.5-medium",
     steps=40,
     cfg=4.5,
-    slg=SkipLayerGuidance(layers=(7, 8, 9), scale=2.8, start=0.01, end=0.2),
+    slg=SkipLayerGuidance(),  # its defaults are the ones recommended for 3.5 Medium
     description="SD3.5 Medium (2.5B MMDiT-X)",
 )
 SD35_LARGE = Variant(

@@ -2,7 +2,7 @@
 
 `make_tokenizer_folders(root)` writes diffusers-style `tokenizer/` (CLIP-L), `tokenizer_2/` (CLIP-G)
 and `tokenizer_3/` (T5) folders under `root`. The CLIP files are the real ones, rebuilt from the
-BPE list shipped in the `open_clip_torch==3.3.0` wheel (spec §6); they are checked against the
+BPE list shipped in the `open_clip_torch==3.3.0` wheel; they are checked against the
 byte sizes of the published `vocab.json` / `merges.txt`. The T5 model is a tiny unigram model
 trained here (no public wheel ships T5's `spiece.model`); it has T5's special ids
 (`<pad>`=0, `</s>`=1, `<unk>`=2) and T5's normalisation settings, so it tests the plumbing.
@@ -30,7 +30,7 @@ import pytest
 
 OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
 OPEN_CLIP_BPE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
-CLIP_VOCAB_BYTES = 1_059_962  # published tokenizer/vocab.json (spec §6)
+CLIP_VOCAB_BYTES = 1_059_962  # published tokenizer/vocab.json (hub listing)
 CLIP_MERGES_BYTES = 524_619  # published tokenizer/merges.txt
 CLIP_VOCAB_SIZE = 49408
 CLIP_MERGE_COUNT = 48894
@@ -132,7 +132,7 @@ def clip_config_files(pad_token: str) -> dict[str, str]:
     """`special_tokens_map.json` and `tokenizer_config.json` as published for SD3/SD3.5.
 
     The layout reproduces the published byte sizes exactly (588/705 B for `tokenizer/`,
-    576/856 B for `tokenizer_2/`, spec §2.1): `<|startoftext|>` normalized, the others not,
+    576/856 B for `tokenizer_2/`, as the hub lists them): `<|startoftext|>` normalized, the others not,
     and in `tokenizer_2/` the pad token `!` (id 0) is a declared special token.
     """
     special_map = {

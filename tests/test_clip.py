@@ -1,7 +1,7 @@
 """CLIP text encoders vs transformers: parity, every weight layout, full-size parameter counts.
 
 Tiny models (width 128, 2 heads of 64, 3 layers) with the real vocabulary so the real
-special ids appear: BOS 49406, EOS 49407; CLIP-L pads with EOS, CLIP-G pads with 0 (§4.4).
+special ids appear: BOS 49406, EOS 49407; CLIP-L pads with EOS, CLIP-G pads with 0 (docs/text.md).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_diffusers_folder(tmp_path: Path):
 
     hf = json.loads((folder / "config.json").read_text())
     assert hf["eos_token_id"] == 2 and hf["hidden_act"] == "quick_gelu"
-    # §2.1: the folder holds the same tensors twice; the full-precision file is the one to load
+    # docs/loading.md: the folder holds the same tensors twice; the full-precision file is the one to load
     path = folder / "model.safetensors"
     model = tables.load_clip(load_tensors(path), tables.DIFFUSERS, files=[str(path)], hf_config=hf)
     assert model.config.eos_token_id == EOS

@@ -1,4 +1,4 @@
-"""CLIP-L's text_projection check (spec §4.2): SD3 means the pooled CLIP-L vector unprojected.
+"""CLIP-L's text_projection check (docs/text_encoders_clip.md): SD3 means the pooled CLIP-L vector unprojected.
 
 Diffusers' text_encoder/ stores a projection that should be the identity; we apply it as
 stored (as diffusers does) and warn (CLIPProjectionWarning) when it is not the identity.

@@ -275,7 +275,7 @@ tokenizer_2/merges.txt tokenizer_2/special_tokens_map.json tokenizer_2/tokenizer
 tokenizer_3/special_tokens_map.json tokenizer_3/spiece.model tokenizer_3/tokenizer.json tokenizer_3/tokenizer_config.json
 transformer/config.json transformer/diffusion_pytorch_model-00001-of-00002.safetensors
 transformer/diffusion_pytorch_model-00002-of-00002.safetensors transformer/diffusion_pytorch_model.safetensors.index.json
-vae/config.json vae/diffusion_pytorch_model.safetensors""".split()  # spec §2.1
+vae/config.json vae/diffusion_pytorch_model.safetensors""".split()  # the official repo's listing
 
 SD35_MEDIUM_EXTRA = ["vae copy/config.json", "vae copy/diffusion_pytorch_model.safetensors"]
 

@@ -1,5 +1,5 @@
 """Layout detection: which files and which layout each network comes from, for every official
-layout (spec §2.1, §2.2) and their traps, decided from safetensors headers only.
+layout (docs/loading.md) and their traps, decided from safetensors headers only.
 
 The tiny model built here (also used by test_loading.py and test_hub.py) is written in every
 layout from one set of weights. Decoys hold *negated* weights — the `*.fp16*` duplicates,
@@ -152,7 +152,7 @@ def _diffusers_folder(root: Path, modules) -> None:
     modules["clip_l"].save_pretrained(root / "text_encoder")
     modules["clip_g"].save_pretrained(root / "text_encoder_2")
     modules["t5"].save_pretrained(root / "text_encoder_3", max_shard_size="40KB")
-    # The traps of the official repos (spec §2.1).
+    # The traps of the official repos (docs/loading.md).
     for sub in ("text_encoder", "text_encoder_2"):
         write_negated_copy(root / sub / "model.safetensors", root / sub / "model.fp16.safetensors")
     te3 = root / "text_encoder_3"
@@ -184,7 +184,7 @@ def _merged(folder: Path, stem: str) -> Dict[str, mx.array]:
 def _stability_tensors(expected, modules) -> Dict[str, Dict[str, mx.array]]:
     """Stability-named tensors: the MMDiT and VAE through the inverted tables, encoders as HF names."""
     clip_l = to_mx(modules["clip_l"].state_dict())
-    del clip_l["text_projection.weight"]  # SAI clip_l.safetensors has no projection (spec §2.1)
+    del clip_l["text_projection.weight"]  # SAI clip_l.safetensors has no projection (docs/loading.md)
     t5_sd = to_mx(modules["t5"].state_dict())
     t5_sd["encoder.embed_tokens.weight"] = t5_sd["shared.weight"]  # SAI t5xxl_fp16 has both
     return dict(

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,10 +18,12 @@ from assets import make_tokenizer_folders
 from mlx.utils import tree_flatten
 from test_layouts import TinyModel, build_tiny_model, params
 
-import sd35_mlx.weights
 from sd35_mlx import loading
+from sd35_mlx.components import component_dtype
+from sd35_mlx.convert import convert
 from sd35_mlx.errors import SD35Error, WeightFileError
 from sd35_mlx.loading import load_text_encoders, load_tokenizers, load_transformer, load_vae
+from sd35_mlx.weights.layouts import resolve_components
 from sd35_mlx.weights.tables import clip, mmdit, t5, vae
 
 
@@ -153,7 +153,7 @@ STABILITY_PATHS = {"stability-folder", "text_encoders-folder", "all-in-one-file"
 @pytest.mark.parametrize("where", list(TEXT_PATHS))
 def test_load_text_encoders(tiny, where):
     enc = load_text_encoders(TEXT_PATHS[where](tiny))
-    # Stability's clip_l file has no text_projection (spec §2.1); everything else is identical.
+    # Stability's clip_l file has no text_projection (docs/loading.md); everything else is identical.
     skip_l = ("text_projection.weight",) if where in STABILITY_PATHS else ()
     assert_same_params(enc.clip_l, tiny.expected["clip_l"], skip=skip_l)
     assert_same_params(enc.clip_g, tiny.expected["clip_g"])
@@ -207,7 +207,7 @@ def tokenizer_root(tmp_path_factory) -> Path:
 
 def test_load_tokenizers(tokenizer_root, tiny, tmp_path):
     toks = load_tokenizers(tokenizer_root)
-    assert toks.clip_l.pad_id == 49407 and toks.clip_g.pad_id == 0  # spec §4.4
+    assert toks.clip_l.pad_id == 49407 and toks.clip_g.pad_id == 0  # docs/text.md
     assert toks.t5 is not None
     # a Stability file kept next to the tokenizer folders finds them
     shutil.copytree(tokenizer_root, tmp_path / "model")
@@ -225,22 +225,22 @@ def test_stability_files_carry_no_tokenizers(tiny):
 # ------------------------------------------------------------------ plumbing
 def test_converted_folders_go_to_the_converted_loader(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("sd35_mlx.weights.converted")
-    fake.is_converted = lambda p: (Path(p) / "config.json").is_file()
-    fake.load_converted_component = lambda folder, component, dtype=None: calls.append((component, dtype)) or component
-    monkeypatch.setitem(sys.modules, "sd35_mlx.weights.converted", fake)
-    monkeypatch.setattr(sd35_mlx.weights, "converted", fake, raising=False)
-    (tmp_path / "config.json").write_text('{"format": "sd35_mlx"}')
+
+    def fake_load(folder, component, dtype=None):
+        calls.append((component, component_dtype(component, dtype, warn=False)))
+        return component
+
+    monkeypatch.setattr(loading, "load_converted_component", fake_load)
+    (tmp_path / "config.json").write_text('{"format": "sd35_mlx", "format_version": 1, "components": {}}')
     assert load_transformer(tmp_path, dtype=mx.bfloat16) == "transformer"
     enc = load_text_encoders(tmp_path, dtype=mx.float16)
     assert (enc.clip_l, enc.clip_g, enc.t5) == ("clip_l", "clip_g", "t5")
     assert calls == [("transformer", mx.bfloat16), ("clip_l", mx.float16), ("clip_g", mx.float16), ("t5", mx.bfloat16)]
     with pytest.raises(SD35Error, match="converted sd35_mlx folder"):
-        loading.resolve_components(tmp_path)
+        resolve_components(tmp_path)
 
 
 def test_a_real_converted_folder(tiny, tmp_path):
-    convert = pytest.importorskip("sd35_mlx.convert").convert
     out = convert(tiny.both, tmp_path / "converted", dtype="float32", quantize="none", quiet=True)
     assert_same_params(load_transformer(out), tiny.expected["transformer"])
     assert_same_params(load_vae(out), tiny.expected["vae"])

@@ -1,7 +1,7 @@
 """The memory planner: exact weight sizes, stage estimates, and the plans it picks.
 
 Weight sizes are checked two independent ways: against the parameter counts of the spec
-(§7, computed from the official key tables) and against the bytes of the real networks
+(computed from the official key tables; docs/transformer.md lists the parameter counts) and against the bytes of the real networks
 quantized by `quantize_network` (built lazily: shapes and dtypes only, nothing allocated).
 Plans are computed for Apple-silicon GPUs (the target) whatever machine runs the tests.
 """
@@ -25,9 +25,11 @@ from sd35_mlx.models.clip import CLIPTextEncoder
 from sd35_mlx.models.mmdit import MMDiT
 from sd35_mlx.models.t5 import T5Encoder
 from sd35_mlx.models.vae import VAE
-from sd35_mlx.quantize import make_spec, parse_quantize, quantize_network
+from sd35_mlx.components import T5Mode
+from sd35_mlx.quantize import make_spec, quantize_network
 
 GPU = mx.Device(mx.DeviceType.gpu)
+TR_4, T5_4 = make_spec("transformer", 4), make_spec("t5", 4)
 CPU = mx.Device(mx.DeviceType.cpu)
 
 
@@ -52,7 +54,7 @@ def lazily_quantized(model: nn.Module, component: str, bits: int) -> nn.Module:
 
 
 # ---- weights -------------------------------------------------------------------------------------------
-# Parameter counts of spec §7 (from the official key tables; corroborated there).
+# Parameter counts from the official key tables (docs/transformer.md; corroborated by the hub's index sizes).
 SPEC_PARAMETERS = [
     ("t5", lambda: T5Encoder(T5_XXL), 4_762_310_656),
     ("transformer", lambda: MMDiT(SD35_MEDIUM_MMDIT), 2_469_663_936),
@@ -84,7 +86,7 @@ def test_16bit_bytes_are_twice_the_spec_parameter_count(component, build, params
     ids=["t5-4", "t5-8", "medium-4", "medium-8", "large-4", "large-8", "large-16", "clip_g-16"],
 )
 def test_bytes_match_spec_table(build, bits, component, spec_gb):
-    """Spec §7: every Linear quantized (gs 64, 16-bit scale and bias per group), the rest 16-bit."""
+    """Every Linear quantized (gs 64, 16-bit scale and bias per group), the rest 16-bit."""
     assert round(network_bytes(build(), bits, component=component) / GB, 2) == spec_gb
 
 
@@ -119,7 +121,7 @@ def test_streamed_t5_is_one_block_not_the_encoder(medium):
     qkv16 = 2 * 3 * c.d_model * c.num_heads * c.d_kv
     assert medium.t5_streamed(None) == block16 + qkv16  # larger than the 0.26 GB embedding
     assert medium.t5_streamed(None) < network_bytes(medium.t5) / 15
-    assert medium.t5_streamed(4) > medium.t5_streamed(None)  # 16-bit read + 4-bit copy
+    assert medium.t5_streamed(T5_4) > medium.t5_streamed(None)  # 16-bit read + 4-bit copy
     # with T5 streamed, CLIP-G (1.39 GB) is the largest encoder
     assert medium.encode(None, "streamed") == medium.encode(None, "dropped") == int(network_bytes(medium.clips[1]) + 0.1 * GB)
 
@@ -138,18 +140,18 @@ def test_trimmed_transformer_saves_exactly_conditioning_weights_and_table():
     assert saved == conditioning + table - crop - modulations
     assert conditioning > 1.4 * GB  # ~31% of Medium: worth precomputing the modulations
     # 4-bit: the adaLN layers are quantized, the embedders kept at 16-bit (keep list)
-    saved4 = plain.denoise(4, 1024, 1024, 256) - trimmed.denoise(4, 1024, 1024, 256, steps=28)
-    assert saved4 == trimmed.conditioning_bytes(4) + table - crop - modulations
-    assert 0.4 * GB < trimmed.conditioning_bytes(4) < 0.5 * GB
+    saved4 = plain.denoise(TR_4, 1024, 1024, 256) - trimmed.denoise(TR_4, 1024, 1024, 256, steps=28)
+    assert saved4 == trimmed.conditioning_bytes(TR_4) + table - crop - modulations
+    assert 0.4 * GB < trimmed.conditioning_bytes(TR_4) < 0.5 * GB
 
 
 def test_cpu_counts_the_attention_scores():
     """MLX's CPU attention materialises (tokens x tokens) scores per head; the GPU term is fitted."""
     cpu = MemoryEstimator(SD35_MEDIUM_MMDIT, device=CPU)
     tokens = 64 * 64 + 77 + 256
-    weights = cpu._bytes("transformer", cpu.transformer, 4)
+    weights = cpu._bytes("transformer", cpu.transformer, TR_4)
     streams = 2 * tokens * 1536 * 2 * 16
-    assert cpu.denoise(4, 1024, 1024, 256) == weights + streams + 2 * 24 * tokens**2 * 2
+    assert cpu.denoise(TR_4, 1024, 1024, 256) == weights + streams + 2 * 24 * tokens**2 * 2
 
 
 def test_measured_cpu_attention_matches_the_cpu_term():
@@ -205,7 +207,7 @@ def test_trimming_and_split_cfg_lower_the_denoise_estimate():
     plain = MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU)
     trimmed = MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU, trimmed_transformer=True)
     split = MemoryEstimator(SD35_MEDIUM_MMDIT, device=GPU, trimmed_transformer=True, split_cfg=True)
-    p, t, s = (e.plan(4, None, "streamed", True, 1024, 1024, 256, 32).stages["denoise"] for e in (plain, trimmed, split))
+    p, t, s = (e.plan(TR_4, None, "streamed", True, 1024, 1024, 256, 32).stages["denoise"] for e in (plain, trimmed, split))
     assert p > t > s
 
 
@@ -255,7 +257,7 @@ def test_t5_is_never_dropped_for_memory(medium, large):
 
 
 def test_refusal_names_the_smallest_plan_and_its_stage(medium):
-    smallest = medium.plan(4, None, "streamed", True, 2048, 2048, 256, DECODE_TILES[-1])
+    smallest = medium.plan(TR_4, None, "streamed", True, 2048, 2048, 256, DECODE_TILES[-1])
     with pytest.raises(InputError) as e:
         plan_memory(medium, int(2.0 * GB), 2048, 2048)
     msg = str(e.value)
@@ -267,20 +269,31 @@ def test_refusal_names_the_smallest_plan_and_its_stage(medium):
 
 
 def test_fixed_settings_are_kept(medium):
-    plan = plan_memory(medium, int(2.0 * GB), 1024, 1024, fixed={"t5": 4})
+    plan = plan_memory(medium, int(2.0 * GB), 1024, 1024, fixed={"t5": T5_4})
     assert choice(plan) == (4, 4, "streamed", True)
     with pytest.raises(InputError, match="denoise"):
         plan_memory(medium, int(3 * GB), 1024, 1024, fixed={"transformer": None})
 
 
-def test_quantize_spec_round_trips_through_the_parser(medium):
-    """The pipeline feeds `plan.quantize_spec()` to parse_quantize."""
+def test_plans_hand_back_the_specs_they_were_made_with(medium):
+    """The pipeline takes `plan.quantization()` as is: the specs of the rung, T5's unless dropped,
+    and a fixed spec (e.g. a converted folder's 4-bit group-32 T5) itself, not just its bits."""
     for tr, t5, mode in candidates():
         plan = medium.plan(tr, t5, mode, True, 1024, 1024, 256)
-        specs = parse_quantize(plan.quantize_spec() or "none", defaults=False)
-        assert (specs["transformer"].bits if specs["transformer"] else None) == tr
-        if mode != "dropped":
-            assert (specs["t5"].bits if specs["t5"] else None) == t5
+        assert plan.quantization() == ({"transformer": tr} if mode == "dropped" else {"transformer": tr, "t5": t5})
+        assert plan.t5 is T5Mode(mode) and plan.transformer_bits == (tr.bits if tr else None)
+    stored = make_spec("t5", 4, 32)
+    plan = plan_memory(medium, int(2.0 * GB), 1024, 1024, fixed={"t5": stored})
+    assert plan.quantization()["t5"] is stored and "4-bit g32" in plan.describe()
+
+
+def test_a_fixed_t5_mode_is_kept(medium):
+    """T5 dropped (t5=False) or streamed by request: the planner plans that, not T5 loaded."""
+    dropped = plan_memory(medium, int(20 * GB), 1024, 1024, t5_mode=T5Mode.DROPPED)
+    assert choice(dropped) == (None, None, "dropped", False)
+    assert dropped.stages["encode"] == medium.encode(None, T5Mode.DROPPED)
+    streamed = plan_memory(medium, int(20 * GB), 1024, 1024, t5_mode=T5Mode.STREAMED)
+    assert choice(streamed) == (None, None, "streamed", False)
 
 
 # ---- the planner's streamed-T5 number against a measurement -------------------------------------------
@@ -360,6 +373,6 @@ def test_denoise_setup_counts_when_it_exceeds_the_step():
     shallow = replace(SD35_MEDIUM_MMDIT, depth=1, dual_attention_layers=(0,))
     est = MemoryEstimator(shallow, device=GPU, trimmed_transformer=True, split_cfg=True)
     table = shallow.pos_embed_max_size**2 * shallow.hidden_size * 2
-    need = est.denoise(4, 128, 128, 8, batch=2)
-    assert table + est.conditioning_bytes(4) == need
+    need = est.denoise(TR_4, 128, 128, 8, batch=2)
+    assert table + est.conditioning_bytes(TR_4) == need
     assert 0.4e9 < need < 0.5e9  # the measured peak: 0.47 GB

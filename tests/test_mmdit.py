@@ -199,7 +199,7 @@ def test_diffusers_folder(tmp_path, sharded):
 
 
 def sai_shapes(cfg: MMDiTConfig) -> Dict[str, tuple]:
-    """SAI MMDiTX tensor names and shapes (spec §2.3), without the file prefix."""
+    """SAI MMDiTX tensor names and shapes (Stability's mmditx.py), without the file prefix."""
     h, p, n = cfg.hidden_size, cfg.patch_size, cfg.depth
     wb = lambda name, out, inp: {f"{name}.weight": (out, inp), f"{name}.bias": (out,)}  # noqa: E731
     s = {"pos_embed": (1, cfg.pos_embed_max_size**2, h)}
@@ -280,7 +280,7 @@ def test_unexpected_keys_are_refused():
 
 # ---- full-size configurations: key tables, config inference, parameter counts ----
 OFFICIAL = [
-    # config, diffusers keys, SAI keys, params incl. pos_embed (spec §2.3 / §7)
+    # config, diffusers keys, SAI keys, params incl. pos_embed (docs/transformer.md)
     (SD3_MEDIUM_MMDIT, 683, 491, 2_084_951_104),
     (SD35_MEDIUM_MMDIT, 909, 665, 2_469_663_936),
     (SD35_LARGE_MMDIT, 1227, 923, 8_146_280_768),
@@ -317,6 +317,7 @@ def test_full_size_tables_and_counts(cfg, n_diffusers, n_sai, n_params):
 @pytest.mark.parametrize("dtype, qk_norm", [(mx.bfloat16, True), (mx.float32, True), (mx.bfloat16, False)])
 def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
     """The CUDA kernel's q, k, v (one pass, (B, N, heads, d) layout) equal split + norm + concat."""
+    from sd35_mlx.backend import KERNELS
     from sd35_mlx.models import joint_heads as jh
     from sd35_mlx.models.mmdit_blocks import Attention
 
@@ -328,14 +329,10 @@ def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
         a.set_dtype(dtype)
     qkv_c = mx.random.normal((2, 7, 3 * hidden)).astype(dtype)
     qkv_x = (3 * mx.random.normal((2, 37, 3 * hidden))).astype(dtype)
-    try:
-        jh.FUSE_ON_CUDA = False
+    with KERNELS.overridden(joint_heads=False):
         plain = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
-        jh.FUSE_ON_CUDA = True
-        assert jh._use_kernel(x_attn, qkv_c, qkv_x)
-        fused = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
-    finally:
-        jh.FUSE_ON_CUDA = True
+    assert jh._use_kernel(x_attn, qkv_c, qkv_x)
+    fused = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
     bound = 1e-6 if dtype == mx.float32 else 1e-2  # bf16: one rounding step apart at most
     for p, f in zip(plain, fused):
         assert p.shape == f.shape

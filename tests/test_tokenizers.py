@@ -67,7 +67,7 @@ def test_clip_assets_are_the_published_files(tokenizer_root):
     merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert len(vocab) == 49408 and merges[0] == "#version: 0.2" and len(merges) == 1 + 48894
     assert (vocab["!"], vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (0, 49406, 49407)
-    for name, sizes in (("tokenizer", (588, 705)), ("tokenizer_2", (576, 856))):  # spec §2.1 listing
+    for name, sizes in (("tokenizer", (588, 705)), ("tokenizer_2", (576, 856))):  # the hub's listing
         got = tuple(
             (tokenizer_root / name / f).stat().st_size for f in ("special_tokens_map.json", "tokenizer_config.json")
         )

@@ -29,7 +29,7 @@ from sd35_mlx.variants import (
     validate_size,
 )
 
-# The official transformer/config.json files (spec §1.1), as diffusers reads them.
+# The official transformer/config.json files (as published in the official repos), as diffusers reads them.
 OFFICIAL_TRANSFORMER_CONFIGS = {
     "sd3-medium": {"num_layers": 24, "num_attention_heads": 24, "pos_embed_max_size": 192, "qk_norm": None},
     "sd3.5-medium": {

@@ -3,7 +3,7 @@
 One class for both: causal pre-LN transformer with learned positions. SD3 takes the
 penultimate layer's output (no final LayerNorm) as token embeddings and the last layer's
 output, after the final LayerNorm, at the first EOS token as the pooled vector (projected
-when the network has a `text_projection`). See spec §4.2.
+when the network has a `text_projection`). See docs/text.md, "What SD3 takes from each encoder".
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from typing import Tuple
 
 import mlx.core as mx
 
-FUSE_ON_CUDA = True  # benchmarks flip this to time the plain path
+from ..backend import KERNELS, backend_name
+
 NORM_EPS = 1e-6  # as mmdit_blocks.NORM_EPS (every SD3 RMSNorm)
 
 
@@ -46,9 +47,7 @@ def joint_heads(ctx_attn, qkv_c: mx.array, x_attn, qkv_x: mx.array) -> Tuple[mx.
 
 
 def _use_kernel(x_attn, qkv_c: mx.array, qkv_x: mx.array) -> bool:
-    from ..fast_quantized import backend_name
-
-    if not (FUSE_ON_CUDA and backend_name() == "cuda"):
+    if not (KERNELS.joint_heads and backend_name() == "cuda"):
         return False
     head_dim = qkv_x.shape[-1] // (3 * x_attn.num_heads)
     norms = "q_norm" in x_attn

@@ -22,16 +22,17 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backend import KERNELS, on_cpu
 from ..config import VAEConfig
 from ..errors import InputError, SD35Error
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
-# Compile GroupNorm (+ SiLU) on GPUs: the fp32 statistics and the affine/SiLU tail are a
-# dozen memory passes over the decoder's largest tensors unfused. Not on CPU, where the
-# compiled graph holds more memory at once (measured) and is not faster.
-FUSE_GROUP_NORM_ON_GPU = True
+# Compile GroupNorm (+ SiLU) on GPUs (switch: backend.KERNELS.group_norm): the fp32 statistics
+# and the affine/SiLU tail are a dozen memory passes over the decoder's largest tensors
+# unfused. Not on CPU, where the compiled graph holds more memory at once (measured) and is
+# not faster.
 
 
 # Up to this many positions the statistics are reduced in two stages (SMALL_CHUNKS partial
@@ -94,9 +95,9 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((channels,))
 
     def __call__(self, x: mx.array, silu: bool = False, fused: Optional[bool] = None) -> mx.array:
-        """fused: compile (default: on GPUs, see FUSE_GROUP_NORM_ON_GPU)."""
+        """fused: compile (default: on GPUs, unless backend.KERNELS.group_norm is off)."""
         if fused is None:
-            fused = FUSE_GROUP_NORM_ON_GPU and mx.default_device().type != mx.DeviceType.cpu
+            fused = KERNELS.group_norm and not on_cpu()
         norm = fused_group_norm if fused else group_norm
         return norm(x, self.weight, self.bias, self.groups, self.eps, silu)
 

@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from ..backend import on_cpu
 from ..config import SD3_VAE, VAEConfig
 from ..errors import InputError
 from .vae import VAE
@@ -198,7 +199,7 @@ def decode_activation_bytes(
     attention 2 * 16384^2 * 2 = 1.1 GB. Weights are not included.
     """
     device = device or mx.default_device()
-    k = CONV_BYTES_CPU if device.type == mx.DeviceType.cpu else _conv_bytes_gpu(dtype_bytes)
+    k = CONV_BYTES_CPU if on_cpu(device) else _conv_bytes_gpu(dtype_bytes)
     f = 2 ** (len(config.block_out_channels) - 1)
     c1 = config.block_out_channels[min(1, len(config.block_out_channels) - 1)]
     convs = k * batch * height * width * c1

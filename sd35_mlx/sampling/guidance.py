@@ -1,4 +1,4 @@
-"""Guidance arithmetic: classifier-free guidance and skip-layer guidance (spec §5.3–§5.6).
+"""Guidance arithmetic: classifier-free guidance and skip-layer guidance (docs/sampling.md, "Guidance").
 
 Works on velocities (diffusers' choice; SAI combines x0 predictions, which is the same
 thing because x0 = x − σ·v is affine in v with the same x for every branch).

@@ -1,4 +1,4 @@
-"""Flow-matching ODE samplers (spec §5.3): Euler and DPM-Solver++(2M).
+"""Flow-matching ODE samplers (docs/sampling.md, "Samplers"): Euler and DPM-Solver++(2M).
 
 The model predicts a velocity v; the denoised estimate is x0 = x − σ·v. All per-step
 coefficients are Python floats computed on the host when the sampler is built, so

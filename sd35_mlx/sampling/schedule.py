@@ -1,4 +1,4 @@
-"""The flow-matching sigma schedule (spec §5.1, §5.2, §5.5).
+"""The flow-matching sigma schedule (docs/sampling.md: "Flow matching", "Schedule", "img2img truncation").
 
 Numbers match diffusers' `FlowMatchEulerDiscreteScheduler` bit for bit: its 1000-entry
 training table is float32, the inference grid is built in float64 and cast to float32.

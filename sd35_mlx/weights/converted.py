@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import shutil
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -44,9 +43,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import __version__
+from .._version import __version__
+from ..components import COMPONENTS, TOKENIZER_FOLDERS, check_component, component_dtype, dtype_name, network_classes
+from ..components import parse_dtype  # noqa: F401  (re-exported: the converter's callers use it from here)
 from ..errors import InputError, SD35Error, WeightFileError
-from ..quantize import QuantSpec, check_component, quantizable_layers, quantize_network, quantized_paths, spec_of
+from ..quantize import QuantSpec, quantizable_layers, quantize_network, quantized_paths, spec_of
+from .model_card import model_card
 from .mapping import check_against_model
 from .safetensors_file import load_tensors
 
@@ -56,36 +58,12 @@ FORMAT = "sd35_mlx"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # like mlx-lm: shards of at most ~5 GB
-TOKENIZER_FOLDERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
-COMPONENT_ORDER = ("transformer", "vae", "clip_l", "clip_g", "t5")
 LICENSE_FILE = re.compile(r"(LICEN[CS]E|COPYING|NOTICE)([.-].*)?\Z", re.IGNORECASE)
 
 NetworkOrLoader = Union[nn.Module, Callable[[], nn.Module]]
 
 
 # ---- networks <-> configs ---------------------------------------------------------------------
-def _classes(component: str):
-    """(network class, config class) of a component; imported late (models import heavy deps)."""
-    check_component(component)
-    from ..config import CLIPConfig, MMDiTConfig, T5Config, VAEConfig
-
-    if component == "transformer":
-        from ..models.mmdit import MMDiT
-
-        return MMDiT, MMDiTConfig
-    if component == "vae":
-        from ..models.vae import VAE
-
-        return VAE, VAEConfig
-    if component == "t5":
-        from ..models.t5 import T5Encoder
-
-        return T5Encoder, T5Config
-    from ..models.clip import CLIPTextEncoder
-
-    return CLIPTextEncoder, CLIPConfig
-
-
 def network_options(component: str, model: nn.Module) -> dict:
     """Constructor options beyond the config (the VAE may be decoder-only)."""
     return {"with_encoder": "encoder" in model} if component == "vae" else {}
@@ -93,7 +71,7 @@ def network_options(component: str, model: nn.Module) -> dict:
 
 def build_network(component: str, config: Mapping, options: Optional[Mapping] = None) -> nn.Module:
     """A fresh network (lazily initialised: no memory is used until evaluated)."""
-    network_cls, config_cls = _classes(component)
+    network_cls, config_cls = network_classes(component)
     try:
         cfg = config_cls.from_dict(dict(config))
     except (TypeError, ValueError) as e:
@@ -108,19 +86,6 @@ def float_dtype(model: nn.Module) -> Optional[mx.Dtype]:
         if mx.issubdtype(v.dtype, mx.floating):
             counts[v.dtype] = counts.get(v.dtype, 0) + v.size
     return max(counts, key=counts.get) if counts else None
-
-
-def dtype_name(dtype: Optional[mx.Dtype]) -> Optional[str]:
-    return None if dtype is None else str(dtype).replace("mlx.core.", "")
-
-
-def parse_dtype(name: Optional[str]) -> Optional[mx.Dtype]:
-    if name is None:
-        return None
-    names = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-    if name not in names:
-        raise InputError(f"unknown dtype {name!r}; choose bfloat16, float16 or float32")
-    return names[name]
 
 
 def logical_parameters(model: nn.Module) -> int:
@@ -178,7 +143,7 @@ def read_converted_config(folder: Union[str, os.PathLike]) -> dict:
 
 
 def converted_components(folder: Union[str, os.PathLike]) -> List[str]:
-    return [c for c in COMPONENT_ORDER if c in read_converted_config(folder)["components"]]
+    return [c for c in COMPONENTS if c in read_converted_config(folder)["components"]]
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -186,7 +151,7 @@ def _component_entry(folder: Path, config: dict, component: str) -> dict:
     check_component(component)
     entry = config["components"].get(component)
     if entry is None:
-        there = ", ".join(c for c in COMPONENT_ORDER if c in config["components"]) or "nothing"
+        there = ", ".join(c for c in COMPONENTS if c in config["components"]) or "nothing"
         hint = " (it was converted with --drop-t5)" if component == "t5" and config.get("t5") == "dropped" else ""
         raise WeightFileError(f"{folder}: this converted folder has no {component}{hint}; it holds {there}.")
     return entry
@@ -231,9 +196,7 @@ def load_converted_component(
     folder = Path(folder)
     config = read_converted_config(folder)
     entry = _component_entry(folder, config, component)
-    if component == "t5" and dtype is not None and dtype == mx.float16:
-        warnings.warn("T5-XXL overflows in float16; loading it in bfloat16 instead", stacklevel=2)
-        dtype = mx.bfloat16
+    dtype = component_dtype(component, dtype)
     model = build_network(component, entry["config"], entry.get("options"))
     quant = entry.get("quantization")
     if quant is not None:
@@ -466,7 +429,7 @@ def save_converted(
     root = Path(source_root) if source_root is not None else None
     with atomic_folder(out_dir, force=force) as tmp:
         entries: Dict[str, dict] = {}
-        for component in [c for c in COMPONENT_ORDER if c in networks]:
+        for component in [c for c in COMPONENTS if c in networks]:
             net = networks[component]
             model = net() if callable(net) and not isinstance(net, nn.Module) else net
             spec = quantization.get(component)
@@ -515,107 +478,6 @@ def save_converted(
                        upload_repo=upload_repo)  # fmt: skip
         )
     return Path(out_dir).expanduser()
-
-
-# ---- the model card -------------------------------------------------------------------------------
-STABILITY_LICENSE = "Stability AI Community License"
-
-
-def card_fields(card: Optional[str]) -> Dict[str, str]:
-    """`key: value` lines of a model card's YAML front matter (license fields are flat)."""
-    if not card or not card.startswith("---"):
-        return {}
-    end = card.find("\n---", 3)
-    fields = {}
-    for line in card[3 : end if end > 0 else 0].splitlines():
-        m = re.match(r"([A-Za-z_]+):\s*(.+?)\s*\Z", line)
-        if m:
-            fields[m.group(1)] = m.group(2).strip("'\"")
-    return fields
-
-
-def license_name(source_id: Optional[str], fields: Mapping[str, str]) -> Optional[str]:
-    name = fields.get("license_name") or fields.get("license")
-    official = source_id is not None and source_id.lower().startswith("stabilityai/stable-diffusion-3")
-    if (name and "stabilityai" in name.lower() and "community" in name.lower()) or (not name and official):
-        return STABILITY_LICENSE
-    return None if name in (None, "other") else name
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def model_card(config: dict, *, source_card: Optional[str] = None, license_names: Sequence[str] = (),
-               upload_repo: Optional[str] = None) -> str:  # fmt: skip
-    """README.md of a converted folder: where it comes from, how it was made, its license."""
-    src = config.get("source") or {}
-    source_id = src.get("repo_id")
-    source_label = source_id or (Path(src["path"]).name if src.get("path") else "the original model")
-    source_link = f"[{source_id}](https://huggingface.co/{source_id})" if source_id else f"`{source_label}`"
-    fields = card_fields(source_card)
-    lic = license_name(source_id, fields)
-    quantized = any(e.get("quantization") for e in config["components"].values())
-    front = ["---", f"license: {fields.get('license', 'other')}"]
-    if fields.get("license_name") or lic == STABILITY_LICENSE:
-        front.append(f"license_name: {fields.get('license_name', 'stabilityai-ai-community')}")
-    if license_names:
-        front.append(f"license_link: {license_names[0]}")
-    elif fields.get("license_link"):
-        front.append(f"license_link: {fields['license_link']}")
-    if source_id:
-        front += [f"base_model: {source_id}"] + (["base_model_relation: quantized"] if quantized else [])
-    front += ["library_name: mlx", "pipeline_tag: text-to-image",
-              "tags:", "- mlx", "- sd35_mlx", "- stable-diffusion", "- text-to-image", "---", ""]  # fmt: skip
-    name = upload_repo or source_label + "-mlx"
-    rows = []
-    for c in COMPONENT_ORDER:
-        e = config["components"].get(c)
-        if e is None:
-            continue
-        q = e.get("quantization")
-        how = (f"{q['bits']}-bit {q['mode']}, group {q['group_size']}" if q and q["mode"] == "affine"
-               else q["mode"] if q else e.get("dtype") or "")  # fmt: skip
-        rows.append(f"| {c} | {e['parameters'] / 1e6:,.0f} M | {how} | {_gb(e['bytes'])} |")
-    t5_note = {"dropped": "\nT5-XXL was left out (`--drop-t5`): generation runs in T5-drop mode "
-                          "(zeros stand in for its tokens).\n"}.get(config.get("t5"), "")  # fmt: skip
-    model_ref = upload_repo or "path/to/this/folder"
-    body = [
-        f"# {name}", "",
-        f"{source_link}, converted to the MLX format of sd35_mlx with sd35_mlx "
-        f"{config['sd35_mlx_version']} (converted format version {config['format_version']})."
-        + (f" Variant: {config['variant']}." if config.get("variant") else ""), "",
-        "| network | parameters | stored as | size |", "|---|---|---|---|", *rows, t5_note,
-        "## Use", "", "```bash", "pip install sd35_mlx",
-        f'python -m sd35_mlx.generate --model {model_ref} --prompt "a photo of an astronaut riding a horse"',
-        "```", "", "```python", "from sd35_mlx import SD35Pipeline", "",
-        f'pipe = SD35Pipeline.from_pretrained("{model_ref}")',
-        'pipe.generate("a photo of an astronaut riding a horse", seed=0).image.save("out.png")', "```", "",
-        "## License", "",
-    ]  # fmt: skip
-    if lic and license_names:
-        body.append(
-            f"These weights are a conversion of {source_link} and remain under its license, the "
-            f"**{lic}**; its text is included ({', '.join(f'`{n}`' for n in license_names)}). "
-            "Use of these weights is subject to its terms."
-        )
-    elif lic:
-        body.append(
-            f"These weights are a conversion of {source_link} and remain under its license, the "
-            f"**{lic}** (see the source model's card{' and ' + fields['license_link'] if fields.get('license_link') else ''}). "
-            "Use of these weights is subject to its terms."
-        )
-    elif license_names:
-        body.append(
-            f"These weights are a conversion of {source_link} and remain under its license, "
-            f"included here as {', '.join(f'`{n}`' for n in license_names)}."
-        )
-    else:
-        body.append(
-            f"These weights are a conversion of {source_link}; the license of {source_link} applies "
-            "to them (no license file was found in the source to copy: see the source model's card)."
-        )
-    return "\n".join(front + body) + "\n"
 
 
 __all__ = [

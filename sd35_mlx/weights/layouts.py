@@ -1,6 +1,6 @@
 """Which files hold which network, in which layout — decided from safetensors headers only.
 
-`resolve_components(path)` accepts (spec §2.1, §2.2):
+`resolve_components(path)` accepts (docs/loading.md, "What `path` can be"):
 - a diffusers model folder (`model_index.json`, `transformer/`, `vae/`, `text_encoder*/`):
   a sharded component loads exactly the shards its `*.safetensors.index.json` names,
   otherwise `diffusion_pytorch_model.safetensors` / `model.safetensors`; the `*.fp16*`
@@ -19,31 +19,22 @@ Nothing here reads tensor data. Pickle checkpoints are refused.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..components import COMPONENTS, DESCRIPTIONS as _DESCRIPTION, DIFFUSERS_FOLDERS, TOKENIZER_FOLDERS
 from ..errors import SD35Error, WeightFileError
+from . import converted
 from .mapping import NetworkLayout
 from .safetensors_file import PICKLE_SUFFIXES, TensorInfo, read_header
 
 log = logging.getLogger(__name__)
 
-COMPONENTS: Tuple[str, ...] = ("transformer", "vae", "clip_l", "clip_g", "t5")
-DIFFUSERS_FOLDERS: Dict[str, str] = {
-    "transformer": "transformer", "vae": "vae", "clip_l": "text_encoder",
-    "clip_g": "text_encoder_2", "t5": "text_encoder_3",
-}  # fmt: skip
-TOKENIZER_FOLDERS: Dict[str, str] = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 SAI_TEXT_ENCODERS_FOLDER = "text_encoders"
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers / transformers file names
-_DESCRIPTION = {
-    "transformer": "MMDiT transformer", "vae": "VAE", "clip_l": "CLIP-L text encoder",
-    "clip_g": "CLIP-G text encoder", "t5": "T5-XXL text encoder",
-}  # fmt: skip
 
 EXPECTED = (
     "Expected one of: a diffusers SD3/SD3.5 folder (model_index.json, transformer/, vae/, "
@@ -390,20 +381,8 @@ def _sai_files(folder: Path) -> List[Path]:
 
 
 # ---- the entry point --------------------------------------------------------------------------
-def _converted():
-    """The converted-folder module, when that format is available (a hook: optional)."""
-    name = f"{__package__}.converted"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
-
-
 def is_converted_folder(path: Path) -> bool:
-    module = _converted()
-    return bool(module is not None and Path(path).is_dir() and module.is_converted(Path(path)))
+    return converted.is_converted(Path(path))
 
 
 def describe_folder(folder: Path, limit: int = 12) -> str:

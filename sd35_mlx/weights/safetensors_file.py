@@ -6,6 +6,7 @@ routed through numpy), so only what a network uses is ever read from disk.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,12 +45,21 @@ def refuse_pickle(path: Path) -> None:
 
 
 def read_header(path: str | os.PathLike) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
-    """Return ({key: TensorInfo}, metadata) after checking the file is whole."""
+    """Return ({key: TensorInfo}, metadata) after checking the file is whole.
+
+    Each file's header is parsed once: finding the layout, picking shards and loading all ask
+    for it, so the result is kept per (file, size, modification time); a file that changes
+    is read again. The returned mappings are shared: do not modify them."""
     path = Path(path)
     refuse_pickle(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: no such weight file")
-    size = path.stat().st_size
+    stat = path.stat()
+    return _read_header(path.absolute(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=512)
+def _read_header(path: Path, size: int, _mtime_ns: int) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:

@@ -2,9 +2,9 @@
 
 The same names appear in diffusers `text_encoder/`, `text_encoder_2/`, in SAI
 `text_encoders/clip_{l,g}.safetensors` (no prefix) and under
-`text_encoders.clip_{l,g}.transformer.` in all-in-one checkpoints (spec §2.1, §2.2, §2.5).
+`text_encoders.clip_{l,g}.transformer.` in all-in-one checkpoints (docs/loading.md, "Tensor names in each layout").
 
-Also the CLIP-L `text_projection` check (spec §4.2): see `warn_if_clip_l_projected`.
+Also the CLIP-L `text_projection` check (docs/text_encoders_clip.md): see `warn_if_clip_l_projected`.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def load_clip(
     )  # fmt: skip
 
 
-# ---- CLIP-L's text_projection (spec §4.2) -------------------------------------------------------
+# ---- CLIP-L's text_projection (docs/text_encoders_clip.md) -------------------------------------------------------
 # SD3 conditions on CLIP-L's *unprojected* pooled vector: Stability's reference never projects
 # it and its clip_l.safetensors has no projection. Diffusers' text_encoder/ carries one that is
 # meant to be the identity (diffusers' own single-file loader injects torch.eye(768)) and

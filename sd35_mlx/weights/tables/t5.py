@@ -1,6 +1,6 @@
 """T5-XXL encoder: HF-transformers names -> our `T5Encoder` names.
 
-The same HF names appear in three places (spec §2.1, §2.2, §2.5):
+The same HF names appear in three places (docs/loading.md, "Tensor names in each layout"):
 - diffusers `text_encoder_3/` (sharded; only `shared.weight` for the embedding),
 - SAI `text_encoders/t5xxl_fp16.safetensors` (no prefix; BOTH `shared.weight` and the tied
   duplicate `encoder.embed_tokens.weight`),

@@ -1,4 +1,4 @@
-"""The 16-channel VAE: diffusers `vae/`, Stability `first_stage_model.*` and our names (spec §2.4).
+"""The 16-channel VAE: diffusers `vae/`, Stability `first_stage_model.*` and our names (docs/vae.md, "Our names and the index reversal").
 
 Our decoder numbers its levels like the encoder (0 = full resolution), which is Stability's
 `decoder.up.{i}`; diffusers' `decoder.up_blocks.{i}` runs in the other order, so its rules
