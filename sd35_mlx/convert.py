@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sd35_mlx.convert",
         description="Convert an SD3 / SD3.5 model to the sd35_mlx format, optionally quantized.",
     )
-    p.add_argument("--hf-path", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--hf-path", nargs="+", metavar="PATH",
                    help="Hugging Face repo id, diffusers folder, Stability single file (+ its text "
                         "encoder files), or a converted folder to requantize")  # fmt: skip
     p.add_argument("--mlx-path", help="output folder (default: <source>-mlx[-<quantization>] in the current folder)")
@@ -501,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
     p.add_argument("--max-shard-size", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, metavar="GB",
                    help="split a network's weights into files of at most this size (default 5)")  # fmt: skip
+    p.add_argument("--controlnet", metavar="PATH_OR_REPO",
+                   help="convert a ControlNet instead (its own folder; --quantize controlnet=4; docs/control.md)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -525,7 +527,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if bool(args.hf_path) == bool(args.controlnet):
+        parser.error("give --hf-path (a model) or --controlnet (a ControlNet)")
     try:
+        if args.controlnet:
+            from .control.convert import convert_controlnet
+
+            out = convert_controlnet(args.controlnet, args.mlx_path or Path(args.controlnet).name.split(".")[0] + "-mlx",
+                                     dtype=args.dtype, quantize=args.quantize, force=args.force)  # fmt: skip
+            _say(args.quiet, f"wrote {out}")
+            return 0
         quantize = quantization_from_args(args)
         convert(
             args.hf_path, args.mlx_path, revision=args.revision, dtype=args.dtype, quantize=quantize,

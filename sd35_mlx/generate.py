@@ -108,6 +108,8 @@ def plan(args: argparse.Namespace):
             t5 = False
         if args.quantize is None and meta.get("quantization") not in (None, "none"):
             args.quantize = meta["quantization"]
+        if args.controlnet_quantize is None and meta.get("controlnet_quantization") not in (None, "16"):
+            args.controlnet_quantize = meta["controlnet_quantization"]
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
 
@@ -230,6 +232,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
+        controlnet_quantize=args.controlnet_quantize,
     )  # fmt: skip
     if pipe.plan is not None and not args.quiet:
         print(pipe.describe_plan())

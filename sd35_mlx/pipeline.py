@@ -25,7 +25,7 @@ from .denoise import Denoiser
 from .errors import InputError, SD35Error
 from .images import load_image, to_pil
 from .memory import Plan, default_budget_bytes
-from .quantize import QuantSpec, Quantization, named_quantization, quantization_text
+from .quantize import QuantSpec, Quantization, named_quantization, quantization_text, quantize_network
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise, uses_cfg
 from .settings import GenerationSettings, SkipLayerGuidance
 from .variants import Variant, detect_variant, validate_size
@@ -75,6 +75,7 @@ class SD35Pipeline:
         memory_budget: Optional[float] = None,
         plan_size: Optional[Tuple[int, int]] = None,
         tokenizers: Optional[str] = None,
+        controlnet_quantize: Optional[str] = None,
     ):
         self.sources: ModelSources = path if isinstance(path, ModelSources) else resolve_sources(path, _wanted(use_t5))
         self.path = self.sources.path
@@ -89,6 +90,7 @@ class SD35Pipeline:
         # {component: QuantSpec or None}: what was named, and how a converted folder stores it
         self.quantization: Quantization = self._fixed_quantization(named_quantization(quantize))
         self.budget_bytes: Optional[int] = None if memory_budget is None else _budget_bytes(memory_budget)
+        self.controlnet_quantization: Optional[QuantSpec] = _controlnet_quantization(controlnet_quantize)
         self.plan: Optional[Plan] = None
         self.plan_size: Optional[Tuple[int, int]] = None
         self._transformer = None
@@ -172,6 +174,7 @@ class SD35Pipeline:
         memory_budget: Optional[float] = None,
         plan_size: Optional[Tuple[int, int]] = None,
         tokenizers: Optional[str] = None,
+        controlnet_quantize: Optional[str] = None,
     ) -> "SD35Pipeline":
         """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
 
@@ -179,6 +182,7 @@ class SD35Pipeline:
         quantize: e.g. "transformer=4,t5=4" (or {component: QuantSpec or None}) to quantize at
             load time; parsed here, once. A converted folder's networks load as stored.
         stream_t5: run T5 one block at a time from the memory-mapped file (slower, far less memory).
+        controlnet_quantize: quantization of the ControlNets ('4', '8:32', 'mxfp4'; docs/control.md).
         memory_budget: GB the whole generation may use; the planner then chooses quantization,
             T5 mode (loaded, streamed or dropped) and VAE tiling, and refuses if nothing fits.
         plan_size: (height, width) the plan is made for (default: the variant's default size).
@@ -193,6 +197,7 @@ class SD35Pipeline:
             resolve_sources(path, _wanted(t5)), name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
             quantize=quantization, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
             memory_budget=memory_budget, plan_size=plan_size, tokenizers=tokenizers,
+            controlnet_quantize=controlnet_quantize,
         )  # fmt: skip
 
     def _load_tokenizers(self, source: Optional[str]):
@@ -293,7 +298,10 @@ class SD35Pipeline:
         """A ControlNet (sd35_mlx.control.spec), cached until the transformer is released."""
         key = tuple(str(f) for f in spec.files)
         if key not in self._controlnets:
-            self._controlnets[key] = self._quantize(spec.load(dtype=self.dtype), "controlnet")
+            net = spec.load(dtype=self.dtype)
+            if self.controlnet_quantization is not None and not spec.converted:  # a converted one loads as stored
+                quantize_network(net, self.controlnet_quantization, "controlnet")
+            self._controlnets[key] = net
         return self._controlnets[key]
 
     def release(self, *names: str) -> None:
@@ -482,7 +490,7 @@ class SD35Pipeline:
             dtype=dtype_name(self.dtype),
             sd35_mlx_version=__version__,
         )
-        meta.update(control_metadata(s))
+        meta.update(control_metadata(s, self.controlnet_quantization))
         return meta
 
     def generate(
@@ -522,6 +530,12 @@ def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: 
     return mx.random.normal(
         (batch, height, width, channels), dtype=mx.float32, key=mx.random.key(seed), stream=mx.cpu
     )
+
+
+def _controlnet_quantization(text: Optional[str]) -> Optional[QuantSpec]:
+    from .control.convert import parse_controlnet_quantize
+
+    return parse_controlnet_quantize(text)
 
 
 def _wanted(t5: bool) -> Tuple[str, ...]:

@@ -210,3 +210,35 @@ def test_cli_bad_control_input(tiny_root, tmp_path, capsys, extra, message):
         rc = e.code
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+# ---- conversion and quantization ----
+def test_convert_controlnet_round_trip_and_quantized(tiny_root, controlnet, tmp_path, capsys):
+    """The converted folder keeps the weights and the conventions; 4-bit runs and is recorded."""
+    from sd35_mlx.control.spec import open_controlnet
+    from sd35_mlx.convert import main as convert_main
+    from sd35_mlx.quantize import is_quantized
+    from sd35_mlx.weights.converted import read_converted_config
+
+    out16, out4 = tmp_path / "cn16", tmp_path / "cn4"
+    assert convert_main(["--controlnet", controlnet, "--mlx-path", str(out16), "--dtype", "float32", "--quiet"]) == 0
+    assert convert_main(["--controlnet", controlnet, "--mlx-path", str(out4), "--quantize", "controlnet=4",
+                         "--quiet"]) == 0, capsys.readouterr().err  # fmt: skip
+    entry = read_converted_config(out4)["components"]["controlnet"]
+    assert entry["quantization"]["bits"] == 4 and entry["control"]["rule"] == "diffusers"
+    original, converted = open_controlnet(controlnet), open_controlnet(str(out16))
+    assert converted.converted and converted.config == original.config and converted.rule == original.rule
+    assert (converted.zero_pooled, converted.latent_shift, converted.control_type) == (
+        original.zero_pooled, original.latent_shift, original.control_type)  # fmt: skip
+    a, b = original.load(dtype=mx.float32), converted.load(dtype=mx.float32)
+    from mlx.utils import tree_flatten
+
+    for (ka, va), (kb, vb) in zip(sorted(tree_flatten(a.parameters())), sorted(tree_flatten(b.parameters()))):
+        assert ka == kb and mx.array_equal(va, vb), ka
+    assert is_quantized(open_controlnet(str(out4)).load())
+    assert convert_main(["--controlnet", controlnet, "--mlx-path", str(out4), "--quantize", "t5=4", "--quiet"]) == 2
+    # a quantized ControlNet at load time, recorded in the metadata
+    photo = _png(tmp_path / "p.png")
+    png = tmp_path / "q.png"
+    assert _cli(tiny_root, png, "--controlnet", str(out16), "--control-image", photo, "--controlnet-quantize", "8") == 0
+    assert read_metadata(png)["controlnet_quantization"] == "8"

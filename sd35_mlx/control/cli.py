@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn a photo into the control map first (canny 100/200, Gaussian blur)")
     c.add_argument("--control-rule", action="append", choices=tuple(RULES),
                    help="override which transformer blocks get its residuals (normally recognised)")
+    c.add_argument("--controlnet-quantize", metavar="BITS", help="quantize the ControlNets at load: 4, 8, '4:32', mxfp4")
     c.add_argument("--mask", help="inpainting: white = repaint, black = keep (needs --init-image)")
     c.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian blur radius for the mask edge (pixels)")
     c.add_argument("--save-control", metavar="DIR", help="save what each ControlNet sees (after preprocessing)")

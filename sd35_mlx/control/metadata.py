@@ -11,9 +11,12 @@ from ..errors import InputError
 from .image import file_sha256
 
 
-def control_metadata(s) -> Dict[str, Any]:
+def control_metadata(s, quantization=None) -> Dict[str, Any]:
+    from ..quantize import spec_text
+
     out: Dict[str, Any] = {}
     if s.controlnets:
+        out["controlnet_quantization"] = spec_text(quantization)
         out["control"] = [
             {"controlnet": c.path, "type": c.control_type, "scale": c.scale, "start": c.start, "end": c.end,
              "image": c.image or s.init_image, "image_sha256": file_sha256(c.image or s.init_image),

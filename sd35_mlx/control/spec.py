@@ -13,6 +13,8 @@ What the tensors cannot say comes from the checkpoint's family (docs/control.md)
 | joint blocks (InstantX, Alimama)       | diffusers     | zeros if its      | z·1.5305 if          |
 |                                        |               |  config.json has  |  force_zeros…        |
 |                                        |               |  force_zeros_for_pooled_projection (the default) |  (as diffusers)  |
+| joint, 17 input channels (Alimama      | diffusers     | zeros             | (z − 0.0609)·1.5305  |
+|  inpainting)                           |               |                   |                      |
 
 The residual rule can be overridden (`residual_rule=`), the control type too.
 """
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_TYPES = ("blur", "canny", "depth", "pose", "tile", "inpaint", "other")
 STABILITY_TYPE_IDS = {0: "blur", 1: "canny", 2: "depth"}  # the files' `control_type` tensor
+COMPONENT = "controlnet"  # its name in converted folders and quantization specs
 _BASES = {1536: "SD3 Medium / SD3.5 Medium", 2432: "SD3.5 Large"}  # hidden size -> base family
 
 
@@ -51,6 +54,7 @@ class ControlNetSpec:
     zero_pooled: bool
     latent_shift: bool
     control_type: Optional[str]
+    converted: bool = False  # a folder written by `python -m sd35_mlx.convert --controlnet`
 
     @property
     def base(self) -> str:
@@ -90,6 +94,10 @@ class ControlNetSpec:
 
     def load(self, dtype: Optional[mx.Dtype] = None):
         """Build and load the network (tensors are lazy: read when first used)."""
+        if self.converted:
+            from ..weights.converted import load_converted_component
+
+            return load_converted_component(self.files[0].parent, COMPONENT, dtype=dtype)
         from ..weights.tables.controlnet import LAYOUTS, load_controlnet
 
         layout = next(l for l in LAYOUTS if l.name == self.layout)
@@ -177,7 +185,11 @@ def open_controlnet(
         CONTROL_TYPE_KEY, STABILITY as STABILITY_LAYOUT, infer_config, layout_of, read_control_type,
     )  # fmt: skip
 
+    from ..weights.converted import is_converted
+
     path = resolve_controlnet_path(os.fspath(source))
+    if is_converted(path):
+        return _converted_spec(path, os.fspath(source)).with_overrides(residual_rule, control_type)
     files, hf_config = _find_files(path)
     tensors = _tensors(tuple(files))  # lazy: the rules below only look at shapes
     layout = layout_of(list(tensors))
@@ -193,9 +205,12 @@ def open_controlnet(
         zero_pooled = bool(hf_config.get("force_zeros_for_pooled_projection", True))
         rule, shift = DIFFUSERS, not zero_pooled
         if config.control_channels == config.in_channels + 1:
-            type_name = "inpaint"
+            # StableDiffusion3ControlNetInpaintingPipeline: pooled zeros, shifted latents, always
+            type_name, zero_pooled, shift = "inpaint", True, True
     else:
-        zero_pooled, rule, shift = bool(hf_config.get("force_zeros_for_pooled_projection", False)), STABILITY, True
+        # diffusers shifts the control latents exactly when it does not zero the pooled input
+        zero_pooled, rule = bool(hf_config.get("force_zeros_for_pooled_projection", False)), STABILITY
+        shift = not zero_pooled
     type_name = type_name or _type_from_name(str(path))
     spec = ControlNetSpec(
         source=os.fspath(source), files=tuple(files), layout=layout.name, config=config, rule=rule,
@@ -210,3 +225,24 @@ def _type_from_name(name: str) -> Optional[str]:
         if t in low:
             return t
     return None
+
+
+def spec_options(spec: ControlNetSpec) -> dict:
+    """The conventions a converted folder stores beside the weights."""
+    return {"rule": spec.rule.name, "zero_pooled": spec.zero_pooled, "latent_shift": spec.latent_shift,
+            "control_type": spec.control_type}  # fmt: skip
+
+
+def _converted_spec(path: Path, source: str) -> ControlNetSpec:
+    from ..weights.converted import read_converted_config
+
+    entry = read_converted_config(path)["components"].get(COMPONENT)
+    if entry is None:
+        raise InputError(f"{path} is a converted sd35_mlx folder without a ControlNet; convert one with --controlnet")
+    control = entry.get("control", {})
+    return ControlNetSpec(
+        source=source, files=tuple(path / f for f in entry["files"]), layout="sd35_mlx converted ControlNet",
+        config=ControlNetConfig.from_dict(entry["config"]), rule=rule_named(control.get("rule", "stability")),
+        zero_pooled=bool(control.get("zero_pooled", False)), latent_shift=bool(control.get("latent_shift", True)),
+        control_type=control.get("control_type"), converted=True,
+    )  # fmt: skip
