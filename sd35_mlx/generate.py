@@ -232,7 +232,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
-        controlnet_quantize=args.controlnet_quantize,
+        controlnet_quantize=args.controlnet_quantize, controlnets=sorted({c.path for j in jobs for c in j.controlnets}),
     )  # fmt: skip
     if pipe.plan is not None and not args.quiet:
         print(pipe.describe_plan())

@@ -76,6 +76,7 @@ class SD35Pipeline:
         plan_size: Optional[Tuple[int, int]] = None,
         tokenizers: Optional[str] = None,
         controlnet_quantize: Optional[str] = None,
+        controlnets: Sequence[str] = (),
     ):
         self.sources: ModelSources = path if isinstance(path, ModelSources) else resolve_sources(path, _wanted(use_t5))
         self.path = self.sources.path
@@ -91,6 +92,7 @@ class SD35Pipeline:
         self.quantization: Quantization = self._fixed_quantization(named_quantization(quantize))
         self.budget_bytes: Optional[int] = None if memory_budget is None else _budget_bytes(memory_budget)
         self.controlnet_quantization: Optional[QuantSpec] = _controlnet_quantization(controlnet_quantize)
+        self.planned_controlnets = tuple(controlnets)  # the memory plan counts them in the denoise stage
         self.plan: Optional[Plan] = None
         self.plan_size: Optional[Tuple[int, int]] = None
         self._transformer = None
@@ -175,6 +177,7 @@ class SD35Pipeline:
         plan_size: Optional[Tuple[int, int]] = None,
         tokenizers: Optional[str] = None,
         controlnet_quantize: Optional[str] = None,
+        controlnets: Sequence[str] = (),
     ) -> "SD35Pipeline":
         """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
 
@@ -183,6 +186,7 @@ class SD35Pipeline:
             load time; parsed here, once. A converted folder's networks load as stored.
         stream_t5: run T5 one block at a time from the memory-mapped file (slower, far less memory).
         controlnet_quantize: quantization of the ControlNets ('4', '8:32', 'mxfp4'; docs/control.md).
+        controlnets: the ControlNets the generations will use, for the memory plan.
         memory_budget: GB the whole generation may use; the planner then chooses quantization,
             T5 mode (loaded, streamed or dropped) and VAE tiling, and refuses if nothing fits.
         plan_size: (height, width) the plan is made for (default: the variant's default size).
@@ -197,7 +201,7 @@ class SD35Pipeline:
             resolve_sources(path, _wanted(t5)), name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
             quantize=quantization, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
             memory_budget=memory_budget, plan_size=plan_size, tokenizers=tokenizers,
-            controlnet_quantize=controlnet_quantize,
+            controlnet_quantize=controlnet_quantize, controlnets=controlnets,
         )  # fmt: skip
 
     def _load_tokenizers(self, source: Optional[str]):
@@ -249,6 +253,11 @@ class SD35Pipeline:
         kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.sources).config)
         if enc.t5 is not None:
             kwargs["t5"] = enc.t5.config
+        if self.planned_controlnets:
+            from .control.spec import open_controlnet
+
+            kwargs["controlnets"] = [(open_controlnet(c, num_heads=config.num_heads).config, self.controlnet_quantization)
+                                     for c in self.planned_controlnets]  # fmt: skip
         return MemoryEstimator(config, trimmed_transformer=self.low_memory, split_cfg=True, **kwargs)
 
     # ---- networks, loaded on demand ----

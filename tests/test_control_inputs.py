@@ -242,3 +242,34 @@ def test_convert_controlnet_round_trip_and_quantized(tiny_root, controlnet, tmp_
     png = tmp_path / "q.png"
     assert _cli(tiny_root, png, "--controlnet", str(out16), "--control-image", photo, "--controlnet-quantize", "8") == 0
     assert read_metadata(png)["controlnet_quantization"] == "8"
+
+
+def test_memory_planner_counts_controlnets():
+    """A full-size SD3.5 Large ControlNet (2.15 B parameters) adds its weights (4.31 GB at
+    16-bit, about a quarter at 4-bit) and the residuals a step holds to the denoise stage
+    (shapes only, nothing runs)."""
+    from sd35_mlx.config import SD35_LARGE_CONTROLNET
+    from sd35_mlx.memory import MemoryEstimator
+    from sd35_mlx.quantize import make_spec
+
+    plain = MemoryEstimator(SD35_LARGE_MMDIT, trimmed_transformer=True)
+    with16 = MemoryEstimator(SD35_LARGE_MMDIT, trimmed_transformer=True, controlnets=[(SD35_LARGE_CONTROLNET, None)])
+    spec4 = make_spec("controlnet", 4)
+    with4 = MemoryEstimator(SD35_LARGE_MMDIT, trimmed_transformer=True, controlnets=[(SD35_LARGE_CONTROLNET, spec4)])
+    base = plain.denoise(None, 1024, 1024, 256)
+    extra16 = with16.denoise(None, 1024, 1024, 256) - base
+    extra4 = with4.denoise(None, 1024, 1024, 256) - base
+    residuals = 20 * 2 * (64 * 64) * 2432 * 2  # 19 outputs + the control tokens, CFG batch, 16-bit
+    weights16 = 2_153_518_976 * 2
+    assert weights16 + residuals <= extra16 < weights16 + residuals + 0.01e9
+    assert residuals + 0.25 * weights16 < extra4 < residuals + 0.35 * weights16
+    assert plain.plan(None, None, "loaded", False, 1024, 1024, 256).stages["encode"] == \
+        with16.plan(None, None, "loaded", False, 1024, 1024, 256).stages["encode"]  # only the denoise stage
+
+
+def test_pipeline_plan_includes_planned_controlnets(tiny_root, controlnet):
+    from sd35_mlx.pipeline import SD35Pipeline
+
+    a = SD35Pipeline.from_pretrained(tiny_root, dtype=mx.float32, memory_budget=50.0)
+    b = SD35Pipeline.from_pretrained(tiny_root, dtype=mx.float32, memory_budget=50.0, controlnets=[controlnet])
+    assert b.plan.stages["denoise"] > a.plan.stages["denoise"]
