@@ -101,6 +101,7 @@ class SD35Pipeline:
         self._preview_projection = None
         self._controlnets: Dict[Tuple[str, ...], Any] = {}  # loaded with, and released with, the transformer
         self.control_images: list = []
+        self.control_specs: list = []
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -430,6 +431,7 @@ class SD35Pipeline:
             self.timings["encode_image"] = time.perf_counter() - t0
         controlnets, blend = control.prepare(self, s, noise, image_latents) if control else ((), None)
         self.control_images = control.control_images if control else []  # what each ControlNet saw
+        self.control_specs = [spec for _, spec in control.specs] if control else []  # as recognised
         if control and self.low_memory:
             self.release("vae")
 
@@ -499,7 +501,7 @@ class SD35Pipeline:
             dtype=dtype_name(self.dtype),
             sd35_mlx_version=__version__,
         )
-        meta.update(control_metadata(s, self.controlnet_quantization))
+        meta.update(control_metadata(s, self.controlnet_quantization, self.control_specs))
         return meta
 
     def generate(

@@ -58,7 +58,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_every_example_is_tested():
     tested = {"app_progress_preview_cancel.py", "batch_from_prompt_file.py", "img2img.py",
-              "quantized_medium.py", "t5_drop_small_machine.py"}  # fmt: skip
+              "quantized_medium.py", "t5_drop_small_machine.py", "controlnet_canny.py", "inpaint.py"}  # fmt: skip
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -125,3 +125,51 @@ def test_t5_drop_small_machine(tiny_root, tmp_path):
     out = run_example("t5_drop_small_machine.py", no_t5, "--steps", STEPS, "--size", SIZE, cwd=tmp_path)
     assert "metadata: dropped:256" in out
     assert png_size(tmp_path / "nook.png") == (SIZE, SIZE)
+
+
+def _photo(path: Path) -> None:
+    import numpy as np
+
+    y, x = np.mgrid[0:80, 0:80]
+    arr = np.zeros((80, 80, 3), np.uint8)
+    arr[(x - 40) ** 2 + (y - 40) ** 2 < 500] = (230, 200, 40)  # a disc: clear edges
+    arr[10:30, 50:75] = (20, 90, 200)
+    Image.fromarray(arr).save(path)
+
+
+def test_controlnet_canny(tiny_root, tmp_path):
+    """With a tiny ControlNet in Stability's single-file layout (image-only blocks)."""
+    import torch
+    from diffusers import SD3ControlNetModel
+    from reference import randomize, save_state_dict
+
+    net = randomize(SD3ControlNetModel(patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+                                       num_attention_heads=4, joint_attention_dim=None, caption_projection_dim=40,
+                                       pooled_projection_dim=40, out_channels=16, pos_embed_max_size=None,
+                                       pos_embed_type=None, use_pos_embed=False), seed=3)  # fmt: skip
+    sd = net.state_dict()
+    sai = {k: v for k, v in sd.items() if k.startswith(("controlnet_blocks.", "pos_embed_input.", "time_text_embed."))}
+    for s in ("weight", "bias"):
+        b = "transformer_blocks.0."
+        sai[f"{b}attn.qkv.{s}"] = torch.cat([sd[f"{b}attn.to_{x}.{s}"] for x in "qkv"])
+        sai.update({f"{b}attn.proj.{s}": sd[f"{b}attn.to_out.0.{s}"], f"{b}mlp.fc1.{s}": sd[f"{b}ff.net.0.proj.{s}"],
+                    f"{b}mlp.fc2.{s}": sd[f"{b}ff.net.2.{s}"], f"{b}adaLN_modulation.1.{s}": sd[f"{b}norm1.linear.{s}"]})
+    sai["control_type"] = torch.tensor([1], dtype=torch.int32)
+    cn = save_state_dict(sai, tmp_path / "sd3.5_tiny_controlnet_canny.safetensors")
+    _photo(tmp_path / "photo.png")
+    out = run_example("controlnet_canny.py", "photo.png", tiny_root, "--controlnet", cn, "--steps", STEPS,
+                      "--size", SIZE, cwd=tmp_path)  # fmt: skip
+    assert "control: canny scale 0.8" in out
+    assert png_size(tmp_path / "watercolour.png") == (SIZE, SIZE)
+    with Image.open(tmp_path / "edges.png") as edges:
+        assert edges.size == (SIZE, SIZE) and set(edges.getdata(0)) <= {0, 255} and max(edges.getdata(0)) == 255
+
+
+def test_inpaint(tiny_root, tmp_path):
+    _photo(tmp_path / "photo.png")
+    mask = Image.new("L", (80, 80), 0)
+    mask.paste(255, (20, 20, 60, 60))
+    mask.save(tmp_path / "mask.png")
+    out = run_example("inpaint.py", "photo.png", "mask.png", tiny_root, "--steps", 4, "--size", SIZE, cwd=tmp_path)
+    assert out.startswith("mask sha256:")
+    assert png_size(tmp_path / "inpainted.png") == (SIZE, SIZE)

@@ -5,23 +5,26 @@ is stored beside them, and `--from-image` refuses to reuse settings whose files 
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 from ..errors import InputError
 from .image import file_sha256
 
 
-def control_metadata(s, quantization=None) -> Dict[str, Any]:
+def control_metadata(s, quantization=None, specs: Sequence = ()) -> Dict[str, Any]:
+    """specs: the ControlNetSpecs the run recognised (their type and residual rule are recorded)."""
     from ..quantize import spec_text
 
     out: Dict[str, Any] = {}
     if s.controlnets:
         out["controlnet_quantization"] = spec_text(quantization)
+        recognised = list(specs) if len(specs) == len(s.controlnets) else [None] * len(s.controlnets)
         out["control"] = [
-            {"controlnet": c.path, "type": c.control_type, "scale": c.scale, "start": c.start, "end": c.end,
+            {"controlnet": c.path, "type": spec.control_type if spec else c.control_type,
+             "rule": spec.rule.name if spec else c.residual_rule, "scale": c.scale, "start": c.start, "end": c.end,
              "image": c.image or s.init_image, "image_sha256": file_sha256(c.image or s.init_image),
              "preprocess": c.preprocess}
-            for c in s.controlnets
+            for c, spec in zip(s.controlnets, recognised)
         ]  # fmt: skip
     if s.mask is not None:
         out["mask_sha256"] = file_sha256(s.mask)
