@@ -22,7 +22,7 @@ parser.add_argument("--steps", type=int, default=60)
 parser.add_argument("--size", type=int, help="image width and height in pixels (default: the model's)")
 args = parser.parse_args()
 
-pipe = sd35_mlx.SD35Pipeline.from_pretrained(args.model, controlnets=[args.controlnet])
+pipe = sd35_mlx.SD35Pipeline.from_pretrained(args.model, controlnets=(args.controlnet,))
 canny = ControlNetSettings(args.controlnet, image=args.photo, preprocess="canny", scale=0.8)
 result = pipe.generate("a watercolour painting, soft morning light", controlnets=(canny,), cfg=3.5,
                        steps=args.steps, seed=7, width=args.size, height=args.size)  # fmt: skip

@@ -39,8 +39,8 @@ import mlx.core as mx
 from .components import COMPONENTS, DTYPES, QUANTIZABLE, REQUIRED, TOKENIZER_FOLDERS, component_dtype, parse_dtype
 from .errors import CLIPProjectionWarning, InputError, SD35Error, WeightFileError
 from .quantize import (
-    MODES, QuantSpec, dequantize_network, make_spec, parse_quantize, quantize_network, spec_of,
-    unquantized_share,
+    MODES, QuantSpec, dequantize_network, make_spec, named_quantization, parse_quantize, quantize_network,
+    spec_of, unquantized_share,
 )  # fmt: skip
 from .variants import detect_variant
 from .weights.converted import (
@@ -112,14 +112,7 @@ def resolve_specs(
         return {c: base.get(c) for c in COMPONENTS}
     if isinstance(quantize, str):
         return parse_quantize(quantize, base=base)
-    specs = {c: base.get(c) for c in COMPONENTS}
-    for c, s in quantize.items():
-        if c not in COMPONENTS:
-            raise InputError(f"unknown component {c!r}; components are {', '.join(COMPONENTS)}")
-        if c == "vae" and s is not None:
-            make_spec("vae")  # raises the explanation
-        specs[c] = s
-    return specs
+    return {c: base.get(c) for c in COMPONENTS} | named_quantization(quantize)
 
 
 def default_output_name(inputs: Sequence[str], specs: Mapping[str, Optional[QuantSpec]],

@@ -19,6 +19,7 @@ from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .control import cli as control_cli
 from .errors import InputError, SD35Error
 from .settings import DEFAULT_STRENGTH, SAMPLERS, GenerationSettings, SkipLayerGuidance
+from .variants import VARIANTS
 
 SLG = SkipLayerGuidance()  # the defaults of the --slg-* flags
 
@@ -28,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sd35_mlx.generate",
         usage="%(prog)s -m MODEL (-p PROMPT | --prompt-file FILE | --from-image PNG) [options]",
         description="Generate images with Stable Diffusion 3 / 3.5 in MLX.",
-        epilog="Defaults for steps, cfg and size come from the model variant "
-        "(3.5 Large 28/3.5, Large Turbo 4/0, 3.5 Medium 40/4.5, SD3 Medium 28/7). "
-        "Images are never overwritten: an existing name gets a -1, -2 … suffix.",
+        epilog="Defaults for steps, cfg, sampler, shift and size come from the model variant ("
+        + ", ".join(f"{v.name} {v.steps} steps / cfg {v.cfg:g}" for v in VARIANTS.values())
+        + "). Images are never overwritten: an existing name gets a -1, -2 … suffix.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", "-m", help="HF repo id, diffusers folder, single .safetensors file or converted folder")
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, help="denoising steps")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (≤ 1: a single conditional pass)")
-    s.add_argument("--sampler", choices=SAMPLERS, help="euler (default) or dpmpp_2m")
-    s.add_argument("--shift", type=float, help="flow-matching shift (default 3.0)")
+    s.add_argument("--sampler", choices=SAMPLERS, help="default: the variant's")
+    s.add_argument("--shift", type=float, help="flow-matching shift (default: the variant's)")
     s.add_argument("--width", "-W", type=int, help="image width, multiple of 16")
     s.add_argument("--height", "-H", type=int, help="image height, multiple of 16")
     s.add_argument("--seed", type=int, nargs="+", help="one or more seeds (default: random)")
@@ -232,7 +233,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
-        controlnet_quantize=args.controlnet_quantize, controlnets=sorted({c.path for j in jobs for c in j.controlnets}),
+        controlnet_quantize=args.controlnet_quantize, controlnets=tuple(sorted({c.path for j in jobs for c in j.controlnets})),
     )  # fmt: skip
     if pipe.plan is not None and not args.quiet:
         print(pipe.describe_plan())

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -24,6 +24,7 @@ from .control.prepare import ControlSession
 from .denoise import Denoiser
 from .errors import InputError, SD35Error
 from .images import load_image, to_pil
+from .load_options import LoadOptions
 from .memory import Plan, default_budget_bytes
 from .quantize import QuantSpec, Quantization, named_quantization, quantization_text, quantize_network
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise, uses_cfg
@@ -33,8 +34,6 @@ from .weights.sources import ModelSources, resolve_sources
 
 log = logging.getLogger(__name__)
 
-# quantize= of the API: text such as "transformer=4,t5=4", or {component: QuantSpec or None}
-QuantizeArg = Union[None, str, Mapping[str, Optional[QuantSpec]]]
 
 
 @dataclass
@@ -60,39 +59,25 @@ class SD35Pipeline:
     network, a `T5Mode`) and, with a memory budget, the planner's `Plan`; loads each network
     when its stage needs it."""
 
-    def __init__(
-        self,
-        path: Union[Path, ModelSources],
-        *,
-        name: str,
-        dtype: mx.Dtype = mx.bfloat16,
-        use_t5: bool = True,
-        low_memory: bool = True,
-        quantize: QuantizeArg = None,
-        variant_hint: Optional[str] = None,
-        tile_vae: Optional[bool] = None,
-        stream_t5: bool = False,
-        memory_budget: Optional[float] = None,
-        plan_size: Optional[Tuple[int, int]] = None,
-        tokenizers: Optional[str] = None,
-        controlnet_quantize: Optional[str] = None,
-        controlnets: Sequence[str] = (),
-    ):
-        self.sources: ModelSources = path if isinstance(path, ModelSources) else resolve_sources(path, _wanted(use_t5))
+    def __init__(self, path: Union[Path, ModelSources], *, name: str, options: LoadOptions = LoadOptions()):
+        """path: a local model (or its `ModelSources`); `from_pretrained` also takes repo ids."""
+        o = options
+        self.sources: ModelSources = path if isinstance(path, ModelSources) else resolve_sources(path, _wanted(o.t5))
         self.path = self.sources.path
         self.name = name
-        self.dtype = dtype
-        self.low_memory = low_memory
-        self.tile_vae = tile_vae
-        self.t5_mode = T5Mode.DROPPED if not use_t5 else T5Mode.STREAMED if stream_t5 else T5Mode.LOADED
+        self.options = o
+        self.dtype = o.dtype
+        self.low_memory = o.low_memory
+        self.tile_vae = o.tile_vae
+        self.t5_mode = T5Mode.DROPPED if not o.t5 else T5Mode.STREAMED if o.stream_t5 else T5Mode.LOADED
         if self.t5_mode != T5Mode.DROPPED and not self.sources.has("t5"):
             log.warning("%s: no T5-XXL text encoder found; continuing without T5", self.path)
             self.t5_mode = T5Mode.DROPPED
         # {component: QuantSpec or None}: what was named, and how a converted folder stores it
-        self.quantization: Quantization = self._fixed_quantization(named_quantization(quantize))
-        self.budget_bytes: Optional[int] = None if memory_budget is None else _budget_bytes(memory_budget)
-        self.controlnet_quantization: Optional[QuantSpec] = _controlnet_quantization(controlnet_quantize)
-        self.planned_controlnets = tuple(controlnets)  # the memory plan counts them in the denoise stage
+        self.quantization: Quantization = self._fixed_quantization(named_quantization(o.quantize))
+        self.budget_bytes: Optional[int] = None if o.memory_budget is None else _budget_bytes(o.memory_budget)
+        self.controlnet_quantization: Optional[QuantSpec] = _controlnet_quantization(o.controlnet_quantize)
+        self.planned_controlnets = tuple(o.controlnets)  # the memory plan counts them in the denoise stage
         self.plan: Optional[Plan] = None
         self.plan_size: Optional[Tuple[int, int]] = None
         self._transformer = None
@@ -107,15 +92,15 @@ class SD35Pipeline:
         config = self._load_transformer().config
         self.transformer_config = config
         self.context_dim = config.context_dim
-        hint = variant_hint or self.sources.recorded_variant or name
+        hint = o.variant or self.sources.recorded_variant or name
         self.variant: Variant = detect_variant(config, hint=hint)
-        self.tokenizers = self._load_tokenizers(tokenizers)
+        self.tokenizers = self._load_tokenizers(o.tokenizers)
         if self.use_t5 and self.tokenizers.t5 is None:
             raise InputError(f"{self.path}: no T5 tokenizer (tokenizer_3/) found; pass t5=False to run without T5")
-        if low_memory:
+        if o.low_memory:
             self._transformer = None
         if self.budget_bytes is not None:
-            self._apply_memory_plan(config, plan_size)
+            self._apply_memory_plan(config, o.plan_size)
         self.timings: Dict[str, float] = {}
 
     # ---- the load plan, typed ----
@@ -163,47 +148,26 @@ class SD35Pipeline:
     # ---- construction ----
     @classmethod
     def from_pretrained(
-        cls,
-        model: Union[str, Path],
-        *,
-        dtype: mx.Dtype = mx.bfloat16,
-        t5: bool = True,
-        low_memory: bool = True,
-        quantize: QuantizeArg = None,
-        revision: Optional[str] = None,
-        variant: Optional[str] = None,
-        tile_vae: Optional[bool] = None,
-        stream_t5: bool = False,
-        memory_budget: Optional[float] = None,
-        plan_size: Optional[Tuple[int, int]] = None,
-        tokenizers: Optional[str] = None,
-        controlnet_quantize: Optional[str] = None,
-        controlnets: Sequence[str] = (),
+        cls, model: Union[str, Path], options: Optional[LoadOptions] = None, **overrides: Any
     ) -> "SD35Pipeline":
         """Load from a Hugging Face repo id, a diffusers folder, a single file or a converted folder.
 
-        t5=False is T5-drop mode: T5 is never loaded and zeros stand in for its tokens.
-        quantize: e.g. "transformer=4,t5=4" (or {component: QuantSpec or None}) to quantize at
-            load time; parsed here, once. A converted folder's networks load as stored.
-        stream_t5: run T5 one block at a time from the memory-mapped file (slower, far less memory).
-        controlnet_quantize: quantization of the ControlNets ('4', '8:32', 'mxfp4'; docs/control.md).
-        controlnets: the ControlNets the generations will use, for the memory plan.
-        memory_budget: GB the whole generation may use; the planner then chooses quantization,
-            T5 mode (loaded, streamed or dropped) and VAE tiling, and refuses if nothing fits.
-        plan_size: (height, width) the plan is made for (default: the variant's default size).
-        tokenizers: where the tokenizer files are, when the model has none (Stability single
-            files); default: the official repo of the detected variant.
+        How: a `LoadOptions`, and/or its fields as keywords (they override it), e.g.
+        `from_pretrained("stabilityai/stable-diffusion-3.5-medium", quantize="transformer=4",
+        memory_budget=8.0)`. See `LoadOptions` for every option and its default.
         """
         from .hub import resolve_model_path
 
-        quantization = named_quantization(quantize)  # parsed here, once: a bad spec fails before any download
-        path = resolve_model_path(str(model), revision=revision, components=_wanted(t5) + ("tokenizers",))
-        return cls(
-            resolve_sources(path, _wanted(t5)), name=str(model), dtype=dtype, use_t5=t5, low_memory=low_memory,
-            quantize=quantization, variant_hint=variant, tile_vae=tile_vae, stream_t5=stream_t5,
-            memory_budget=memory_budget, plan_size=plan_size, tokenizers=tokenizers,
-            controlnet_quantize=controlnet_quantize, controlnets=controlnets,
-        )  # fmt: skip
+        try:
+            o = replace(options or LoadOptions(), **overrides)
+        except TypeError:
+            names = ", ".join(f.name for f in fields(LoadOptions))
+            unknown = ", ".join(sorted(set(overrides) - {f.name for f in fields(LoadOptions)}))
+            raise TypeError(f"from_pretrained got unknown option(s) {unknown}; the options are {names}") from None
+        # parsed here, once: a bad spec fails before any download
+        o = replace(o, quantize=named_quantization(o.quantize))
+        path = resolve_model_path(str(model), revision=o.revision, components=_wanted(o.t5) + ("tokenizers",))
+        return cls(resolve_sources(path, _wanted(o.t5)), name=str(model), options=o)
 
     def _load_tokenizers(self, source: Optional[str]):
         """From `source`, else the model path, else (Stability single files ship none) the

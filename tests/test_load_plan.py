@@ -85,3 +85,14 @@ def test_each_header_is_parsed_once(tiny):
     info = safetensors_file._read_header.cache_info()
     weight_files = [p for p in tiny.rglob("*.safetensors")]
     assert info.misses == len(weight_files) and info.hits > 0
+
+
+def test_load_options_are_one_object_and_keywords_override_them(tiny):
+    from sd35_mlx import LoadOptions
+
+    base = LoadOptions(dtype=mx.float32, quantize="transformer=8")
+    pipe = SD35Pipeline.from_pretrained(tiny, base, quantize="transformer=4:32", t5=False)
+    assert pipe.options.dtype == mx.float32 and not pipe.use_t5
+    assert pipe.quantization == {"transformer": make_spec("transformer", 4, 32)}
+    with pytest.raises(TypeError, match="unknown option.*quantise.*the options are dtype"):
+        SD35Pipeline.from_pretrained(tiny, quantise="transformer=4")

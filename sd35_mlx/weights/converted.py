@@ -45,7 +45,6 @@ from mlx.utils import tree_flatten
 
 from .._version import __version__
 from ..components import COMPONENTS, TOKENIZER_FOLDERS, check_component, component_dtype, dtype_name, network_classes
-from ..components import parse_dtype  # noqa: F401  (re-exported: the converter's callers use it from here)
 from ..errors import InputError, SD35Error, WeightFileError
 from ..quantize import QuantSpec, quantizable_layers, quantize_network, quantized_paths, spec_of
 from .model_card import model_card

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..components import COMPONENTS, DESCRIPTIONS as _DESCRIPTION, DIFFUSERS_FOLDERS, TOKENIZER_FOLDERS
+from ..components import COMPONENTS, DESCRIPTIONS as _DESCRIPTION, DIFFUSERS_FOLDERS, check_component
 from ..errors import SD35Error, WeightFileError
 from . import converted
 from .mapping import NetworkLayout
@@ -393,9 +393,8 @@ def describe_folder(folder: Path, limit: int = 12) -> str:
 
 def _check_components(components: Optional[Sequence[str]]) -> Tuple[str, ...]:
     wanted = tuple(components) if components is not None else COMPONENTS
-    unknown = [c for c in wanted if c not in COMPONENTS]
-    if unknown:
-        raise SD35Error(f"unknown component(s) {unknown}; the components are {', '.join(COMPONENTS)}")
+    for c in wanted:
+        check_component(c)
     return wanted
 
 
