@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from control_assets import stability_state
 from reference import randomize, rel_err, save_state_dict, to_numpy
 from tiny_model import CONTEXT_DIM, TinySpec, make_tiny_model
 
@@ -68,17 +69,7 @@ def controlnets(tmp_path_factory):
         net.save_pretrained(root / name)
         paths[name] = str(root / name)
     # the image-only one also as Stability's single file (canny), keys as SAI ships them
-    sd = nets["image"].state_dict()
-    sai = {k: v for k, v in sd.items() if k.startswith(("controlnet_blocks.", "pos_embed_input.", "time_text_embed."))}
-    for i in range(2):
-        b = f"transformer_blocks.{i}."
-        for s in ("weight", "bias"):
-            sai[f"{b}attn.qkv.{s}"] = torch.cat([sd[f"{b}attn.to_{x}.{s}"] for x in "qkv"])
-            sai[f"{b}attn.proj.{s}"] = sd[f"{b}attn.to_out.0.{s}"]
-            sai[f"{b}mlp.fc1.{s}"] = sd[f"{b}ff.net.0.proj.{s}"]
-            sai[f"{b}mlp.fc2.{s}"] = sd[f"{b}ff.net.2.{s}"]
-            sai[f"{b}adaLN_modulation.1.{s}"] = sd[f"{b}norm1.linear.{s}"]
-    sai["control_type"] = torch.tensor([1], dtype=torch.int32)  # canny
+    sai = stability_state(nets["image"].state_dict(), depth=2, control_type=1)  # canny
     paths["stability_canny"] = str(save_state_dict(sai, root / "sd3.5_tiny_controlnet_canny.safetensors"))
     return nets, paths
 
@@ -163,13 +154,14 @@ def test_two_controlnets_scales_and_windows(tiny, ours, controlnets, tmp_path, p
     noise, noise_t = noise_pair(5)
     pipe = _reference_controlnet_pipeline(ref, [nets["joint_a"], nets["joint_b"]])
     with torch.no_grad():
-        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=5,
+        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=4,
                         guidance_scale=4.0, max_sequence_length=77, control_image=[Image.open(a), Image.open(b)],
-                        controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.2],
-                        control_guidance_end=[0.6, 1.0], latents=noise_t, output_type="latent").images  # fmt: skip
-    s = _settings(steps=5, controlnets=(
-        ControlNetSettings(paths["joint_a"], image=a, scale=1.0, start=0.0, end=0.6),
-        ControlNetSettings(paths["joint_b"], image=b, scale=0.5, start=0.2, end=1.0)))  # fmt: skip
+                        controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.25],
+                        control_guidance_end=[0.5, 1.0], latents=noise_t, output_type="latent").images  # fmt: skip
+    # 4 steps: the first net acts in steps 0-1, the second in steps 1-3
+    s = _settings(steps=4, controlnets=(
+        ControlNetSettings(paths["joint_a"], image=a, scale=1.0, start=0.0, end=0.5),
+        ControlNetSettings(paths["joint_b"], image=b, scale=0.5, start=0.25, end=1.0)))  # fmt: skip
     check(final_latents(ours, s, noise), expected)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+from control_assets import SHARED_PREFIXES, stability_state
 from reference import nchw_to_nhwc, randomize, rel_err, to_numpy
 
 from sd35_mlx.config import ControlNetConfig
@@ -60,19 +61,8 @@ def image_controlnet(depth=2, seed=3) -> SD3ControlNetModel:
     ).eval(), seed)  # fmt: skip
 
 
-def stability_state(ref: SD3ControlNetModel, control_type: int = 1) -> Dict[str, torch.Tensor]:
-    """A Stability-layout state dict whose diffusers conversion is `ref`'s state."""
-    sd = ref.state_dict()
-    out = {k: v for k, v in sd.items() if k.startswith(("controlnet_blocks.", "pos_embed_input.", "time_text_embed."))}
-    for i in range(len(ref.transformer_blocks)):
-        b = f"transformer_blocks.{i}."
-        for s in ("weight", "bias"):
-            out[f"{b}attn.qkv.{s}"] = torch.cat([sd[f"{b}attn.to_{x}.{s}"] for x in "qkv"])
-            out[f"{b}attn.proj.{s}"] = sd[f"{b}attn.to_out.0.{s}"]
-            out[f"{b}mlp.fc1.{s}"] = sd[f"{b}ff.net.0.proj.{s}"]
-            out[f"{b}mlp.fc2.{s}"] = sd[f"{b}ff.net.2.{s}"]
-            out[f"{b}adaLN_modulation.1.{s}"] = sd[f"{b}norm1.linear.{s}"]
-    out["control_type"] = torch.tensor([control_type], dtype=torch.int32)
+def stability_file(ref: SD3ControlNetModel, control_type: int = 1) -> Dict[str, torch.Tensor]:
+    out = stability_state(ref.state_dict(), len(ref.transformer_blocks), control_type)
     out["pos_embed.proj.weight"] = torch.randn(HIDDEN, 16, 2, 2)  # SAI's unused own embedder
     out["pos_embed.proj.bias"] = torch.randn(HIDDEN)
     return out
@@ -80,7 +70,7 @@ def stability_state(ref: SD3ControlNetModel, control_type: int = 1) -> Dict[str,
 
 def diffusers_conversion(sai: Dict[str, torch.Tensor], depth: int) -> Dict[str, torch.Tensor]:
     """The mapping of diffusers' scripts/convert_sd3_controlnet_to_diffusers.py, in torch."""
-    out = {k: v for k, v in sai.items() if k.startswith(("controlnet_blocks.", "pos_embed_input.", "time_text_embed."))}
+    out = {k: v for k, v in sai.items() if k.startswith(SHARED_PREFIXES)}
     for i in range(depth):
         b = f"transformer_blocks.{i}."
         for s in ("weight", "bias"):
@@ -155,7 +145,7 @@ def test_image_only_controlnet_matches_diffusers(layout):
     ref = image_controlnet()
     x = inputs()
     if layout == "stability":
-        sai = stability_state(ref, control_type=2)
+        sai = stability_file(ref, control_type=2)
         ref.load_state_dict(diffusers_conversion(sai, depth=2), strict=True)
         tensors = to_mx(sai)
         tensors["control_type"] = mx.array(np.array([2], dtype=np.int32))

@@ -139,7 +139,7 @@ def _photo(path: Path) -> None:
 
 def test_controlnet_canny(tiny_root, tmp_path):
     """With a tiny ControlNet in Stability's single-file layout (image-only blocks)."""
-    import torch
+    from control_assets import stability_state
     from diffusers import SD3ControlNetModel
     from reference import randomize, save_state_dict
 
@@ -147,14 +147,7 @@ def test_controlnet_canny(tiny_root, tmp_path):
                                        num_attention_heads=4, joint_attention_dim=None, caption_projection_dim=40,
                                        pooled_projection_dim=40, out_channels=16, pos_embed_max_size=None,
                                        pos_embed_type=None, use_pos_embed=False), seed=3)  # fmt: skip
-    sd = net.state_dict()
-    sai = {k: v for k, v in sd.items() if k.startswith(("controlnet_blocks.", "pos_embed_input.", "time_text_embed."))}
-    for s in ("weight", "bias"):
-        b = "transformer_blocks.0."
-        sai[f"{b}attn.qkv.{s}"] = torch.cat([sd[f"{b}attn.to_{x}.{s}"] for x in "qkv"])
-        sai.update({f"{b}attn.proj.{s}": sd[f"{b}attn.to_out.0.{s}"], f"{b}mlp.fc1.{s}": sd[f"{b}ff.net.0.proj.{s}"],
-                    f"{b}mlp.fc2.{s}": sd[f"{b}ff.net.2.{s}"], f"{b}adaLN_modulation.1.{s}": sd[f"{b}norm1.linear.{s}"]})
-    sai["control_type"] = torch.tensor([1], dtype=torch.int32)
+    sai = stability_state(net.state_dict(), depth=1, control_type=1)
     cn = save_state_dict(sai, tmp_path / "sd3.5_tiny_controlnet_canny.safetensors")
     _photo(tmp_path / "photo.png")
     out = run_example("controlnet_canny.py", "photo.png", tiny_root, "--controlnet", cn, "--steps", STEPS,
