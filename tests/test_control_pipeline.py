@@ -258,3 +258,42 @@ def test_controlnet_inpainting_matches_diffusers(tiny, ours, controlnets, tmp_pa
                         latents=noise_t, output_type="latent").images  # fmt: skip
     s = _settings(init_image=init, mask=mask, controlnets=(ControlNetSettings(paths["inpaint"], scale=0.95),))
     check(final_latents(ours, s, noise), expected)
+
+
+def test_single_pass_when_cfg_at_most_one(tiny, ours, controlnets, tmp_path, posterior_mean):
+    _, ref = tiny
+    nets, paths = controlnets
+    img = _image(tmp_path / "s.png", 8)
+    noise, noise_t = noise_pair(15)
+    pipe = _reference_controlnet_pipeline(ref, [nets["joint_a"]])
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPT, height=H, width=W, num_inference_steps=2, guidance_scale=1.0,
+                        max_sequence_length=77, control_image=Image.open(img), controlnet_conditioning_scale=0.7,
+                        latents=noise_t, output_type="latent").images  # fmt: skip
+    s = _settings(steps=2, cfg=1.0, controlnets=(ControlNetSettings(paths["joint_a"], image=img, scale=0.7),))
+    check(final_latents(ours, s, noise), expected)
+
+
+def test_split_cfg_and_skip_layer_guidance_agree_with_the_batched_step(ours, controlnets, tmp_path):
+    """CFG as two passes (the memory plan's split) runs each ControlNet per half and gives the
+    batched result; with skip-layer guidance too (its conditional pass gets the residuals by
+    the rule: Stability's adds nothing to a skipped block)."""
+    from types import SimpleNamespace
+
+    from sd35_mlx.settings import SkipLayerGuidance
+
+    _, paths = controlnets
+    img = _image(tmp_path / "t.png", 9)
+    noise, _ = noise_pair(17)
+    slg = SkipLayerGuidance(layers=(1,), scale=2.0, start=0.0, end=1.0)
+    for net in ("joint_a", "stability_canny"):
+        s = _settings(steps=2, skip_layer_guidance=slg, controlnets=(ControlNetSettings(paths[net], image=img),))
+        batched = final_latents(ours, s, noise)
+        ours.plan = SimpleNamespace(split_cfg=True)
+        try:
+            split = final_latents(ours, s, noise)
+        finally:
+            ours.plan = None
+        assert rel_err(split, batched) <= 1e-5, net
+        plain = final_latents(ours, _settings(steps=2, skip_layer_guidance=slg), noise)
+        assert rel_err(batched, plain) > 1e-3
