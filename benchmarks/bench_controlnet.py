@@ -175,7 +175,8 @@ def report(args, results) -> str:
     for r in results["mlx"]:
         ours, plain = r["with_controlnet"]["median_s"], r["plain"]["median_s"]
         ref = theirs.get(r["size"])
-        rows.append([f"{r['size']}²", "bf16" if r["bits"] >= 16 else f"{r['bits']}-bit", C.fmt_seconds(ours),
+        label = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype] if r["bits"] >= 16 else f"{r['bits']}-bit"
+        rows.append([f"{r['size']}²", label, C.fmt_seconds(ours),
                      C.fmt_seconds(plain), C.fmt_seconds(ref),
                      C.fmt_ratio(ours / ref if ref else None, TARGET_VS_DIFFUSERS)])  # fmt: skip
     table = C.markdown_table(["size", "weights", "ours, step + ControlNet", "ours, plain step",
