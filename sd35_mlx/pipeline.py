@@ -87,6 +87,7 @@ class SD35Pipeline:
         self._controlnets: Dict[Tuple[str, ...], Any] = {}  # loaded with, and released with, the transformer
         self.control_images: list = []
         self.control_specs: list = []
+        self._control_session = None
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -386,7 +387,7 @@ class SD35Pipeline:
         image_latents = None
         if s.init_image is not None and not (control and control.inpainting_controlnet):
             t0 = time.perf_counter()
-            image = load_image(s.init_image, s.width, s.height)
+            image = control.init_pixels(s) if control else load_image(s.init_image, s.width, s.height)
             image_latents = self.encode_image(image)
             if self.low_memory:
                 self.release("vae")
@@ -396,6 +397,7 @@ class SD35Pipeline:
         controlnets, blend = control.prepare(self, s, noise, image_latents) if control else ((), None)
         self.control_images = control.control_images if control else []  # what each ControlNet saw
         self.control_specs = [spec for _, spec in control.specs] if control else []  # as recognised
+        self._control_session = control
         if control and self.low_memory:
             self.release("vae")
 
@@ -497,7 +499,10 @@ class SD35Pipeline:
         if self.low_memory:
             self.release("vae")
         meta = self.metadata(s)
-        return GeneratedImage(image=to_pil(images)[0], seed=s.seed, metadata=meta, latents=final.latents)
+        image = to_pil(images)[0]
+        if self._control_session is not None:  # inpainting a crop: pasted back into the original
+            image = self._control_session.finish(image, s)
+        return GeneratedImage(image=image, seed=s.seed, metadata=meta, latents=final.latents)
 
 
 def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: int = 16) -> mx.array:

@@ -45,6 +45,7 @@ class GenerationSettings:
     controlnets: Tuple[ControlNetSettings, ...] = ()
     mask: Optional[str] = None  # white = repaint; needs init_image
     mask_blur: float = 0.0
+    mask_crop_padding: Optional[int] = None  # inpaint a crop around the mask (diffusers' padding_mask_crop)
 
     def validate(self) -> "GenerationSettings":
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
@@ -90,6 +91,8 @@ class GenerationSettings:
             if not (self.mask_blur >= 0.0 and math.isfinite(self.mask_blur)):
                 raise InputError(f"mask blur must be a radius ≥ 0 (got {self.mask_blur})")
             check_readable_image(self.mask, "mask")
+            if self.mask_crop_padding is not None and not (isinstance(self.mask_crop_padding, int) and self.mask_crop_padding >= 0):
+                raise InputError(f"mask crop padding must be a whole number of pixels ≥ 0 (got {self.mask_crop_padding!r})")
             check_mask_size(self.mask, self.init_image)
 
     def with_seed(self) -> "GenerationSettings":

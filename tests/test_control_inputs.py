@@ -273,3 +273,11 @@ def test_pipeline_plan_includes_planned_controlnets(tiny_root, controlnet):
     a = SD35Pipeline.from_pretrained(tiny_root, dtype=mx.float32, memory_budget=50.0)
     b = SD35Pipeline.from_pretrained(tiny_root, dtype=mx.float32, memory_budget=50.0, controlnets=[controlnet])
     assert b.plan.stages["denoise"] > a.plan.stages["denoise"]
+
+
+def test_mask_crop_padding_must_be_a_whole_number(tmp_path):
+    init, mask = _png(tmp_path / "i.png"), _mask(tmp_path / "m.png")
+    for bad in (-1, 2.5):
+        with pytest.raises(InputError, match="crop padding"):
+            GenerationSettings(init_image=init, mask=mask, mask_crop_padding=bad).validate()
+    GenerationSettings(init_image=init, mask=mask, mask_crop_padding=0).validate()

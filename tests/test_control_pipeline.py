@@ -297,3 +297,47 @@ def test_split_cfg_and_skip_layer_guidance_agree_with_the_batched_step(ours, con
         assert rel_err(split, batched) <= 1e-5, net
         plain = final_latents(ours, _settings(steps=2, skip_layer_guidance=slg), noise)
         assert rel_err(batched, plain) > 1e-3
+
+
+def test_inpainting_a_crop_around_the_mask_matches_diffusers(tiny, ours, tmp_path, monkeypatch):
+    """diffusers' padding_mask_crop: the crop's final latents, and the pasted-back image keeps the
+    original outside the mask (our VAE decode adds the shift diffusers' inpaint decode omits, so
+    images are compared only where the original shows through)."""
+    from diffusers import StableDiffusion3InpaintPipeline
+    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_inpaint as mod
+
+    from sd35_mlx.control.inpaint_crop import crop_region
+
+    _, ref = tiny
+    big_w, big_h = 160, 128
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (big_h, big_w, 3)).astype(np.uint8)).save(tmp_path / "big.png")
+    m = np.zeros((big_h, big_w), np.uint8)
+    m[40:70, 60:90] = 255
+    Image.fromarray(m).save(tmp_path / "bigmask.png")
+    init, mask = str(tmp_path / "big.png"), str(tmp_path / "bigmask.png")
+    noise, noise_t = noise_pair(19)
+    orig = mod.retrieve_latents
+    monkeypatch.setattr(mod, "retrieve_latents", lambda out, generator=None, sample_mode="sample": orig(out, sample_mode="argmax"))
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **kw: noise_t.clone())
+    pipe = StableDiffusion3InpaintPipeline(**ref.components)
+    box = pipe.mask_processor.get_crop_region(Image.open(mask), W, H, pad=8)
+    assert crop_region(Image.open(mask), W, H, 8) == box
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.open(init), mask_image=Image.open(mask), height=H,
+              width=W, strength=0.8, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=77,
+              padding_mask_crop=8)  # fmt: skip
+    captured = {}
+
+    def last_latents(pipeline, i, t, tensors):  # after the step and the blend
+        captured["latents"] = tensors["latents"]
+        return tensors
+
+    with torch.no_grad():  # (output_type="latent" fails in diffusers with padding_mask_crop: it overlays latents)
+        pipe(callback_on_step_end=last_latents, **kw)
+    expected = captured["latents"]
+    s = _settings(init_image=init, mask=mask, strength=0.8, mask_crop_padding=8)
+    check(final_latents(ours, s, noise), expected)
+    out = ours.generate(settings=s, noise=noise).image
+    assert out.size == (big_w, big_h)
+    original = np.asarray(Image.open(init))
+    assert np.array_equal(np.asarray(out)[m == 0], original[m == 0])

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--controlnet-quantize", metavar="BITS", help="quantize the ControlNets at load: 4, 8, '4:32', mxfp4")
     c.add_argument("--mask", help="inpainting: white = repaint, black = keep (needs --init-image)")
     c.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian blur radius for the mask edge (pixels)")
+    c.add_argument("--mask-crop-padding", type=int, metavar="PX",
+                   help="inpaint only a crop around the mask, grown by PX, at full resolution, and paste it back")
     c.add_argument("--save-control", metavar="DIR", help="save what each ControlNet sees (after preprocessing)")
 
 
@@ -72,6 +74,7 @@ def overrides(args: argparse.Namespace) -> Dict[str, Any]:
     if args.mask:
         out["mask"] = args.mask
         out["mask_blur"] = args.mask_blur
+        out["mask_crop_padding"] = args.mask_crop_padding
     return out
 
 

@@ -69,6 +69,11 @@ def read_mask(path: str | os.PathLike, width: int, height: int, blur: float = 0.
         a = np.asarray(img, dtype=np.float32) / 255.0
     else:
         a = read_image(path, width, height, what="mask", mode="L")[..., 0]
+    return binarize_mask(a, path)
+
+
+def binarize_mask(a: np.ndarray, path: str | os.PathLike = "the mask") -> np.ndarray:
+    """[0, 1] (H, W) -> {0, 1} at 0.5; refuses an all-black mask."""
     grey = int(((a > 0) & (a < 1)).sum())
     if grey:
         log.info("mask has %d grey pixels: binarized at 0.5 (≥ 0.5 repaints)", grey)

@@ -27,7 +27,8 @@ from PIL import Image
 
 from ..errors import InputError
 from .image import encode_control, read_image, vae_input
-from .inpaint import blend_known, latent_mask, masked_pixels, read_mask
+from .inpaint import binarize_mask, blend_known, latent_mask, masked_pixels, read_mask
+from .inpaint_crop import cropped_inputs, paste_back
 from .preprocess import canny_rgb, gaussian_blur
 from .settings import ControlNetSettings
 from .spec import ControlNetSpec, open_controlnet
@@ -51,6 +52,7 @@ class ControlSession:
     specs: List[Tuple[ControlNetSettings, ControlNetSpec]]
     mask: Optional[str] = None
     control_images: List[Any] = field(default_factory=list)  # PIL: what each ControlNet sees
+    crop_box: Optional[Tuple[int, int, int, int]] = None  # mask_crop_padding: where the result goes
 
     @property
     def inpainting_controlnet(self) -> bool:
@@ -76,11 +78,37 @@ class ControlSession:
             raise InputError("the inpainting ControlNet needs a mask (--mask, white = repaint)")
         if sum(spec.inpainting for _, spec in specs) > 1:
             raise InputError("use one inpainting ControlNet at a time")
+        if session.inpainting_controlnet and s.mask_crop_padding is not None:
+            raise InputError("mask_crop_padding applies to plain inpainting, not to the inpainting ControlNet")
         return session
+
+    def init_pixels(self, s) -> mx.array:
+        """The init image (1, H, W, 3) in [−1, 1]: the crop around the mask with
+        `mask_crop_padding` (sd35_mlx.control.inpaint_crop), else the whole image resized."""
+        if s.mask_crop_padding is None:
+            from ..images import load_image
+
+            return load_image(s.init_image, s.width, s.height)
+        img, _, self.crop_box = cropped_inputs(s.init_image, s.mask, s.width, s.height, s.mask_crop_padding)
+        return mx.array(img * 2.0 - 1.0)[None]
+
+    def finish(self, image: Image.Image, s) -> Image.Image:
+        """With `mask_crop_padding`: the result pasted back into the original image."""
+        if self.crop_box is None:
+            return image
+        return paste_back(image, s.init_image, s.mask, self.crop_box)
+
+    def _mask(self, s) -> Optional[np.ndarray]:
+        if s.mask is None:
+            return None
+        if s.mask_crop_padding is None:
+            return read_mask(s.mask, s.width, s.height, s.mask_blur)
+        _, m, _ = cropped_inputs(s.init_image, s.mask, s.width, s.height, s.mask_crop_padding)
+        return binarize_mask(m, s.mask)
 
     def prepare(self, pipe, s, noise: mx.array, image_latents: Optional[mx.array]):
         """(ActiveControlNets, InpaintBlend or None): control latents encoded, nets loaded."""
-        mask = read_mask(s.mask, s.width, s.height, s.mask_blur) if s.mask is not None else None
+        mask = self._mask(s)
         nets = []
         vae = pipe._load_vae()
         with pipe._within_budget():
