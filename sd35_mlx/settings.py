@@ -83,12 +83,16 @@ class GenerationSettings:
         from .control.inpaint import check_mask_size
         from .control.settings import check_readable_image
 
+        if not isinstance(self.controlnets, tuple) or not all(isinstance(c, ControlNetSettings) for c in self.controlnets):
+            raise InputError("controlnets must be a tuple of ControlNetSettings")
         for cn in self.controlnets:
             cn.validate(init_image=self.init_image)
         if self.mask is not None:
             if self.init_image is None:
                 raise InputError("a mask needs the image it applies to (init_image / --init-image)")
-            if not (self.mask_blur >= 0.0 and math.isfinite(self.mask_blur)):
+            if isinstance(self.mask_blur, bool) or not isinstance(self.mask_blur, (int, float)) or not (
+                self.mask_blur >= 0.0 and math.isfinite(self.mask_blur)
+            ):
                 raise InputError(f"mask blur must be a radius ≥ 0 (got {self.mask_blur})")
             check_readable_image(self.mask, "mask")
             if self.mask_crop_padding is not None and not (isinstance(self.mask_crop_padding, int) and self.mask_crop_padding >= 0):
@@ -117,7 +121,8 @@ class GenerationSettings:
                 **{k: tuple(v) if k == "layers" else v for k, v in slg.items() if k in known}
             )
         if "controlnets" in kwargs:
-            kwargs["controlnets"] = tuple(
-                c if isinstance(c, ControlNetSettings) else ControlNetSettings(**c) for c in kwargs["controlnets"]
-            )
+            nets = kwargs["controlnets"]
+            if not isinstance(nets, (list, tuple)):
+                raise InputError(f"controlnets must be a list of ControlNet settings (got {nets!r:.60})")
+            kwargs["controlnets"] = tuple(ControlNetSettings.from_dict(c) for c in nets)
         return cls(**kwargs)

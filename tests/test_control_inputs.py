@@ -281,3 +281,19 @@ def test_mask_crop_padding_must_be_a_whole_number(tmp_path):
         with pytest.raises(InputError, match="crop padding"):
             GenerationSettings(init_image=init, mask=mask, mask_crop_padding=bad).validate()
     GenerationSettings(init_image=init, mask=mask, mask_crop_padding=0).validate()
+
+
+@pytest.mark.parametrize("value, message", [
+    ([{"image": "x.png"}], "needs at least a path"),
+    ([{"path": "x", "colour": "red"}], "unknown ControlNet setting"),
+    ("not a list", "must be a list"),
+    ([{"path": "x", "image": "{img}", "scale": "strong"}], "finite number"),
+    ([{"path": "x", "image": "{img}", "start": None}], "finite number"),
+])  # fmt: skip
+def test_metadata_with_bad_control_entries_is_refused(tmp_path, value, message):
+    """--from-image reads settings from a PNG anyone could have edited: bad entries are InputErrors."""
+    img = _png(tmp_path / "c.png")
+    if isinstance(value, list):
+        value = [{k: (v.replace("{img}", img) if isinstance(v, str) else v) for k, v in e.items()} for e in value]
+    with pytest.raises(InputError, match=message):
+        GenerationSettings.from_dict({"prompt": "x", "controlnets": value}).validate()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import InputError
 
@@ -34,12 +34,30 @@ class ControlNetSettings:
     preprocess: Optional[str] = None
     residual_rule: Optional[str] = None
 
+    @classmethod
+    def from_dict(cls, d: Any) -> "ControlNetSettings":
+        """From PNG metadata or JSON: a mapping with `path` and known fields only."""
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+            raise InputError(f"a ControlNet setting needs at least a path (got {d!r:.80})")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(f"unknown ControlNet setting(s): {', '.join(sorted(map(str, unknown)))}")
+        return cls(**d)
+
     def validate(self, *, init_image: Optional[str] = None) -> "ControlNetSettings":
         from .residuals import rule_named
         from .spec import check_control_type
 
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise InputError(f"control scale must be a finite number (got {self.scale!r})")
+        for name in ("path", "image", "control_type", "preprocess", "residual_rule"):
+            v = getattr(self, name)
+            if not (v is None and name != "path") and not isinstance(v, str):
+                raise InputError(f"ControlNet {name} must be text (got {v!r:.60})")
+        for name in ("scale", "start", "end"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"control {name} must be a finite number (got {v!r:.60})")
         if not (0.0 <= self.start < self.end <= 1.0):
             raise InputError(
                 f"control start/end must satisfy 0 ≤ start < end ≤ 1 (got {self.start}, {self.end}); "
