@@ -19,13 +19,13 @@ from PIL import Image
 
 from control_assets import stability_state
 from reference import randomize, rel_err, save_state_dict, to_numpy
+from test_pipeline import H, W, final_latents, noise_pair  # the same 64x96 run as the plain pipeline's
 from tiny_model import CONTEXT_DIM, TinySpec, make_tiny_model
 
 from sd35_mlx.control.settings import ControlNetSettings
-from sd35_mlx.pipeline import SD35Pipeline, initial_noise
+from sd35_mlx.pipeline import SD35Pipeline
 from sd35_mlx.settings import GenerationSettings
 
-H, W = 64, 96
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry"
 TOL = 1e-4
@@ -89,18 +89,6 @@ def _mask(path: Path) -> str:
     m[10:14, 5:9] = 128  # grey: binarized at 0.5 (128/255 ≥ 0.5 → repaint), by both
     Image.fromarray(m).save(path)
     return str(path)
-
-
-def noise_pair(seed):
-    noise = initial_noise(seed, H // 8, W // 8)
-    return noise, torch.from_numpy(to_numpy(noise).transpose(0, 3, 1, 2).copy())
-
-
-def final_latents(pipe, settings, noise):
-    last = None
-    for info in pipe.generate_latents(settings, noise=noise):
-        last = info
-    return last.latents
 
 
 def check(ours_latents, ref_latents):
