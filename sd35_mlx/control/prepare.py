@@ -89,21 +89,21 @@ class ControlSession:
             from ..images import load_image
 
             return load_image(s.init_image, s.width, s.height)
-        img, _, self.crop_box = cropped_inputs(s.init_image, s.mask, s.width, s.height, s.mask_crop_padding)
+        img, _, self.crop_box = cropped_inputs(s.init_image, s.mask, s.width, s.height, s.mask_crop_padding, s.mask_blur)
         return mx.array(img * 2.0 - 1.0)[None]
 
     def finish(self, image: Image.Image, s) -> Image.Image:
         """With `mask_crop_padding`: the result pasted back into the original image."""
         if self.crop_box is None:
             return image
-        return paste_back(image, s.init_image, s.mask, self.crop_box)
+        return paste_back(image, s.init_image, s.mask, self.crop_box, s.mask_blur)
 
     def _mask(self, s) -> Optional[np.ndarray]:
         if s.mask is None:
             return None
         if s.mask_crop_padding is None:
             return read_mask(s.mask, s.width, s.height, s.mask_blur)
-        _, m, _ = cropped_inputs(s.init_image, s.mask, s.width, s.height, s.mask_crop_padding)
+        _, m, _ = cropped_inputs(s.init_image, s.mask, s.width, s.height, s.mask_crop_padding, s.mask_blur)
         return binarize_mask(m, s.mask)
 
     def prepare(self, pipe, s, noise: mx.array, image_latents: Optional[mx.array]):
