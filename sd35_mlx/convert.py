@@ -74,6 +74,8 @@ class Plan:
     t5_state: str = "present"
     notes: Dict[str, str] = field(default_factory=dict)  # per component, for the summary
     findings: Dict[str, str] = field(default_factory=dict)  # per component, about the weights
+    raw_loaders: Dict[str, Callable] = field(default_factory=dict)  # before quantization
+    loras: list = field(default_factory=list)  # adapters.apply.LoRA, fused into the 16-bit weights
 
 
 def _say(quiet: bool, *args) -> None:
@@ -205,7 +207,7 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
         if not plan.drop_t5:
             _say(quiet, "No T5-XXL found: the converted model will run in T5-drop mode.")
 
-    def loader(component: str) -> Callable:
+    def raw_loader(component: str) -> Callable:
         # No tensor cache across networks: a cached source tensor would stay in memory once
         # written; opening a file again costs only its header (mx.load is lazy).
         def load():
@@ -213,11 +215,20 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
                 warnings.simplefilter("ignore", CLIPProjectionWarning)
                 model = _load_source(component, sources[component], _component_dtype(component, plan.dtype))
             _check_projection(plan, component, model, ", ".join(str(f) for f in sources[component].files))
+            return model
+
+        return load
+
+    def loader(component: str) -> Callable:
+        def load():  # LoRAs are fused into the 16-bit weights, then the result is quantized
+            model = _with_loras_fused(plan, component, raw_loaders[component]())
             return quantize_network(model, plan.specs.get(component), component)
 
         return load
 
+    raw_loaders = {c: raw_loader(c) for c in COMPONENTS if c in sources}
     plan.loaders = {c: loader(c) for c in COMPONENTS if c in sources}
+    plan.raw_loaders = raw_loaders
     plan.source.update(
         layouts={c: s.layout.name for c, s in sources.items()},
         files={c: [str(f) for f in s.files] for c, s in sources.items()},
@@ -231,6 +242,37 @@ def _plan_sources(plan: Plan, paths: Sequence[Path], quiet: bool) -> None:
     if plan.source_root is None:
         _say(quiet, "Note: no tokenizer/ folders next to the weights: copy tokenizer/, tokenizer_2/ "
                     "(and tokenizer_3/) from the diffusers repo into the converted folder.")  # fmt: skip
+
+
+def _with_loras_fused(plan: Plan, component: str, model):
+    """`model` with `plan.loras` baked into its 16-bit weights (--lora ... --fuse-lora)."""
+    from .adapters.apply import attach_lora
+    from .adapters.lora import bake
+
+    for lora in plan.loras:
+        attach_lora(model, component, lora)
+    bake(model)
+    return model
+
+
+def _plan_loras(plan: Plan, loras: Sequence, strict: bool) -> None:
+    """Read and check every LoRA against the (lazily built, unquantized) networks up front."""
+    from .adapters.apply import prepare
+    from .adapters.source import read_lora
+    from .adapters.spec import LoRASpec, parse_lora_arg
+
+    if plan.requantize:
+        raise InputError(
+            "--fuse-lora needs the 16-bit source model, not a converted folder: fusing into already "
+            "quantized weights and quantizing again would round the LoRA away"
+        )
+    networks = {c: load() for c, load in plan.raw_loaders.items() if c != "vae"}
+    for item in loras:
+        spec = item if isinstance(item, LoRASpec) else parse_lora_arg(str(item))
+        lora = prepare(read_lora(spec.source), networks, name=spec.name, scale=spec.scale,
+                       text_encoder_scale=spec.text_encoder_scale, strict=strict)  # fmt: skip
+        plan.loras.append(lora)
+    plan.source["fused_loras"] = [lora.record() for lora in plan.loras]
 
 
 def _check_projection(plan: Plan, component: str, model, source: str) -> None:
@@ -286,7 +328,7 @@ def _plan_requantize(plan: Plan, folder: Path, quiet: bool) -> None:
 # ---- planning -------------------------------------------------------------------------------------
 def plan_conversion(
     hf_path, mlx_path=None, *, revision=None, dtype="bfloat16", quantize=None, drop_t5=False,
-    force=False, token=None, quiet=False,
+    force=False, token=None, quiet=False, loras=(), lora_strict=True,
 ) -> Plan:  # fmt: skip
     """Check every argument (nothing is loaded), then locate the sources (headers only)."""
     items = _as_list(hf_path)
@@ -326,6 +368,8 @@ def plan_conversion(
         _plan_requantize(plan, paths[0], quiet)
     else:
         _plan_sources(plan, paths, quiet)
+    if loras:
+        _plan_loras(plan, loras, lora_strict)
     if plan.variant is None and "transformer" in plan.loaders:
         plan.variant = _variant(plan)
     return plan
@@ -384,6 +428,8 @@ def convert(
     token: Optional[str] = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     quiet: bool = False,
+    loras: Sequence = (),
+    lora_strict: bool = True,
 ) -> Path:
     """Convert (or requantize) a model into a converted sd35_mlx folder; returns its path.
 
@@ -391,6 +437,8 @@ def convert(
       encoder files (a list), or a converted folder (requantize).
     quantize: None (defaults: T5 4-bit; requantize: unchanged), text such as
       "t5=4,clip_g=8,transformer=mxfp4" or "none", or {component: QuantSpec or None}.
+    loras: LoRAs ("path[:scale]" or adapters.spec.LoRASpec) fused into the 16-bit weights before
+      quantizing (the one place a LoRA may end up inside quantized weights); recorded in config.json.
     """
     t0 = time.perf_counter()
     if upload_repo is not None and not _REPO_ID.match(upload_repo):
@@ -398,7 +446,11 @@ def convert(
     if max_shard_bytes <= 0:
         raise InputError("the shard size must be positive")
     plan = plan_conversion(hf_path, mlx_path, revision=revision, dtype=dtype, quantize=quantize,
-                           drop_t5=drop_t5, force=force, token=token, quiet=quiet)  # fmt: skip
+                           drop_t5=drop_t5, force=force, token=token, quiet=quiet, loras=loras,
+                           lora_strict=lora_strict)  # fmt: skip
+    for lora in plan.loras:
+        _say(quiet, f"Fusing LoRA {lora.name} ({lora.parsed.format}, scale {lora.scale:g}) into the 16-bit "
+                    f"{', '.join(lora.components)} before quantizing")  # fmt: skip
     sizes = estimate(plan, quiet)
     total = sum(s["bytes"] for s in sizes.values())
     check_disk_space(plan.target, total + DISK_MARGIN_BYTES)
@@ -494,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
     p.add_argument("--max-shard-size", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, metavar="GB",
                    help="split a network's weights into files of at most this size (default 5)")  # fmt: skip
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
+                   help="a LoRA to fuse into the 16-bit weights before quantizing (needs --fuse-lora); repeatable")
+    p.add_argument("--fuse-lora", action="store_true", help="fuse the --lora files into the converted model")
+    p.add_argument("--lora-strict", choices=("on", "off"), default="on",
+                   help="off: fuse a LoRA even when some of its keys match nothing (and say how many)")
     p.add_argument("--controlnet", metavar="PATH_OR_REPO",
                    help="convert a ControlNet instead (its own folder; --quantize controlnet=4; docs/control.md)")
     p.add_argument("--quiet", action="store_true")
@@ -531,10 +588,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _say(args.quiet, f"wrote {out}")
             return 0
         quantize = quantization_from_args(args)
+        if bool(args.lora) != args.fuse_lora:
+            raise InputError("--lora and --fuse-lora go together: a converted model holds LoRAs only fused "
+                             "into it (to apply a LoRA at runtime, pass --lora to sd35_mlx.generate instead)")
         convert(
             args.hf_path, args.mlx_path, revision=args.revision, dtype=args.dtype, quantize=quantize,
             drop_t5=args.drop_t5, force=args.force, upload_repo=args.upload_repo, token=args.token,
-            max_shard_bytes=int(args.max_shard_size * 1e9), quiet=args.quiet,
+            max_shard_bytes=int(args.max_shard_size * 1e9), quiet=args.quiet, loras=args.lora,
+            lora_strict=args.lora_strict == "on",
         )  # fmt: skip
     except SD35Error as e:
         print(f"error: {e}", file=sys.stderr)

@@ -61,6 +61,7 @@ class Denoiser:
         dequantize_min_rows: Optional[int] = None,
         split_cfg: bool = False,
         controlnets: Sequence[ActiveControlNet] = (),
+        cfg_exchange=None,
     ):
         """sigmas: the schedule (num_steps + 1 values); with it every step's modulations
         are precomputed. free_adaln (needs sigmas) / free_pos_embed: drop those weights
@@ -68,8 +69,11 @@ class Denoiser:
         dequantize_min_rows: rows from which quantized layers dequantize before their
         matmul (default per backend; fast_quantized.py). split_cfg: run the negative and
         positive passes one after the other (batch 1 each, evaluated in between) instead of
-        as one batch of 2: half the activation memory, somewhat slower. controlnets: whose
-        residuals enter the transformer (sd35_mlx.control.stack), on both CFG halves."""
+        as one batch of 2: half the activation memory, somewhat slower. cfg_exchange
+        (distributed.CFGExchange): CFG-parallel over 2 ranks, this rank runs one of the two
+        passes on its half of the conditioning and the velocities are exchanged each step.
+        controlnets: whose residuals enter the transformer (sd35_mlx.control.stack), on both
+        CFG halves."""
         if free_adaln and sigmas is None:
             raise InputError("free_adaln needs the schedule (sigmas=) to precompute the modulations")
         self.transformer = transformer
@@ -82,6 +86,11 @@ class Denoiser:
         self.free_pos_embed = free_pos_embed
         self._n_pos = positive.batch_size
         cond = self.batched if self.batched is not None else positive
+        self.exchange = cfg_exchange
+        if cfg_exchange is not None:
+            if negative is None:
+                raise InputError(f"CFG-parallel needs cfg > 1 and a negative conditioning (cfg={cfg:g})")
+            cond = positive if cfg_exchange.runs_conditional else negative  # this rank's half
         self._pooled = cond.pooled.astype(self.dtype)
 
         use_dequantized_matmul(transformer, dequantize_min_rows)  # no-op if not quantized
@@ -97,7 +106,7 @@ class Denoiser:
                 transformer.free_conditioning_weights()
         # Embedded once: the text tokens do not change between steps.
         self._ctx = transformer.embed_context(cond.context)
-        self._ctx_pos = self._ctx[-self._n_pos :] if self.batched is not None else self._ctx
+        self._ctx_pos = self._ctx[-self._n_pos :] if self.batched is not None and cfg_exchange is None else self._ctx
         mx.eval(self._ctx)
         self._compile = compile
         self._fns = {}
@@ -129,6 +138,8 @@ class Denoiser:
         self._prepare_positions(latents)
         mods = self.modulations_at(step, sigma)
         t, scales, active = self._control_at(step, sigma)
+        if self.exchange is not None:
+            return self._exchanged_velocity(latents, mods, step, t, scales, active)
         if self.split_cfg:
             return self._split_velocity(latents, mods, step, t, scales, active)
         return self._fn(self._kind(step), euler=False, active=active)(latents, mods, t, scales)
@@ -146,6 +157,9 @@ class Denoiser:
         # dt in float32, the difference taken in float32 (as EulerSampler does)
         dt = np.float32(sampler.sigmas[step + 1]) - np.float32(sigma)
         t, scales, active = self._control_at(step, sigma)
+        if self.exchange is not None:
+            v = self._exchanged_velocity(latents, mods, step, t, scales, active)
+            return latents.astype(mx.float32) + mx.array(dt) * v
         if self.split_cfg:
             v = self._split_velocity(latents, mods, step, t, scales, active)
             return latents.astype(mx.float32) + mx.array(dt) * v
@@ -174,6 +188,17 @@ class Denoiser:
             v_skip = self._pass(self.slg.layers, pos, active)(latents, self._ctx_pos, mods[-n:], t, scales)
             v = self.slg.apply(v, v_cond, v_skip)
         return v
+
+    def _exchanged_velocity(self, latents, mods, step, t, scales, active) -> mx.array:
+        """CFG-parallel: this rank's pass(es), one exchange, then the guidance every rank
+        computes alike (the same arithmetic as the batched path)."""
+        x, slg, rows = self.exchange, self.slg_active(step), slice(None)
+        own = [self._pass((), rows, active)(latents, self._ctx, mods, t, scales)]
+        if slg and x.runs_conditional:
+            own.append(self._pass(self.slg.layers, rows, active)(latents, self._ctx, mods, t, scales))
+        v_cond, v_uncond, v_skip = x.exchange(own, step, with_skip=slg)
+        v = cfg_combine(v_uncond, v_cond, self.cfg)
+        return self.slg.apply(v, v_cond, v_skip) if slg else v
 
     def _pass(self, skip_layers: tuple, rows: slice, active: tuple) -> Callable:
         key = ("pass", skip_layers, (rows.start, rows.stop), active)

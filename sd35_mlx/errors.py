@@ -21,3 +21,7 @@ class CLIPProjectionWarning(UserWarning):
     """A CLIP-L's `text_projection` is not the identity, so its pooled vector differs from
     Stability's reference (which uses the unprojected vector). Filter it with
     `warnings.filterwarnings("ignore", category=CLIPProjectionWarning)`."""
+
+
+class DistributedError(SD35Error, RuntimeError):
+    """Another rank of a distributed run (mx.distributed) was lost: it died or stopped answering."""

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .adapters.spec import parse_lora_arg, specs_from_metadata
 from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
 from .control import cli as control_cli
 from .errors import InputError, SD35Error
@@ -77,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     control_cli.add_arguments(p)
 
+    d = p.add_argument_group("several processes (started by mlx.launch; docs/distributed.md)")
+    d.add_argument("--cfg-parallel", action="store_true",
+                   help="2 ranks: rank 0 runs the conditional pass, rank 1 the unconditional one (needs cfg > 1). "
+                        "Without it, several ranks share out the images (data-parallel)")
+    d.add_argument("--peer-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop when the other ranks have not answered for this long (default 300)")
+
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
+                    help="apply a LoRA (file, folder, HF repo id or repo:file; scale default 1.0); repeatable. "
+                         "Runs beside quantized weights, never baked into them")
+    lo.add_argument("--lora-text-scale", type=float, metavar="SCALE",
+                    help="weight of the LoRAs' text-encoder parts (default: each LoRA's own scale)")
+    lo.add_argument("--lora-strict", choices=("on", "off"), default="on",
+                    help="on: refuse a LoRA with keys that match nothing; off: apply the rest and say how many")
+
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default="sd35.png", help="output PNG (several images get -1, -2 … suffixes)")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -100,6 +117,7 @@ def plan(args: argparse.Namespace):
 
     base = GenerationSettings()
     model = args.model
+    args.lora_specs = [parse_lora_arg(text, args.lora_text_scale) for text in args.lora]
     t5 = not args.no_t5
     if args.from_image:
         meta = read_metadata(args.from_image)
@@ -111,6 +129,8 @@ def plan(args: argparse.Namespace):
             args.quantize = meta["quantization"]
         if args.controlnet_quantize is None and meta.get("controlnet_quantization") not in (None, "16"):
             args.controlnet_quantize = meta["controlnet_quantization"]
+        if not args.lora:  # the image's LoRAs, unless others are named
+            args.lora_specs = specs_from_metadata(meta.get("loras"))
     if not model:
         raise InputError("no model: pass --model (a repo id, a folder or a .safetensors file)")
 
@@ -191,6 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # default: up to 0.25 GB) at the same speed (docs/memory.md). Set before MLX starts.
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "20")
+    args.budget_is_auto = args.memory_budget == "auto"
     args.memory_budget = resolve_budget(args.memory_budget, args.keep_loaded)
     try:
         model, t5, jobs = plan(args)
@@ -219,12 +240,46 @@ def _largest_size(jobs: List[GenerationSettings]):
     return max(sized, key=lambda hw: hw[0] * hw[1]) if sized else None
 
 
+def load_loras(pipe, specs, strict: bool) -> None:
+    """Apply the LoRAs and say what each did (and when one switches the model's defaults)."""
+    for spec in specs:
+        lora = pipe.load_lora(spec.source, scale=spec.scale, name=spec.name,
+                              text_encoder_scale=spec.text_encoder_scale, strict=strict)  # fmt: skip
+        where = ", ".join(lora.components) or "nothing"
+        print(f"LoRA {lora.name}: {lora.parsed.format} format, scale {lora.scale:g}, on {where}")
+        if spec.sha256 and spec.sha256 != lora.file.sha256:
+            print(f"warning: {spec.source} is not the file the image was made with (sha256 {lora.file.sha256[:12]}… "
+                  f"instead of {spec.sha256[:12]}…)", file=sys.stderr)
+        if lora.preset:
+            v = pipe.variant
+            print(f"LoRA {lora.name} makes this {v.description}: defaults now {v.steps} steps, cfg {v.cfg:g}, "
+                  f"shift {v.shift:g}, sampler {v.sampler} (flags given still win)")
+
+
 def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
     import mlx.core as mx
 
-    from .images import save_png
+    from .distributed import (CFGExchange, Ranks, agree_on_budget, agree_on_seeds, check_cfg_parallel,
+                              check_data_parallel, exit_on_terminate)  # fmt: skip
+    from .images import save_png, unique_paths
     from .pipeline import SD35Pipeline
     from .progress import ProgressBar, peak_memory_gb
+
+    ranks = Ranks.init(timeout_s=args.peer_timeout)  # a group of one unless mlx.launch started us
+    if ranks.size > 1:
+        exit_on_terminate(ranks.rank)
+        if args.memory_budget is not None:
+            args.memory_budget = agree_on_budget(ranks, args.memory_budget, machine_wide=args.budget_is_auto)
+    if args.cfg_parallel:
+        for job in jobs:
+            check_cfg_parallel(ranks.size, job.cfg)
+    else:
+        check_data_parallel(ranks, len(jobs))
+    paths = unique_paths(args.output, len(jobs))  # before any rank writes (agree_on_seeds waits for all)
+    jobs = agree_on_seeds(ranks, jobs)
+    mine = list(enumerate(jobs)) if args.cfg_parallel else ranks.shard(jobs)
+    exchange = CFGExchange(ranks) if args.cfg_parallel else None
+    quiet = args.quiet or not ranks.is_main  # rank 0 reports
 
     t0 = time.perf_counter()
     pipe = SD35Pipeline.from_pretrained(
@@ -235,25 +290,51 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
         controlnet_quantize=args.controlnet_quantize, controlnets=tuple(sorted({c.path for j in jobs for c in j.controlnets})),
     )  # fmt: skip
-    if pipe.plan is not None and not args.quiet:
+    if pipe.plan is not None and not quiet:
         print(pipe.describe_plan())
-    if not args.quiet:
+    if not quiet:
         print(f"model: {model} ({pipe.variant.name}), loaded in {time.perf_counter() - t0:.1f} s")
-    out = Path(args.output)
-    for n, job in enumerate(jobs):
-        job = pipe.settings_with_defaults(job).with_seed()
-        bar = None if args.quiet else ProgressBar(job.steps if not job.init_image else None, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
-        result = pipe.generate(settings=job, callback=bar, verbose=not args.quiet)
-        path = save_png(result.image, out, result.metadata)
+    load_loras(pipe, getattr(args, "lora_specs", []), strict=args.lora_strict == "on")
+    t_start, longest = time.perf_counter(), 0.0
+    for n, job in mine:
+        t_job = time.perf_counter()
+        job = pipe.settings_with_defaults(job)
+        if exchange is not None:
+            check_cfg_parallel(ranks.size, job.cfg)  # the variant's default cfg is known now
+        bar = None if quiet else ProgressBar(job.steps if not job.init_image else None, label=f"[{n + 1}/{len(jobs)}] seed {job.seed}")
+        if exchange is not None and not ranks.is_main:
+            for _ in pipe.generate_latents(job, cfg_exchange=exchange):  # rank 0 decodes and writes
+                pass
+            continue
+        result = pipe.generate(settings=job, callback=bar, verbose=not quiet, cfg_exchange=exchange)
+        path = save_png(result.image, paths[n], result.metadata)
         for saved in control_cli.save_control_images(args.save_control, pipe.control_images, path.stem):
             print(f"control image: {saved}")
+        longest = max(longest, time.perf_counter() - t_job)
         if bar is not None:
             bar.close()
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
             print(f"saved {path}  ({stages}; peak memory {peak_memory_gb():.2f} GB)")
-        else:
+        elif ranks.is_main:
             print(path)
+    if ranks.size > 1 and exchange is None:
+        _report_data_parallel(ranks, mine, paths, longest, time.perf_counter() - t_start, args.quiet)
     return 0
+
+
+def _report_data_parallel(ranks, mine, paths, longest: float, seconds: float, quiet: bool) -> None:
+    """Rank 0 names the images the other ranks wrote and the throughput of all of them."""
+    from .distributed import gather_done
+
+    done = gather_done(ranks, [n for n, _ in mine], len(paths), longest)
+    if not ranks.is_main:
+        return
+    for n, path in enumerate(paths):
+        if ranks.owner(n) != 0 and done[n]:
+            print(path if quiet else f"saved {path}  (rank {ranks.owner(n)})")
+    if not quiet:
+        rate = 60 * int(done.sum()) / max(seconds, 1e-9)
+        print(f"{int(done.sum())} images on {ranks.size} ranks in {seconds:.1f} s ({rate:.2f} images/min)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import SD35Error
 from .components import COMPONENTS, DIFFUSERS_FOLDERS, TOKENIZER_FOLDERS
@@ -347,7 +347,9 @@ def resolve_model_path(
     return _download(text, revision, tuple(components), token)
 
 
-def _download(repo_id: str, revision: Optional[str], components: Sequence[str], token: Optional[str]) -> Path:
+def _repo_files(repo_id: str, revision: Optional[str], token: Optional[str],
+                components: Sequence[str]) -> Tuple[List[str], bool, str]:  # fmt: skip
+    """(the repo's files, whether to stay offline, why offline), online or from the cache."""
     offline = _offline()
     files: Optional[List[str]] = None
     reason = "HF_HUB_OFFLINE=1 is set"
@@ -364,6 +366,33 @@ def _download(repo_id: str, revision: Optional[str], components: Sequence[str], 
         files = _list_cached(repo_id, revision)
         if files is None:
             raise SD35Error(_offline_message(repo_id, components, reason))
+    return files, offline, reason
+
+
+def resolve_file(repo_id: str, filename: Optional[str] = None, revision: Optional[str] = None,
+                 token: Optional[str] = None, what: str = "LoRA") -> Path:  # fmt: skip
+    """One .safetensors file of a repo (cached, offline-aware): `filename`, or the repo's only one."""
+    if not _REPO_ID.match(repo_id):
+        raise SD35Error(f"'{repo_id}' is neither an existing file nor a Hugging Face repo id ('owner/name')")
+    files, offline, reason = _repo_files(repo_id, revision, token, (what,))
+    safetensors = sorted(f for f in files if f.endswith(".safetensors"))
+    if filename is None:
+        if len(safetensors) != 1:
+            pickles = [f for f in files if Path(f).suffix.lower() in PICKLE_SUFFIXES]
+            found = (f"several .safetensors files ({', '.join(safetensors[:12])})" if safetensors else
+                     "no .safetensors file" + (f" (only pickles, which are refused: {', '.join(pickles[:5])})" if pickles else ""))  # fmt: skip
+            raise SD35Error(f"{repo_id} has {found}; name the {what} file as {repo_id}:<file>")
+        filename = safetensors[0]
+    refuse_pickle(Path(filename))
+    if filename not in files:
+        raise SD35Error(
+            f"{repo_id} has no file '{filename}'; its .safetensors files are: {', '.join(safetensors[:12]) or 'none'}"
+        )
+    return _snapshot(repo_id, revision, [filename], token, offline, (what,), reason) / filename
+
+
+def _download(repo_id: str, revision: Optional[str], components: Sequence[str], token: Optional[str]) -> Path:
+    files, offline, reason = _repo_files(repo_id, revision, token, components)
     converted_config = None
     if repo_layout(files) == "converted":  # its config.json says which files hold which network
         folder = _snapshot(repo_id, revision, ["config.json"], token, offline, components, reason)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -48,28 +49,50 @@ def describe(meta: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def unique_path(path: Path) -> Path:
-    """`path`, or `name-1.png`, `name-2.png`, … : never overwrite an existing file."""
-    if not path.exists():
-        return path
+def unique_path(path: Path, taken: Sequence[Path] = ()) -> Path:
+    """`path`, or `name-1.png`, `name-2.png`, … : never an existing file (nor one in `taken`)."""
     stem, suffix = path.stem, path.suffix
-    i = 1
-    while True:
-        candidate = path.with_name(f"{stem}-{i}{suffix}")
-        if not candidate.exists():
-            return candidate
+    candidate, i = path, 0
+    while candidate.exists() or candidate in taken:
         i += 1
+        candidate = path.with_name(f"{stem}-{i}{suffix}")
+    return candidate
+
+
+def png_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix.lower() == ".png" else path.with_suffix(".png")
+
+
+def unique_paths(path: str | os.PathLike, count: int) -> List[Path]:
+    """The names `count` successive `save_png(…, path, …)` calls would get, planned up front
+    (so that several processes can each write some of them)."""
+    names: List[Path] = []
+    for _ in range(count):
+        names.append(unique_path(png_path(path), names))
+    return names
+
+
+def png_info(metadata: Dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks sd35_mlx writes: the settings as JSON, and a readable summary."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    info.add_itxt("parameters", describe(metadata))
+    return info
+
+
+def png_bytes(image: Image.Image, metadata: Optional[Dict[str, Any]] = None) -> bytes:
+    """The PNG `save_png` would write, as bytes (for the server); no text chunks without metadata."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata) if metadata is not None else None)
+    return buffer.getvalue()
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: Dict[str, Any]) -> Path:
     """Write a PNG with the metadata as JSON (and a readable summary). Never overwrites."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(".png")
+    path = png_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-    info.add_itxt("parameters", describe(metadata))
+    info = png_info(metadata)
     target = unique_path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ._version import __version__
+from .adapters.registry import LoRARegistry
 from .callbacks import GenerationInterrupted, StepCallback, StepInfo
 from .components import QUANTIZABLE, REQUIRED, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
 from .conditioning import Conditioning, assemble
@@ -29,7 +31,7 @@ from .memory import Plan, default_budget_bytes
 from .quantize import QuantSpec, Quantization, named_quantization, quantization_text, quantize_network
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise, uses_cfg
 from .settings import GenerationSettings, SkipLayerGuidance
-from .variants import Variant, detect_variant, validate_size
+from .variants import Variant, detect_variant, lora_preset, validate_size
 from .weights.sources import ModelSources, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,8 @@ class SD35Pipeline:
         self.control_images: list = []
         self.control_specs: list = []
         self._control_session = None
+        self._loras = LoRARegistry()
+        self._base_variant: Optional[Variant] = None  # set while a distilling LoRA sets the defaults
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
@@ -240,7 +244,8 @@ class SD35Pipeline:
         if self._transformer is None:
             from .loading import load_transformer
 
-            self._transformer = self._quantize(load_transformer(self.sources, dtype=self.dtype), "transformer")
+            transformer = self._quantize(load_transformer(self.sources, dtype=self.dtype), "transformer")
+            self._transformer = self._loras.attach_all(transformer, "transformer")
         return self._transformer
 
     def _load_vae(self):
@@ -262,6 +267,7 @@ class SD35Pipeline:
                 if getattr(enc, name) is not None:
                     setattr(enc, name, self._quantize(getattr(enc, name), name))
                     use_dequantized_matmul(getattr(enc, name))  # quantized encoders: dequantize before large matmuls
+                    self._loras.attach_all(getattr(enc, name), name)
             if self.t5_mode == T5Mode.STREAMED:
                 from .streaming import streamed_t5
 
@@ -278,6 +284,56 @@ class SD35Pipeline:
                 quantize_network(net, self.controlnet_quantization, "controlnet")
             self._controlnets[key] = net
         return self._controlnets[key]
+
+    # ---- LoRAs (sd35_mlx/adapters): kept across network reloads, switched without reloading ----
+    def load_lora(self, source, scale: float = 1.0, *, name: Optional[str] = None,
+                  text_encoder_scale: Optional[float] = None, strict: bool = True, revision: Optional[str] = None):  # fmt: skip
+        """Apply a LoRA (local .safetensors, HF repo id or `repo:file`) at `scale`, beside the
+        weights at runtime (never baked into quantized ones). Returns the prepared `LoRA`."""
+        from .adapters.apply import prepare
+        from .adapters.source import read_lora
+
+        file = read_lora(source, revision=revision)
+        networks = self._lora_networks(load=True)
+        absent = {}
+        if not self.use_t5:
+            absent["t5"] = "this pipeline runs without T5 (T5-drop mode)"
+        elif self.stream_t5:
+            absent["t5"] = "T5 is streamed block by block, which takes no LoRA; load it whole (no --stream-t5)"
+        lora = prepare(file, {k: v for k, v in networks.items() if k not in absent}, name=name, scale=scale,
+                       text_encoder_scale=text_encoder_scale, strict=strict, absent=absent)  # fmt: skip
+        self._loras.add(lora, self._lora_networks())
+        preset = lora_preset(file.path.name, file.source, file.sha256, self._base_variant or self.variant)
+        if preset is not None:  # a distilling LoRA: its model card's settings become the defaults
+            self._base_variant = self._base_variant or self.variant
+            self.variant, lora.preset = preset, preset.name
+            log.info("LoRA %s makes this %s: defaults now %d steps, cfg %g, shift %g, %s", lora.name,
+                     preset.description, preset.steps, preset.cfg, preset.shift, preset.sampler)  # fmt: skip
+        return lora
+
+    def set_lora_scales(self, scales, text_encoder_scales=None) -> None:
+        """{name: weight} (or one weight for all); `text_encoder_scales` likewise for CLIP/T5."""
+        self._loras.set_scales(scales, self._lora_networks(), text_encoder_scales)
+
+    def unload_lora(self, name=None) -> list:
+        """Remove LoRA(s) by name (None: all) without reloading the base model."""
+        removed = self._loras.remove([name] if isinstance(name, str) else name, self._lora_networks())
+        if self._base_variant is not None and not any(lora.preset for lora in self.loras):
+            self.variant, self._base_variant = self._base_variant, None  # the base model's defaults again
+        return removed
+
+    @property
+    def loras(self) -> list:
+        return list(self._loras.loras.values())
+
+    def _lora_networks(self, load: bool = False) -> Dict[str, Any]:
+        transformer = self._load_transformer() if load else self._transformer
+        enc = self._load_encoders() if load else self._encoders
+        nets = {"transformer": transformer}
+        for name in ("clip_l", "clip_g", "t5"):
+            net = getattr(enc, name, None) if enc is not None else None
+            nets[name] = net if isinstance(net, nn.Module) else None  # a streamed T5 takes no LoRA
+        return nets
 
     def release(self, *names: str) -> None:
         """Drop networks (default: all) and return their memory to the system. ControlNets
@@ -362,13 +418,20 @@ class SD35Pipeline:
         embeddings: Optional[PromptEmbeddings] = None,
         noise: Optional[mx.array] = None,
         verbose: bool = False,
+        cfg_exchange=None,
     ) -> Iterator[StepInfo]:
         """Yield a `StepInfo` after every denoising step; the last one holds the final latents.
 
         Stop iterating at any time to cancel. `noise` overrides the seeded initial noise.
+        cfg_exchange (`distributed.CFGExchange`): CFG-parallel over 2 ranks, both of which
+        call this with the same settings (docs/distributed.md).
         """
         s = self.settings_with_defaults(settings).with_seed()
         use_cfg = uses_cfg(s.cfg)  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
+        if cfg_exchange is not None:
+            from .distributed import check_cfg_parallel
+
+            check_cfg_parallel(cfg_exchange.ranks.size, s.cfg)
         if embeddings is None:
             t0 = time.perf_counter()
             embeddings = self.encode_prompt(
@@ -411,6 +474,7 @@ class SD35Pipeline:
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
                 split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
                 controlnets=controlnets,
+                cfg_exchange=cfg_exchange,
             )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()
@@ -468,6 +532,8 @@ class SD35Pipeline:
             sd35_mlx_version=__version__,
         )
         meta.update(control_metadata(s, self.controlnet_quantization, self.control_specs))
+        if self._loras:
+            meta["loras"] = self._loras.records()
         return meta
 
     def generate(
@@ -479,9 +545,11 @@ class SD35Pipeline:
         callback: Optional[StepCallback] = None,
         noise: Optional[mx.array] = None,
         verbose: bool = False,
+        cfg_exchange=None,
         **overrides: Any,
     ) -> GeneratedImage:
-        """Generate one image. Fields of `GenerationSettings` can be passed as keywords."""
+        """Generate one image. Fields of `GenerationSettings` can be passed as keywords.
+        cfg_exchange: CFG-parallel over 2 ranks (see `generate_latents`)."""
         s = settings or GenerationSettings()
         if prompt is not None:
             overrides["prompt"] = prompt
@@ -489,7 +557,7 @@ class SD35Pipeline:
             overrides["skip_layer_guidance"] = SkipLayerGuidance(**overrides["skip_layer_guidance"])
         s = self.settings_with_defaults(replace(s, **overrides)).with_seed()
         final = None
-        for info in self.generate_latents(s, embeddings=embeddings, noise=noise, verbose=verbose):
+        for info in self.generate_latents(s, embeddings=embeddings, noise=noise, verbose=verbose, cfg_exchange=cfg_exchange):
             final = info
             if callback is not None and callback(info) is False:
                 raise GenerationInterrupted(f"stopped by the callback after step {info.step}/{info.total}")

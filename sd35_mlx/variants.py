@@ -75,7 +75,70 @@ SD35_LARGE_TURBO = Variant(
     description="SD3.5 Large Turbo (8B MMDiT, distilled for 4 steps without CFG)",
 )
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE, SD35_LARGE_TURBO)}
+# Community-distilled variants (lora_controlnet_spec.md §4): TensorArt's model cards. Their
+# diffusers folders ship a scheduler config without the recommended shift, so it is set here.
+SD35_LARGE_TURBOX = Variant(
+    name="sd3.5-large-turbox",
+    config=SD35_LARGE_MMDIT,
+    repo_id="tensorart/stable-diffusion-3.5-large-TurboX",
+    steps=8,
+    cfg=1.5,  # the card: 1.0-1.5 ("CFG != 1 will double generation time"); its diffusers Space uses 1.5
+    shift=5.0,  # the card: "Most important"
+    description="TensorArt SD3.5 Large TurboX (8 steps, shift 5)",
+)
+# The card's diffusers snippet keeps the base scheduler (shift 3); the MIR database says 5.
+SD35_MEDIUM_TURBO = Variant(
+    name="sd3.5-medium-turbo",
+    config=SD35_MEDIUM_MMDIT,
+    repo_id="tensorart/stable-diffusion-3.5-medium-turbo",
+    steps=8,
+    cfg=1.5,
+    description="TensorArt SD3.5 Medium Turbo (8 steps, cfg 1.5)",
+)
+SD35_MEDIUM_TURBO_4STEP = replace(
+    SD35_MEDIUM_TURBO, name="sd3.5-medium-turbo-4step", steps=4,
+    description="TensorArt SD3.5 Medium Turbo, 4-step LoRA (4 steps, cfg 1.5)",
+)  # fmt: skip
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE, SD35_LARGE_TURBO, SD35_LARGE_TURBOX, SD35_MEDIUM_TURBO,
+              SD35_MEDIUM_TURBO_4STEP)
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoRAPreset:
+    """A LoRA that turns a base model into a distilled one: loading it switches the defaults."""
+
+    variant: Variant
+    base: Variant
+    file_names: tuple[str, ...] = ()  # as published (lower case)
+    repo_ids: tuple[str, ...] = ()
+    sha256: tuple[tuple[str, str], ...] = ()  # (first, last) hex digits as published (MIR database)
+
+
+LORA_PRESETS = (
+    LoRAPreset(SD35_MEDIUM_TURBO, SD35_MEDIUM,
+               ("lora_sd3.5m_turbo_8steps.safetensors", "sd3.5m_turbo_8steps.safetensors", "lora-s-8step-final.safetensors"),
+               sha256=(("bdcbdfa3", "8b1858"),)),
+    LoRAPreset(SD35_MEDIUM_TURBO_4STEP, SD35_MEDIUM, ("lora_sd3.5m_4steps.safetensors", "sd3.5m-4steps.safetensors")),
+    LoRAPreset(SD35_LARGE_TURBOX, SD35_LARGE, repo_ids=("tensorart/stable-diffusion-3.5-large-turbox",),
+               sha256=(("fae59d1b", "e09548"),)),
+)  # fmt: skip
+
+
+def lora_preset(file_name: str, source: str, sha256: str, base: Variant) -> Variant | None:
+    """The distilled variant a LoRA makes of `base`, recognised by its published file name, the
+    repo it came from or its checksum; None for any other LoRA (or another base model)."""
+    name, src = file_name.lower(), str(source).lower()
+    for preset in LORA_PRESETS:
+        if _signature(preset.base.config) != _signature(base.config):
+            continue
+        if (name in preset.file_names or any(src.startswith(r) for r in preset.repo_ids)
+                or any(sha256.startswith(a) and sha256.endswith(b) for a, b in preset.sha256)):  # fmt: skip
+            return replace(preset.variant, config=base.config)
+    return None
 
 
 def get_variant(name: str) -> Variant:
@@ -109,15 +172,20 @@ def detect_variant(config: MMDiTConfig, hint: str | None = None) -> Variant:
     """The published variant whose architecture `config` is, else a generic one.
 
     SD3 Medium: depth 24, no qk-norm. SD3.5 Medium: depth 24, dual attention, 384 pos grid.
-    SD3.5 Large: depth 38. Turbo has exactly Large's architecture, so only `hint` (a repo
-    id, folder or file name) containing "turbo" selects it. The returned variant carries
+    SD3.5 Large: depth 38. Turbo (and TensorArt's TurboX / Medium Turbo) have exactly their
+    base's architecture, so only `hint` (a variant name, repo id, folder or file name)
+    containing "turbo" ("turbox") selects them. The returned variant carries
     `config` itself, so a checkpoint's own (inferred) config is what gets built.
     """
     sig = _signature(config)
-    if sig == _signature(SD35_LARGE.config):
-        base = SD35_LARGE_TURBO if hint is not None and "turbo" in str(hint).lower() else SD35_LARGE
+    text = str(hint).lower() if hint is not None else ""
+    named = VARIANTS.get(text.strip().replace("_", "-"))
+    if named is not None and _signature(named.config) == sig:  # --variant: an exact name
+        base = named
+    elif sig == _signature(SD35_LARGE.config):
+        base = SD35_LARGE_TURBOX if "turbox" in text else SD35_LARGE_TURBO if "turbo" in text else SD35_LARGE
     elif sig == _signature(SD35_MEDIUM.config):
-        base = SD35_MEDIUM
+        base = SD35_MEDIUM_TURBO if "turbo" in text else SD35_MEDIUM
     elif sig == _signature(SD3_MEDIUM.config):
         base = SD3_MEDIUM
     else:

@@ -58,7 +58,8 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_every_example_is_tested():
     tested = {"app_progress_preview_cancel.py", "batch_from_prompt_file.py", "img2img.py",
-              "quantized_medium.py", "t5_drop_small_machine.py", "controlnet_canny.py", "inpaint.py"}  # fmt: skip
+              "quantized_medium.py", "t5_drop_small_machine.py", "lora.py", "controlnet_canny.py",
+              "inpaint.py"}  # fmt: skip
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -125,6 +126,24 @@ def test_t5_drop_small_machine(tiny_root, tmp_path):
     out = run_example("t5_drop_small_machine.py", no_t5, "--steps", STEPS, "--size", SIZE, cwd=tmp_path)
     assert "metadata: dropped:256" in out
     assert png_size(tmp_path / "nook.png") == (SIZE, SIZE)
+
+
+def test_lora(tiny_root, tmp_path):
+    from lora_files import PEFT, dotted_key, linear_stems, random_lora, save
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_root / "transformer" / "diffusion_pytorch_model.safetensors"))
+    tensors, _ = random_lora(state, linear_stems(state), dotted_key("transformer."), suffixes=PEFT, with_alpha=False)
+    save(tensors, tmp_path / "style.safetensors")
+    out = run_example("lora.py", "style.safetensors", tiny_root, "--steps", STEPS, "--size", SIZE, cwd=tmp_path)
+    assert out.startswith("style: diffusers/PEFT format on transformer")
+    images = {}
+    for name in ("lora.png", "lora-half.png", "no-lora.png"):
+        assert png_size(tmp_path / name) == (SIZE, SIZE)
+        images[name] = Image.open(tmp_path / name).tobytes()
+    assert len(set(images.values())) == 3, "the LoRA's weight made no difference"
+    assert [(r["name"], r["scale"]) for r in read_metadata(tmp_path / "lora.png")["loras"]] == [("style", 0.8)]
+    assert "loras" not in read_metadata(tmp_path / "no-lora.png")
 
 
 def _photo(path: Path) -> None:

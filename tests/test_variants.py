@@ -73,8 +73,10 @@ def config_from_diffusers(name: str) -> MMDiTConfig:
         (SD35_LARGE_MMDIT, "stabilityai/stable-diffusion-3.5-large", "sd3.5-large"),
         (SD35_LARGE_MMDIT, "stabilityai/stable-diffusion-3.5-large-turbo", "sd3.5-large-turbo"),
         (SD35_LARGE_MMDIT, "/models/SD3.5_Large_TURBO.safetensors", "sd3.5-large-turbo"),
-        # Turbo is a Large-only name: a hint cannot turn another architecture into it.
-        (SD35_MEDIUM_MMDIT, "some-medium-turbo-merge", "sd3.5-medium"),
+        (SD35_LARGE_MMDIT, "tensorart/stable-diffusion-3.5-large-TurboX", "sd3.5-large-turbox"),
+        # Medium's "turbo" is TensorArt's Medium Turbo, never SAI's Large Turbo
+        (SD35_MEDIUM_MMDIT, "tensorart/stable-diffusion-3.5-medium-turbo", "sd3.5-medium-turbo"),
+        (SD35_MEDIUM_MMDIT, "sd3.5-medium-turbo-4step", "sd3.5-medium-turbo-4step"),  # --variant
     ],
 )
 def test_detect_variant(config, hint, expected):
@@ -116,12 +118,16 @@ def test_defaults():
         "sd3.5-medium": ("stabilityai/stable-diffusion-3.5-medium", 40, 4.5),
         "sd3.5-large": ("stabilityai/stable-diffusion-3.5-large", 28, 3.5),
         "sd3.5-large-turbo": ("stabilityai/stable-diffusion-3.5-large-turbo", 4, 0.0),
+        "sd3.5-large-turbox": ("tensorart/stable-diffusion-3.5-large-TurboX", 8, 1.5),
+        "sd3.5-medium-turbo": ("tensorart/stable-diffusion-3.5-medium-turbo", 8, 1.5),
+        "sd3.5-medium-turbo-4step": ("tensorart/stable-diffusion-3.5-medium-turbo", 4, 1.5),
     }
     assert set(VARIANTS) == set(expected)
     for name, (repo, steps, cfg) in expected.items():
         v = VARIANTS[name]
         assert (v.repo_id, v.steps, v.cfg) == (repo, steps, cfg)
-        assert v.shift == 3.0 and v.sampler == "euler" and v.default_size == 1024
+        assert v.shift == (5.0 if name == "sd3.5-large-turbox" else 3.0) and v.sampler == "euler"
+        assert v.default_size == 1024
         validate_size(v.default_size, v.default_size, v)
     assert not uses_cfg(SD35_LARGE_TURBO.cfg)  # Turbo: one conditional pass per step
     assert SD35_LARGE_TURBO.config == SD35_LARGE.config
