@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 
 from .adapters.spec import parse_lora_arg, specs_from_metadata
 from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
+from .control import cli as control_cli
 from .errors import InputError, SD35Error
 from .settings import DEFAULT_STRENGTH, SAMPLERS, GenerationSettings, SkipLayerGuidance
 from .variants import VARIANTS
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", help="img2img: the starting image")
     s.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img: how much to change the image (0, 1]")
 
+    control_cli.add_arguments(p)
+
     d = p.add_argument_group("several processes (started by mlx.launch; docs/distributed.md)")
     d.add_argument("--cfg-parallel", action="store_true",
                    help="2 ranks: rank 0 runs the conditional pass, rank 1 the unconditional one (needs cfg > 1). "
@@ -124,6 +127,8 @@ def plan(args: argparse.Namespace):
             t5 = False
         if args.quantize is None and meta.get("quantization") not in (None, "none"):
             args.quantize = meta["quantization"]
+        if args.controlnet_quantize is None and meta.get("controlnet_quantization") not in (None, "16"):
+            args.controlnet_quantize = meta["controlnet_quantization"]
         if not args.lora:  # the image's LoRAs, unless others are named
             args.lora_specs = specs_from_metadata(meta.get("loras"))
     if not model:
@@ -153,6 +158,7 @@ def plan(args: argparse.Namespace):
     if args.init_image:
         overrides["init_image"] = args.init_image
         overrides["strength"] = args.strength
+    overrides.update(control_cli.overrides(args))
     seeds: List[Optional[int]] = list(args.seed) if args.seed else [base.seed if args.from_image else None]
     jobs = []
     for prompt in prompts:
@@ -160,6 +166,11 @@ def plan(args: argparse.Namespace):
             for k in range(args.num_images):
                 s = seed + k if seed is not None else None
                 jobs.append(replace(base, **overrides, prompt=prompt, seed=s).validate())
+    if args.from_image:
+        from .control.metadata import check_control_inputs
+
+        for job in jobs:
+            check_control_inputs(meta, job)
     return model, t5, jobs
 
 
@@ -277,6 +288,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
+        controlnet_quantize=args.controlnet_quantize, controlnets=tuple(sorted({c.path for j in jobs for c in j.controlnets})),
     )  # fmt: skip
     if pipe.plan is not None and not quiet:
         print(pipe.describe_plan())
@@ -296,6 +308,8 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
             continue
         result = pipe.generate(settings=job, callback=bar, verbose=not quiet, cfg_exchange=exchange)
         path = save_png(result.image, paths[n], result.metadata)
+        for saved in control_cli.save_control_images(args.save_control, pipe.control_images, path.stem):
+            print(f"control image: {saved}")
         longest = max(longest, time.perf_counter() - t_job)
         if bar is not None:
             bar.close()

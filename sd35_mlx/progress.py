@@ -16,8 +16,9 @@ def peak_memory_gb() -> float:
 
 
 class ProgressBar:
-    def __init__(self, total: Optional[int], label: str = "", width: int = 30, stream=sys.stderr):
-        self.total, self.label, self.width, self.stream = total, label, width, stream
+    def __init__(self, total: Optional[int], label: str = "", width: int = 30, stream=None):
+        # sys.stderr looked up now, not at import: it may have been replaced since (tests, apps)
+        self.total, self.label, self.width, self.stream = total, label, width, stream or sys.stderr
         self.start = time.perf_counter()
 
     def __call__(self, info: StepInfo) -> None:
