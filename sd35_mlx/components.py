@@ -23,6 +23,8 @@ COMPONENTS: Tuple[str, ...] = ("transformer", "vae", "clip_l", "clip_g", "t5")
 TEXT_ENCODERS: Tuple[str, ...] = ("clip_l", "clip_g", "t5")
 QUANTIZABLE: Tuple[str, ...] = ("transformer", "clip_l", "clip_g", "t5")  # everything but the VAE
 REQUIRED: Tuple[str, ...] = ("transformer", "vae", "clip_l", "clip_g")  # T5 is optional (T5-drop mode)
+# Side networks: not part of a model, converted and quantized on their own (docs/control.md).
+SIDE_NETWORKS: Tuple[str, ...] = ("controlnet",)
 
 DIFFUSERS_FOLDERS: Dict[str, str] = {
     "transformer": "transformer", "vae": "vae", "clip_l": "text_encoder",
@@ -31,20 +33,20 @@ DIFFUSERS_FOLDERS: Dict[str, str] = {
 TOKENIZER_FOLDERS: Dict[str, str] = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 DESCRIPTIONS: Dict[str, str] = {
     "transformer": "MMDiT transformer", "vae": "VAE", "clip_l": "CLIP-L text encoder",
-    "clip_g": "CLIP-G text encoder", "t5": "T5-XXL text encoder",
+    "clip_g": "CLIP-G text encoder", "t5": "T5-XXL text encoder", "controlnet": "ControlNet",
 }  # fmt: skip
 
 
 def check_component(name: str) -> None:
-    """Raise InputError unless `name` is one of COMPONENTS."""
-    if name not in COMPONENTS:
+    """Raise InputError unless `name` is one of COMPONENTS (or a side network)."""
+    if name not in COMPONENTS + SIDE_NETWORKS:
         raise InputError(f"unknown component {name!r}; components are {', '.join(COMPONENTS)}")
 
 
 def network_classes(component: str):
     """(network class, config class) of a component; imported late (models import heavy deps)."""
     check_component(component)
-    from .config import CLIPConfig, MMDiTConfig, T5Config, VAEConfig
+    from .config import CLIPConfig, ControlNetConfig, MMDiTConfig, T5Config, VAEConfig
 
     if component == "transformer":
         from .models.mmdit import MMDiT
@@ -58,6 +60,10 @@ def network_classes(component: str):
         from .models.t5 import T5Encoder
 
         return T5Encoder, T5Config
+    if component == "controlnet":
+        from .models.controlnet import ControlNet
+
+        return ControlNet, ControlNetConfig
     from .models.clip import CLIPTextEncoder
 
     return CLIPTextEncoder, CLIPConfig
@@ -114,7 +120,7 @@ def component_dtype(component: str, dtype: Optional[mx.Dtype], *, warn: bool = T
 
 
 __all__ = [
-    "COMPONENTS", "TEXT_ENCODERS", "QUANTIZABLE", "REQUIRED", "DIFFUSERS_FOLDERS", "TOKENIZER_FOLDERS",
+    "COMPONENTS", "TEXT_ENCODERS", "QUANTIZABLE", "REQUIRED", "SIDE_NETWORKS", "DIFFUSERS_FOLDERS", "TOKENIZER_FOLDERS",
     "DESCRIPTIONS", "T5_DEFAULT_LENGTH", "T5_LENGTH_RANGE", "check_component", "network_classes", "T5Mode", "DTYPES", "parse_dtype", "dtype_name",
     "component_dtype",
 ]  # fmt: skip

@@ -153,3 +153,34 @@ class VAEConfig(_Serializable):
 
 
 SD3_VAE = VAEConfig()
+
+
+@dataclass(frozen=True)
+class ControlNetConfig(_Serializable):
+    """An SD3 / SD3.5 ControlNet (docs/control.md).
+
+    context_dim None: image-only blocks that continue the transformer's own embedded latents
+    (Stability's SD3.5 Large ControlNets). Otherwise joint blocks that see the prompt and embed
+    the latents with their own patch embedder and position table (diffusers' SD3ControlNetModel,
+    InstantX / Alimama).
+    """
+
+    depth: int = 19
+    hidden_size: int = 2432
+    num_heads: int = 38
+    patch_size: int = 2
+    in_channels: int = 16
+    control_channels: int = 16  # 17 for the inpainting ControlNet (latents + mask)
+    pooled_dim: int = 2048
+    context_dim: Optional[int] = None
+    pos_embed_max_size: Optional[int] = None  # own position table (joint ControlNets only)
+    qk_norm: bool = False
+    dual_attention_layers: Tuple[int, ...] = ()
+    mlp_ratio: int = 4
+
+    @property
+    def joint(self) -> bool:
+        return self.context_dim is not None
+
+
+SD35_LARGE_CONTROLNET = ControlNetConfig()

@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Installed as the console script sd35-convert; `python convert.py` in a clone does the same.",
     )
     p.add_argument("--version", action="version", version=f"sd35_mlx {__version__}")
-    p.add_argument("--hf-path", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--hf-path", nargs="+", metavar="PATH",
                    help="Hugging Face repo id, diffusers folder, Stability single file (+ its text "
                         "encoder files), or a converted folder to requantize")  # fmt: skip
     p.add_argument("--mlx-path", help="output folder (default: <source>-mlx[-<quantization>] in the current folder)")
@@ -557,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-lora", action="store_true", help="fuse the --lora files into the converted model")
     p.add_argument("--lora-strict", choices=("on", "off"), default="on",
                    help="off: fuse a LoRA even when some of its keys match nothing (and say how many)")
+    p.add_argument("--controlnet", metavar="PATH_OR_REPO",
+                   help="convert a ControlNet instead (its own folder; --quantize controlnet=4; docs/control.md)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     return p
 
@@ -588,7 +590,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if bool(args.hf_path) == bool(args.controlnet):
+        parser.error("give --hf-path (a model) or --controlnet (a ControlNet)")
     try:
+        if args.controlnet:
+            from .control.convert import convert_controlnet
+
+            out = convert_controlnet(args.controlnet, args.mlx_path or Path(args.controlnet).name.split(".")[0] + "-mlx",
+                                     dtype=args.dtype, quantize=args.quantize, force=args.force)  # fmt: skip
+            _say(args.quiet, f"wrote {out}")
+            return 0
         quantize = quantization_from_args(args)
         if bool(args.lora) != args.fuse_lora:
             raise InputError("--lora and --fuse-lora go together: a converted model holds LoRAs only fused "

@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from .conditioning import Conditioning
+from .control.stack import ActiveControlNet, ControlStack
 from .errors import InputError
 from .cpu_compute import use_float32_compute
 from .fast_quantized import use_dequantized_matmul
@@ -61,6 +62,7 @@ class Denoiser:
         dequantize_min_rows: Optional[int] = None,
         split_cfg: bool = False,
         slg_steps: Optional[int] = None,
+        controlnets: Sequence[ActiveControlNet] = (),
         cfg_exchange=None,
     ):
         """sigmas: the schedule (num_steps + 1 values); with it every step's modulations
@@ -74,7 +76,9 @@ class Denoiser:
         passes on its half of the conditioning and the velocities are exchanged each step.
         slg_steps: the step count the skip-layer window is measured against (default
         num_steps; Stability's img2img uses the full schedule's, see
-        sampling.schedule.img2img_start_index)."""
+        sampling.schedule.img2img_start_index).
+        controlnets: whose residuals enter the transformer (sd35_mlx.control.stack), on both
+        CFG halves."""
         if free_adaln and sigmas is None:
             raise InputError("free_adaln needs the schedule (sigmas=) to precompute the modulations")
         self.transformer = transformer
@@ -114,6 +118,9 @@ class Denoiser:
         self._compile = compile
         self._fns = {}
         self.split_cfg = bool(split_cfg) and self.batched is not None
+        self.control = (
+            ControlStack(controlnets, transformer, pooled=cond.pooled, context=cond.context) if controlnets else None
+        )
 
     # ---- schedule ----
     def slg_active(self, step: int) -> bool:
@@ -137,11 +144,12 @@ class Denoiser:
         """Velocity (float32) for `latents` at `sigma` (step index `step`, 0-based)."""
         self._prepare_positions(latents)
         mods = self.modulations_at(step, sigma)
+        t, scales, active = self._control_at(step, sigma)
         if self.exchange is not None:
-            return self._exchanged_velocity(latents, mods, step)
+            return self._exchanged_velocity(latents, mods, step, t, scales, active)
         if self.split_cfg:
-            return self._split_velocity(latents, mods, step)
-        return self._fn(self._kind(step), euler=False)(latents, mods)
+            return self._split_velocity(latents, mods, step, t, scales, active)
+        return self._fn(self._kind(step), euler=False, active=active)(latents, mods, t, scales)
 
     def step(self, latents: mx.array, step: int, sampler: Sampler) -> mx.array:
         """Latents after step `step`: model + guidance + `sampler`'s update. With an Euler
@@ -155,52 +163,74 @@ class Denoiser:
         mods = self.modulations_at(step, sigma)
         # dt in float32, the difference taken in float32 (as EulerSampler does)
         dt = np.float32(sampler.sigmas[step + 1]) - np.float32(sigma)
+        t, scales, active = self._control_at(step, sigma)
         if self.exchange is not None:
-            return latents.astype(mx.float32) + mx.array(dt) * self._exchanged_velocity(latents, mods, step)
+            v = self._exchanged_velocity(latents, mods, step, t, scales, active)
+            return latents.astype(mx.float32) + mx.array(dt) * v
         if self.split_cfg:
-            return latents.astype(mx.float32) + mx.array(dt) * self._split_velocity(latents, mods, step)
-        return self._fn(self._kind(step), euler=True)(latents, mods, mx.array(dt, dtype=mx.float32))
+            v = self._split_velocity(latents, mods, step, t, scales, active)
+            return latents.astype(mx.float32) + mx.array(dt) * v
+        fn = self._fn(self._kind(step), euler=True, active=active)
+        return fn(latents, mods, mx.array(dt, dtype=mx.float32), t, scales)
 
-    def _split_velocity(self, latents: mx.array, mods: mx.array, step: int) -> mx.array:
+    def _control_at(self, step: int, sigma: float):
+        """(timestep, per-ControlNet scales, indices of the ControlNets that run) at `step`."""
+        t = mx.array(timestep_of(sigma))
+        if self.control is None:
+            return t, mx.zeros((0,)), ()
+        scales = self.control.scales_at(step, self.num_steps)
+        return t, mx.array(np.array(scales, dtype=np.float32)), self.control.active(scales)
+
+    def _split_velocity(self, latents, mods, step, t, scales, active) -> mx.array:
         """CFG (and SLG) as separate batch-1 passes, each evaluated before the next starts,
-        so only one pass's activations are ever alive."""
+        so only one pass's activations are ever alive (ControlNets run per pass too)."""
         n = self._n_pos
-        v_uncond = self._pass(())(latents, self._ctx[:-n], mods[:-n])
+        neg, pos = slice(None, -n), slice(-n, None)
+        v_uncond = self._pass((), neg, active)(latents, self._ctx[:-n], mods[:-n], t, scales)
         mx.eval(v_uncond)
-        v_cond = self._pass(())(latents, self._ctx_pos, mods[-n:])
+        v_cond = self._pass((), pos, active)(latents, self._ctx_pos, mods[-n:], t, scales)
         mx.eval(v_cond)
         v = cfg_combine(v_uncond, v_cond, self.cfg)
         if self.slg_active(step):
-            v_skip = self._pass(self.slg.layers)(latents, self._ctx_pos, mods[-n:])
+            v_skip = self._pass(self.slg.layers, pos, active)(latents, self._ctx_pos, mods[-n:], t, scales)
             v = self.slg.apply(v, v_cond, v_skip)
         return v
 
-    def _exchanged_velocity(self, latents: mx.array, mods: mx.array, step: int) -> mx.array:
+    def _exchanged_velocity(self, latents, mods, step, t, scales, active) -> mx.array:
         """CFG-parallel: this rank's pass(es), one exchange, then the guidance every rank
         computes alike (the same arithmetic as the batched path)."""
-        x, slg = self.exchange, self.slg_active(step)
-        own = [self._pass(())(latents, self._ctx, mods)]
+        x, slg, rows = self.exchange, self.slg_active(step), slice(None)
+        own = [self._pass((), rows, active)(latents, self._ctx, mods, t, scales)]
         if slg and x.runs_conditional:
-            own.append(self._pass(self.slg.layers)(latents, self._ctx, mods))
+            own.append(self._pass(self.slg.layers, rows, active)(latents, self._ctx, mods, t, scales))
         v_cond, v_uncond, v_skip = x.exchange(own, step, with_skip=slg)
         v = cfg_combine(v_uncond, v_cond, self.cfg)
         return self.slg.apply(v, v_cond, v_skip) if slg else v
 
-    def _pass(self, skip_layers: tuple) -> Callable:
-        key = ("pass", skip_layers)
+    def _pass(self, skip_layers: tuple, rows: slice, active: tuple) -> Callable:
+        key = ("pass", skip_layers, (rows.start, rows.stop), active)
         if key not in self._fns:
-            tr, dtype = self.transformer, self.dtype
+            tr, dtype, control = self.transformer, self.dtype, self.control
 
-            def one_pass(latents: mx.array, ctx: mx.array, mods: mx.array) -> mx.array:
-                return tr.forward_packed(latents.astype(dtype), ctx, mods, skip_layers).astype(mx.float32)
+            def one_pass(latents: mx.array, ctx: mx.array, mods: mx.array, t: mx.array, scales: mx.array) -> mx.array:
+                x = latents.astype(dtype)
+                res = control.residuals(x, t, scales, active, rows, skip_layers) if active else None
+                return tr.forward_packed(x, ctx, mods, skip_layers, res).astype(mx.float32)
 
             if self._compile:
-                mx.eval(self.transformer.parameters())
+                self._materialise()
                 one_pass = mx.compile(one_pass)
             self._fns[key] = one_pass
         return self._fns[key]
 
     # ---- internals ----
+    def _materialise(self) -> None:
+        """Weights are constants of a compiled graph: they must be materialised, or their
+        (lazy) loading would become part of every call."""
+        mx.eval(self.transformer.parameters())
+        if self.control is not None:
+            mx.eval([n.net.parameters() for n in self.control.nets])
+
     def _kind(self, step: int) -> str:
         if self.batched is None:
             return "single"
@@ -213,41 +243,45 @@ class Denoiser:
             if self.free_pos_embed:
                 tr.free_pos_embed()
 
-    def _fn(self, kind: str, euler: bool) -> Callable:
-        key = (kind, euler)
+    def _fn(self, kind: str, euler: bool, active: tuple = ()) -> Callable:
+        key = (kind, euler, active)
         if key not in self._fns:
-            fn = self._build(kind, euler)
+            fn = self._build(kind, euler, active)
             if self._compile:
                 # Weights are constants of the compiled graph: they must be materialised,
                 # or their (lazy) loading would become part of every call.
-                mx.eval(self.transformer.parameters())
+                self._materialise()
                 fn = mx.compile(fn)
             self._fns[key] = fn
         return self._fns[key]
 
-    def _build(self, kind: str, euler: bool) -> Callable:
-        tr, dtype, ctx, ctx_pos, n_pos, scale, slg = (
-            self.transformer, self.dtype, self._ctx, self._ctx_pos, self._n_pos, self.cfg, self.slg
+    def _build(self, kind: str, euler: bool, active: tuple = ()) -> Callable:
+        tr, dtype, ctx, ctx_pos, n_pos, scale, slg, control = (
+            self.transformer, self.dtype, self._ctx, self._ctx_pos, self._n_pos, self.cfg, self.slg, self.control
         )  # fmt: skip
 
-        def velocity(latents: mx.array, mods: mx.array) -> mx.array:
+        def residuals(x, t, scales, rows=slice(None), skip=()):
+            return control.residuals(x, t, scales, active, rows, skip) if active else None
+
+        def velocity(latents: mx.array, mods: mx.array, t: mx.array, scales: mx.array) -> mx.array:
             x = latents.astype(dtype)
             if kind == "single":
-                return tr.forward_packed(x, ctx, mods).astype(mx.float32)
+                return tr.forward_packed(x, ctx, mods, (), residuals(x, t, scales)).astype(mx.float32)
             x2 = mx.concatenate([x, x], axis=0)
-            out = tr.forward_packed(x2, ctx, mods).astype(mx.float32)
+            out = tr.forward_packed(x2, ctx, mods, (), residuals(x2, t, scales)).astype(mx.float32)
             v_uncond, v_cond = out[:-n_pos], out[-n_pos:]
             v = cfg_combine(v_uncond, v_cond, scale)
             if kind == "cfg+slg":
                 # the conditional pass with layers skipped: the positive half of the table row
-                v_skip = tr.forward_packed(x, ctx_pos, mods[-n_pos:], slg.layers).astype(mx.float32)
+                res = residuals(x, t, scales, slice(-n_pos, None), slg.layers)
+                v_skip = tr.forward_packed(x, ctx_pos, mods[-n_pos:], slg.layers, res).astype(mx.float32)
                 v = slg.apply(v, v_cond, v_skip)
             return v
 
         if not euler:
             return velocity
 
-        def euler_step(latents: mx.array, mods: mx.array, dt: mx.array) -> mx.array:
-            return latents.astype(mx.float32) + dt * velocity(latents, mods)
+        def euler_step(latents: mx.array, mods: mx.array, dt: mx.array, t: mx.array, scales: mx.array) -> mx.array:
+            return latents.astype(mx.float32) + dt * velocity(latents, mods, t, scales)
 
         return euler_step

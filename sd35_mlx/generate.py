@@ -19,6 +19,7 @@ from .adapters.spec import parse_lora_arg, specs_from_metadata
 from .checks import MAX_IMAGES, MAX_PROMPT_FILE_BYTES, positive_gb, text, whole_number
 from .cli import OneLineParser, setup_logging
 from .components import DTYPES, T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
+from .control import cli as control_cli
 from .errors import InputError, SD35Error
 from .sampling.schedule import IMG2IMG_RULES
 from .settings import DEFAULT_STRENGTH, SAMPLERS, GenerationSettings, SkipLayerGuidance
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img: 'diffusers' (default) skips int(N − N·strength) steps and measures the SLG window "
                         "on the steps run; 'stability' (SAI's sd3_infer.py) skips int(N·(1 − strength)) and measures "
                         "it on all N")  # fmt: skip
+
+    control_cli.add_arguments(p)
 
     d = p.add_argument_group("several processes (started by mlx.launch; docs/distributed.md)")
     d.add_argument("--cfg-parallel", action="store_true",
@@ -171,6 +174,9 @@ def settings_from_image(args: argparse.Namespace):
         if not args.trust_metadata_model:
             raise InputError(f"{png} was made with {model!r:.200}; pass --model {model:.200} (or "
                              "--trust-metadata-model) to use it: a model named only by metadata is never loaded")  # fmt: skip
+    recorded_cq = meta.get("controlnet_quantization")
+    if args.controlnet_quantize is None and recorded_cq not in (None, "16"):
+        args.controlnet_quantize = text("controlnet_quantization", recorded_cq, 200)
     quantize = args.quantize if args.quantize is not None else (None if quantization in (None, "none") else quantization)
     return base, args.model or model, not t5.startswith("dropped"), quantize, loras
 
@@ -246,11 +252,19 @@ def plan(args: argparse.Namespace):
         overrides["strength"] = DEFAULT_STRENGTH if args.strength is None else args.strength
     if args.img2img_rule is not None:
         overrides["img2img_rule"] = args.img2img_rule
+    overrides.update(control_cli.overrides(args))
     seeds = expand_seeds(args.seed or ([base.seed] if args.from_image and base.seed is not None else None), args.num_images)
     if len(prompts) * len(seeds) > MAX_IMAGES:
         raise InputError(f"{len(prompts):,} prompts × {len(seeds):,} seeds is {len(prompts) * len(seeds):,} images; at most {MAX_IMAGES:,} per run")
     settings = replace(base, **overrides).validate()  # one check of the shared fields, then per image
     jobs = [replace(settings, prompt=prompt, seed=seed).validate() for prompt in prompts for seed in seeds]
+    if args.from_image:
+        from .control.metadata import check_control_inputs
+        from .images import read_metadata
+
+        meta = read_metadata(args.from_image)
+        for job in jobs:
+            check_control_inputs(meta, job)
     check_output(args.output, jobs)
     _warn_unused(args, slg)
     return model, t5, jobs
@@ -411,6 +425,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         tile_vae={"auto": None, "on": True, "off": False}[args.tile_vae],
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
+        controlnet_quantize=args.controlnet_quantize, controlnets=tuple(sorted({c.path for j in jobs for c in j.controlnets})),
     )  # fmt: skip
     if pipe.plan is not None and pipe.plan_changes and not quiet:
         print(pipe.describe_plan())
@@ -434,6 +449,8 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         result = pipe.generate(settings=job, callback=progress, verbose=not quiet, cfg_exchange=exchange)
         path, saved = save_or_fallback(result, paths[n])
         failed += not saved
+        for control_path in control_cli.save_control_images(args.save_control, pipe.control_images, path.stem):
+            print(f"control image: {control_path}")
         longest = max(longest, time.perf_counter() - t_job)
         if progress is not None:
             progress.close()

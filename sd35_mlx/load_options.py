@@ -31,6 +31,8 @@ class LoadOptions:
     plan_size: (height, width) the plan is made for (default: the variant's default size).
     tokenizers: where the tokenizer files are, when the model has none (Stability single
         files); default: the official repo of the detected variant.
+    controlnet_quantize: quantization of the ControlNets ('4', '8:32', 'mxfp4'; docs/control.md).
+    controlnets: the ControlNets the generations will use, counted by the memory plan.
     """
 
     dtype: mx.Dtype = mx.bfloat16
@@ -44,6 +46,8 @@ class LoadOptions:
     memory_budget: Optional[float] = None
     plan_size: Optional[Tuple[int, int]] = None
     tokenizers: Optional[str] = None
+    controlnet_quantize: Optional[str] = None
+    controlnets: Tuple[str, ...] = ()
 
 
 __all__ = ["LoadOptions", "QuantizeArg"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 
 from .backend import cuda_available, on_cpu
 from .components import T5_DEFAULT_LENGTH, T5Mode
-from .config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL, MMDiTConfig, T5Config, VAEConfig
+from .config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL, ControlNetConfig, MMDiTConfig, T5Config, VAEConfig
 from .errors import InputError
 from .models.vae_tiling import DEFAULT_DECODE_TILE
 from .quantize import QuantSpec, make_spec
@@ -228,7 +228,8 @@ class MemoryEstimator:
 
     def __init__(self, mmdit: MMDiTConfig, t5: T5Config = T5_XXL, vae: VAEConfig = SD3_VAE,
                  clip_l=CLIP_L, clip_g=CLIP_G, *, device: Optional[mx.Device] = None,
-                 trimmed_transformer: bool = False, split_cfg: bool = False):  # fmt: skip
+                 trimmed_transformer: bool = False, split_cfg: bool = False,
+                 controlnets: Sequence[Tuple[ControlNetConfig, Optional[QuantSpec]]] = ()):  # fmt: skip
         from .models.clip import CLIPTextEncoder
         from .models.mmdit import MMDiT
         from .models.t5 import T5Encoder
@@ -242,6 +243,10 @@ class MemoryEstimator:
         self.t5 = T5Encoder(t5)
         self.clips = [CLIPTextEncoder(clip_l), CLIPTextEncoder(clip_g)]
         self.vae = VAE(vae)
+        from .models.controlnet import ControlNet
+
+        # ControlNets load and are released with the transformer: they count in the denoise stage
+        self.controlnets = [(ControlNet(cfg), spec) for cfg, spec in controlnets]
         self._cache: Dict[Tuple, int] = {}
 
     @property
@@ -316,7 +321,7 @@ class MemoryEstimator:
             # (bench_memory --throttle floor: Medium 0.35 GB, Large 0.52 GB above the weights at
             # 1024², batch 1). Queued work beyond that is held to the budget by `memory_limit`.
             activations = batch * tokens * c.hidden_size * GPU_STEP_BYTES_PER_TOKEN_WIDTH
-        need = weights + activations
+        need = weights + activations + self.controlnet_bytes(height, width, batch)
         if self.trimmed_transformer:
             # Before a step can run, the Denoiser reads the adaLN weights (for the modulation
             # table) and the whole position table (for its crop), then frees both: only the
@@ -324,6 +329,18 @@ class MemoryEstimator:
             setup = self.conditioning_bytes(spec) + c.pos_embed_max_size**2 * c.hidden_size * BYTES_16
             need = max(need, setup)
         return int(need)
+
+    def controlnet_bytes(self, height: int, width: int, batch: int) -> int:
+        """The ControlNets' weights, their control latents and the residuals a step holds
+        (one (batch, patches, hidden) tensor per ControlNet block) at 16-bit."""
+        grid = (height // 16) * (width // 16)
+        total = 0
+        for net, spec in self.controlnets:
+            cfg = net.config
+            total += network_bytes(net, _bits(spec), spec.group_size if spec else 64, component="controlnet")
+            total += (cfg.depth + 1) * batch * grid * cfg.hidden_size * BYTES_16
+            total += (height // 8) * (width // 8) * cfg.control_channels * 4
+        return total
 
     def decode(self, height: int, width: int, tiled, tile_latents: Optional[int] = None) -> int:
         from .models.vae_tiling import DEFAULT_DECODE_TILE, decode_activation_bytes

@@ -24,12 +24,14 @@ from .checks import positive_gb
 from .components import QUANTIZABLE, REQUIRED, T5_DEFAULT_LENGTH, TEXT_ENCODERS, T5Mode, dtype_name
 from .conditioning import Conditioning, assemble
 from .cpu_compute import use_float32_compute
+from .control.metadata import control_metadata
+from .control.prepare import ControlSession
 from .denoise import Denoiser
 from .errors import InputError, MissingTokenizersError
 from .images import init_image_size, load_image, to_pil
 from .load_options import LoadOptions
 from .memory import Plan, default_budget_bytes
-from .quantize import Quantization, named_quantization, quantization_text
+from .quantize import QuantSpec, Quantization, named_quantization, quantization_text, quantize_network
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise, uses_cfg
 from .settings import GenerationSettings, SkipLayerGuidance
 from .variants import Variant, detect_variant, lora_preset, validate_size
@@ -80,6 +82,8 @@ class SD35Pipeline:
         # {component: QuantSpec or None}: what was named, and how a converted folder stores it
         self.quantization: Quantization = self._fixed_quantization(named_quantization(o.quantize))
         self.budget_bytes: Optional[int] = None if o.memory_budget is None else _budget_bytes(o.memory_budget)
+        self.controlnet_quantization: Optional[QuantSpec] = _controlnet_quantization(o.controlnet_quantize)
+        self.planned_controlnets = tuple(o.controlnets)  # the memory plan counts them in the denoise stage
         self.plan: Optional[Plan] = None
         self.plan_changes = False  # whether the plan changes how the model runs
         self.plan_size: Optional[Tuple[int, int]] = None
@@ -89,11 +93,16 @@ class SD35Pipeline:
         self._preview_projection = None
         self._kept_need: Optional[int] = None  # low_memory=False: see _within_budget
         self._kept_need_size: Optional[Tuple[int, int, int]] = None
+        self._controlnets: Dict[Tuple[str, ...], Any] = {}  # loaded with, and released with, the transformer
+        self.control_images: list = []
+        self.control_specs: list = []
+        self._control_session = None
         self._loras = LoRARegistry()
         self._base_variant: Optional[Variant] = None  # set while a distilling LoRA sets the defaults
         # Building the transformer is lazy in MLX (no weights are read until used), so
         # the variant can be detected from its configuration up front.
         config = self._load_transformer().config
+        self.transformer_config = config
         self.context_dim = config.context_dim
         hint = o.variant or self.sources.recorded_variant or name
         self.variant: Variant = detect_variant(config, hint=hint)
@@ -249,6 +258,11 @@ class SD35Pipeline:
         kwargs = dict(clip_l=enc.clip_l.config, clip_g=enc.clip_g.config, vae=load_vae(self.sources).config)
         if enc.t5 is not None:
             kwargs["t5"] = enc.t5.config
+        if self.planned_controlnets:
+            from .control.spec import open_controlnet
+
+            kwargs["controlnets"] = [(open_controlnet(c, num_heads=config.num_heads).config, self.controlnet_quantization)
+                                     for c in self.planned_controlnets]  # fmt: skip
         return MemoryEstimator(config, trimmed_transformer=self.low_memory, split_cfg=True, **kwargs)
 
     # ---- networks, loaded on demand ----
@@ -297,6 +311,16 @@ class SD35Pipeline:
                 enc.t5 = streamed_t5(self.sources, quantize=self.quantization.get("t5"), dtype=self.dtype)
             self._encoders = enc
         return self._encoders
+
+    def _load_controlnet(self, spec):
+        """A ControlNet (sd35_mlx.control.spec), cached until the transformer is released."""
+        key = tuple(str(f) for f in spec.files)
+        if key not in self._controlnets:
+            net = spec.load(dtype=self.dtype)
+            if self.controlnet_quantization is not None and not spec.converted:  # a converted one loads as stored
+                quantize_network(net, self.controlnet_quantization, "controlnet")
+            self._controlnets[key] = net
+        return self._controlnets[key]
 
     # ---- LoRAs (sd35_mlx/adapters): kept across network reloads, switched without reloading ----
     def load_lora(self, source, scale: float = 1.0, *, name: Optional[str] = None,
@@ -349,9 +373,12 @@ class SD35Pipeline:
         return nets
 
     def release(self, *names: str) -> None:
-        """Drop networks (default: all) and return their memory to the system."""
+        """Drop networks (default: all) and return their memory to the system. ControlNets
+        go with the transformer."""
         for n in names or ("transformer", "vae", "encoders"):
             setattr(self, f"_{n}", None)
+            if n == "transformer":
+                self._controlnets = {}
         mx.clear_cache()
 
     # ---- stages ----
@@ -469,15 +496,23 @@ class SD35Pipeline:
             noise = initial_noise(s.seed, h, w, batch=embeddings.positive.context.shape[0])
         sigmas = flow_sigmas(s.steps, s.shift)
         latents = noise
-        if s.init_image is not None:
+        control = ControlSession.open(self, s)  # ControlNets recognised and checked; no weights read
+        image_latents = None
+        if s.init_image is not None and not (control and control.inpainting_controlnet):
             t0 = time.perf_counter()
-            image = load_image(s.init_image, s.width, s.height)
+            image = control.init_pixels(s) if control else load_image(s.init_image, s.width, s.height)
             image_latents = self.encode_image(image)
             if self.low_memory:
                 self.release("vae")
             sigmas = img2img_sigmas(s.steps, s.strength, s.shift, s.img2img_rule)
             latents = scale_noise(image_latents, noise, float(sigmas[0]))
             self.timings["encode_image"] = time.perf_counter() - t0
+        controlnets, blend = control.prepare(self, s, noise, image_latents) if control else ((), None)
+        self.control_images = control.control_images if control else []  # what each ControlNet saw
+        self.control_specs = [spec for _, spec in control.specs] if control else []  # as recognised
+        self._control_session = control
+        if control and self.low_memory:
+            self.release("vae")
 
         # With low_memory the pipeline owns the transformer for this one generation, so it
         # may free the adaLN weights (precomputed for the whole schedule) and the full
@@ -489,6 +524,7 @@ class SD35Pipeline:
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
                 split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
                 slg_steps=s.steps if s.init_image is not None and s.img2img_rule == "stability" else None,
+                controlnets=controlnets,
                 cfg_exchange=cfg_exchange,
             )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
@@ -497,6 +533,8 @@ class SD35Pipeline:
             for i in range(len(sigmas) - 1):
                 with self._within_budget():  # per step: the caller's code between steps runs unlimited
                     latents = denoiser.step(latents, i, sampler)
+                    if blend is not None:  # inpainting: the known region back, noised to the next sigma
+                        latents = blend.apply(latents, sigmas[i + 1])
                     mx.eval(latents)
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)
         finally:
@@ -544,6 +582,7 @@ class SD35Pipeline:
             dtype=dtype_name(self.dtype),
             sd35_mlx_version=__version__,
         )
+        meta.update(control_metadata(s, self.controlnet_quantization, self.control_specs))
         if self._loras:
             meta["loras"] = self._loras.records()
         return meta
@@ -586,7 +625,10 @@ class SD35Pipeline:
         if self.low_memory:
             self.release("vae")
         meta = self.metadata(s)
-        return GeneratedImage(image=to_pil(images)[0], seed=s.seed, metadata=meta, latents=final.latents)
+        image = to_pil(images)[0]
+        if self._control_session is not None:  # inpainting a crop: pasted back into the original
+            image = self._control_session.finish(image, s)
+        return GeneratedImage(image=image, seed=s.seed, metadata=meta, latents=final.latents)
 
 
 def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: int = 16) -> mx.array:
@@ -594,6 +636,12 @@ def initial_noise(seed: int, height: int, width: int, batch: int = 1, channels: 
     return mx.random.normal(
         (batch, height, width, channels), dtype=mx.float32, key=mx.random.key(seed), stream=mx.cpu
     )
+
+
+def _controlnet_quantization(text: Optional[str]) -> Optional[QuantSpec]:
+    from .control.convert import parse_controlnet_quantize
+
+    return parse_controlnet_quantize(text)
 
 
 def _wanted(t5: bool) -> Tuple[str, ...]:

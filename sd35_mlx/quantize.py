@@ -67,6 +67,9 @@ DEFAULT_KEEP: Dict[str, Tuple[str, ...]] = {
     "clip_l": (r"text_projection",),
     "clip_g": (r"text_projection",),
     "t5": (),
+    # as the transformer's: the conditioning path feeds every token's modulation (not measured
+    # on a real ControlNet: docs/control.md)
+    "controlnet": (r"t_embedder\..*", r"y_embedder\..*", r"context_embedder"),
 }
 
 

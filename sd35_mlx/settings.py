@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .checks import MAX_SIDE, MAX_STEPS, finite_number, text, whole_number
 from .components import T5_DEFAULT_LENGTH, T5_LENGTH_RANGE
+from .control.settings import ControlNetSettings
 from .errors import InputError
 from .sampling.guidance import MAX_GUIDANCE_SCALE, SkipLayerGuidance
 from .sampling.samplers import SAMPLERS as _SAMPLER_CLASSES
@@ -43,6 +45,11 @@ class GenerationSettings:
     init_image: Optional[str] = None
     strength: float = DEFAULT_STRENGTH
     img2img_rule: str = "diffusers"  # img2img step truncation and SLG window: "diffusers" or "stability"
+    # ControlNets and inpainting (docs/control.md)
+    controlnets: Tuple[ControlNetSettings, ...] = ()
+    mask: Optional[str] = None  # white = repaint; needs init_image
+    mask_blur: float = 0.0
+    mask_crop_padding: Optional[int] = None  # inpaint a crop around the mask (diffusers' padding_mask_crop)
 
     def validate(self) -> "GenerationSettings":
         """Check every field's type and range (nothing here needs the model)."""
@@ -73,11 +80,32 @@ class GenerationSettings:
             text("init_image", self.init_image, 4096)
             if not Path(self.init_image).is_file():
                 raise InputError(f"init image not found: {self.init_image}")
+        self._validate_control()
         if self.skip_layer_guidance is not None and not isinstance(self.skip_layer_guidance, SkipLayerGuidance):
             raise InputError(f"skip_layer_guidance must be a SkipLayerGuidance (got {self.skip_layer_guidance!r:.60})")
         if self.seed is not None:
             whole_number("seed", self.seed, 0, 2**63 - 1)
         return self
+
+    def _validate_control(self) -> None:
+        from .control.inpaint import check_mask_size
+        from .control.settings import check_readable_image
+
+        if not isinstance(self.controlnets, tuple) or not all(isinstance(c, ControlNetSettings) for c in self.controlnets):
+            raise InputError("controlnets must be a tuple of ControlNetSettings")
+        for cn in self.controlnets:
+            cn.validate(init_image=self.init_image)
+        if self.mask is not None:
+            if self.init_image is None:
+                raise InputError("a mask needs the image it applies to (init_image / --init-image)")
+            if isinstance(self.mask_blur, bool) or not isinstance(self.mask_blur, (int, float)) or not (
+                self.mask_blur >= 0.0 and math.isfinite(self.mask_blur)
+            ):
+                raise InputError(f"mask blur must be a radius ≥ 0 (got {self.mask_blur})")
+            check_readable_image(self.mask, "mask")
+            if self.mask_crop_padding is not None and not (isinstance(self.mask_crop_padding, int) and self.mask_crop_padding >= 0):
+                raise InputError(f"mask crop padding must be a whole number of pixels ≥ 0 (got {self.mask_crop_padding!r})")
+            check_mask_size(self.mask, self.init_image)
 
     def with_seed(self) -> "GenerationSettings":
         """A copy with a concrete seed (random when none was given)."""
@@ -85,6 +113,7 @@ class GenerationSettings:
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
+        d["controlnets"] = [asdict(c) for c in self.controlnets]
         if self.skip_layer_guidance is not None:
             d["skip_layer_guidance"]["layers"] = list(self.skip_layer_guidance.layers)
         return d
@@ -103,4 +132,9 @@ class GenerationSettings:
         for name in ("cfg", "shift", "strength"):  # a hand edit may write 4 for 4.0
             if isinstance(kwargs.get(name), int) and not isinstance(kwargs[name], bool):
                 kwargs[name] = float(kwargs[name])
+        if "controlnets" in kwargs:
+            nets = kwargs["controlnets"]
+            if not isinstance(nets, (list, tuple)):
+                raise InputError(f"controlnets must be a list of ControlNet settings (got {nets!r:.60})")
+            kwargs["controlnets"] = tuple(ControlNetSettings.from_dict(c) for c in nets)
         return cls(**kwargs).validate()

@@ -58,7 +58,8 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_every_example_is_tested():
     tested = {"app_progress_preview_cancel.py", "batch_from_prompt_file.py", "img2img.py",
-              "quantized_medium.py", "t5_drop_small_machine.py", "lora.py"}  # fmt: skip
+              "quantized_medium.py", "t5_drop_small_machine.py", "lora.py", "controlnet_canny.py",
+              "inpaint.py"}  # fmt: skip
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -143,3 +144,47 @@ def test_lora(tiny_root, tmp_path):
     assert len(set(images.values())) == 3, "the LoRA's weight made no difference"
     assert [(r["name"], r["scale"]) for r in read_metadata(tmp_path / "lora.png")["loras"]] == [("style", 0.8)]
     assert "loras" not in read_metadata(tmp_path / "no-lora.png")
+
+
+def _photo(path: Path) -> None:
+    import numpy as np
+
+    y, x = np.mgrid[0:80, 0:80]
+    arr = np.zeros((80, 80, 3), np.uint8)
+    arr[(x - 40) ** 2 + (y - 40) ** 2 < 500] = (230, 200, 40)  # a disc: clear edges
+    arr[10:30, 50:75] = (20, 90, 200)
+    Image.fromarray(arr).save(path)
+
+
+def test_controlnet_canny(tiny_root, tmp_path):
+    """With a tiny ControlNet in Stability's single-file layout (image-only blocks)."""
+    from control_assets import stability_state
+    from diffusers import SD3ControlNetModel
+    from reference import randomize, save_state_dict
+
+    net = randomize(SD3ControlNetModel(patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+                                       num_attention_heads=4, joint_attention_dim=None, caption_projection_dim=40,
+                                       pooled_projection_dim=40, out_channels=16, pos_embed_max_size=None,
+                                       pos_embed_type=None, use_pos_embed=False), seed=3)  # fmt: skip
+    sai = stability_state(net.state_dict(), depth=1, control_type=1)
+    cn = save_state_dict(sai, tmp_path / "sd3.5_tiny_controlnet_canny.safetensors")
+    _photo(tmp_path / "photo.png")
+    out = run_example("controlnet_canny.py", "photo.png", tiny_root, "--controlnet", cn, "--steps", STEPS,
+                      "--size", SIZE, cwd=tmp_path)  # fmt: skip
+    assert "control: canny scale 0.8" in out
+    assert png_size(tmp_path / "watercolour.png") == (SIZE, SIZE)
+    import numpy as np
+
+    with Image.open(tmp_path / "edges.png") as edges:
+        e = np.asarray(edges.convert("L"))
+    assert e.shape == (SIZE, SIZE) and set(np.unique(e)) <= {0, 255} and e.max() == 255  # a canny map
+
+
+def test_inpaint(tiny_root, tmp_path):
+    _photo(tmp_path / "photo.png")
+    mask = Image.new("L", (80, 80), 0)
+    mask.paste(255, (20, 20, 60, 60))
+    mask.save(tmp_path / "mask.png")
+    out = run_example("inpaint.py", "photo.png", "mask.png", tiny_root, "--steps", 4, "--size", SIZE, cwd=tmp_path)
+    assert out.startswith("mask sha256:")
+    assert png_size(tmp_path / "inpainted.png") == (SIZE, SIZE)

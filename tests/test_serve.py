@@ -156,6 +156,27 @@ def test_edit_is_img2img_of_the_upload(server, tiny_root, tmp_path):
     assert decode_png(events[-1].b64_json).size == (32, 32)
 
 
+def test_edit_with_a_mask_inpaints(server, tiny_root, tmp_path):
+    rng = np.random.default_rng(1)
+    source, mask = tmp_path / "photo.png", tmp_path / "hole.png"
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(source)
+    hole = np.zeros((32, 48), np.uint8)
+    hole[8:24, 16:32] = 255  # white = repaint
+    Image.fromarray(hole).save(mask)
+    with open(source, "rb") as image, open(mask, "rb") as m:
+        result = client(server).images.edit(image=image, mask=m, prompt="a window",
+                                            extra_body={"strength": 1.0, "steps": 3, "seed": 4})  # fmt: skip
+    edited = tmp_path / "inpainted.png"
+    edited.write_bytes(base64.b64decode(result.data[0].b64_json))
+    meta = read_metadata(edited)
+    assert (meta["init_image"], meta["mask"]) == ("photo.png", "hole.png")
+    r = run_cli("--from-image", str(edited), "--model", str(tiny_root), "--init-image", str(source), "--mask", str(mask),
+                "--strength", "1.0", "--dtype", "float32", "-o", str(tmp_path / "cli.png"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(edited)), np.asarray(Image.open(tmp_path / "cli.png")))
+    assert not list(Path(server.app.state.uploads).iterdir())
+
+
 def test_stream_sends_progress_partial_images_and_each_image(server):
     events = list(client(server).images.generate(prompt="a fox", size="32x32", n=2, stream=True, partial_images=2,
                                                  extra_body={"steps": 4, "seed": 1}))  # fmt: skip
@@ -341,7 +362,8 @@ def _png(size=(32, 32)) -> bytes:
     ({"prompt": "x", "steps": "many"}, {"image": ("a.png", _png())}, "steps", "whole number"),
     ({"prompt": "x"}, {}, "image", "image is required"),
     ({"prompt": "x"}, {"image": ("a.png", b"not an image")}, "image", "not a readable image"),
-    ({"prompt": "x"}, {"image": ("a.png", _png()), "mask": ("m.png", _png())}, "mask", "not supported"),
+    ({"prompt": "x"}, {"image": ("a.png", _png()), "mask": ("m.png", _png((64, 16)))}, "mask", "aspect ratio"),
+    ({"prompt": "x", "mask_blur": "nan"}, {"image": ("a.png", _png()), "mask": ("m.png", _png())}, "mask_blur", "finite"),
     ({"prompt": "x", "init_image": "/etc/passwd"}, {"image": ("a.png", _png())}, "init_image", "unknown parameter"),
     ({"prompt": "x", "size": "64x6"}, {"image": ("../../etc/passwd", _png())}, "size", "multiple of 16"),
 ])  # fmt: skip

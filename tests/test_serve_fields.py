@@ -27,8 +27,9 @@ def test_every_settings_row_names_a_settings_field_and_every_field_is_reachable(
     names = {f.name for f in fields(GenerationSettings)}
     targets = {f.to for f in FIELDS.values() if f.to}
     assert targets <= names
-    # width/height come from `size`, init_image only from an uploaded file (never from a value)
-    assert names - targets == {"width", "height", "init_image"}
+    # width/height come from `size`, init_image and mask only from uploaded files (never from a value);
+    # ControlNets need the operator to name their models first (not served yet)
+    assert names - targets == {"width", "height", "init_image", "mask", "controlnets"}
 
 
 def test_a_json_body_maps_onto_the_settings():

@@ -24,7 +24,7 @@ Nothing here synchronises with the host: shape checks use static shapes only.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +36,7 @@ from .mmdit_blocks import Chunks, JointBlock, ada_chunks, layer_norm, modulate
 TIMESTEP_DIM = 256
 BlockModulation = Tuple[Chunks, Chunks]
 Modulations = Tuple[Tuple[BlockModulation, ...], Chunks]  # (per block, final layer)
+BlockResiduals = Sequence[Optional[mx.array]]  # per joint block: added to x after it (ControlNet)
 
 
 class FreedWeightsError(SD35Error, RuntimeError):
@@ -75,6 +76,13 @@ def timestep_embedding(
     freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
     args = t.astype(mx.float32).reshape(-1, 1) * freqs[None]
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+def center_crop_positions(table: mx.array, size: int, grid_h: int, grid_w: int) -> mx.array:
+    """The centre grid_h x grid_w of a stored (1, size*size, H) position table -> (1, h*w, H)."""
+    top, left = (size - grid_h) // 2, (size - grid_w) // 2
+    grid = table.reshape(size, size, -1)
+    return grid[top : top + grid_h, left : left + grid_w].reshape(1, grid_h * grid_w, -1)
 
 
 class MLPEmbedder(nn.Module):
@@ -264,9 +272,7 @@ class MMDiT(nn.Module):
                 f"the full position table was freed; only the patch grids {cached} were kept "
                 f"(asked for {grid_h}x{grid_w}). Reload the transformer for other sizes."
             )
-        top, left = (size - grid_h) // 2, (size - grid_w) // 2
-        table = self.pos_embed.reshape(size, size, -1)
-        return table[top : top + grid_h, left : left + grid_w].reshape(1, grid_h * grid_w, -1)
+        return center_crop_positions(self.pos_embed, size, grid_h, grid_w)
 
     def _check_latents(self, latents: mx.array) -> None:
         cfg = self.config
@@ -281,6 +287,15 @@ class MMDiT(nn.Module):
                 f"multiples of {8 * cfg.patch_size} pixels); "
                 f"got {latents.shape[1]}x{latents.shape[2]}"
             )
+
+    def embed_latents(self, latents: mx.array) -> mx.array:
+        """Latents (B, h, w, C) -> image tokens (B, h/p * w/p, H): patch embedding plus the
+        cropped position table (what Stability's SD3.5 Large ControlNets start from too)."""
+        p = self.config.patch_size
+        b, height, width, _ = latents.shape
+        gh, gw = height // p, width // p
+        x = self.x_embedder(latents.astype(self.dtype)).reshape(b, gh * gw, -1)
+        return x + self.cropped_pos_embed(gh, gw).astype(self.dtype)
 
     def embed_context(self, context: mx.array) -> mx.array:
         """Text tokens (B, L, context_dim) -> (B, L, H); the same at every step."""
@@ -308,10 +323,11 @@ class MMDiT(nn.Module):
         context_tokens: mx.array,
         packed: mx.array,
         skip_layers: Sequence[int] = (),
+        residuals: Optional[BlockResiduals] = None,
     ) -> mx.array:
         """`forward_embedded` with modulations packed as (B, N, H) (a modulation-table row)."""
         return self.forward_embedded(
-            latents, context_tokens, self.unpack_modulations(packed), skip_layers
+            latents, context_tokens, self.unpack_modulations(packed), skip_layers, residuals
         )
 
     def forward_embedded(
@@ -320,8 +336,14 @@ class MMDiT(nn.Module):
         context_tokens: mx.array,
         modulations: Modulations,
         skip_layers: Sequence[int] = (),
+        residuals: Optional[BlockResiduals] = None,
     ) -> mx.array:
-        """The transformer given embedded text tokens (`embed_context`) and modulations."""
+        """The transformer given embedded text tokens (`embed_context`) and modulations.
+
+        residuals: the ControlNet hook, one entry per joint block, added to the image
+        tokens after that block (None: nothing). Which block gets which ControlNet output
+        is the ControlNet's rule (sd35_mlx.control.residuals), not the transformer's.
+        """
         self._check_latents(latents)
         h = self.config.hidden_size
         if context_tokens.ndim != 3 or context_tokens.shape[-1] != h:
@@ -331,19 +353,22 @@ class MMDiT(nn.Module):
         skip = set(skip_layers)
         if any(not 0 <= i < len(self.blocks) for i in skip):
             raise InputError(f"skip_layers {sorted(skip)} outside 0..{len(self.blocks) - 1}")
+        if residuals is not None and len(residuals) != len(self.blocks):
+            raise InputError(f"residuals has {len(residuals)} entries for {len(self.blocks)} blocks")
         cfg, dtype = self.config, self.dtype
         p = cfg.patch_size
         b, height, width, _ = latents.shape
         gh, gw = height // p, width // p
 
-        x = self.x_embedder(latents.astype(dtype)).reshape(b, gh * gw, -1)
-        x = x + self.cropped_pos_embed(gh, gw).astype(dtype)
+        x = self.embed_latents(latents)
         ctx = context_tokens.astype(dtype)
 
         block_mods, final_mod = modulations
         for i, block in enumerate(self.blocks):
             if i not in skip:
                 x, ctx = block(x, ctx, block_mods[i])
+            if residuals is not None and residuals[i] is not None:
+                x = x + residuals[i].astype(dtype)
 
         out = self.final_layer(x, final_mod)  # (B, h*w, p*p*C), ordered (p_row, p_col, C)
         c_out = cfg.out_channels
@@ -357,10 +382,11 @@ class MMDiT(nn.Module):
         context: mx.array,
         pooled: mx.array,
         skip_layers: Sequence[int] = (),
+        residuals: Optional[BlockResiduals] = None,
     ) -> mx.array:
         """latents (B, H/8, W/8, C) NHWC, timestep (B,) = σ·1000 (float), context (B, L, 4096),
         pooled (B, 2048) -> velocity (B, H/8, W/8, C) in the weights' dtype."""
         self._check_latents(latents)
         ctx = self.embed_context(context)  # checks context before any work
         c = self.conditioning(timestep, pooled)
-        return self.forward_embedded(latents, ctx, self.modulations(c), skip_layers)
+        return self.forward_embedded(latents, ctx, self.modulations(c), skip_layers, residuals)

@@ -77,17 +77,22 @@ def create_app(registry: ModelRegistry, options: ServerOptions = ServerOptions()
         return await _answer(request, parse_request(await _read_json(request), "generations"), "image_generation")
 
     async def edits(request: Request) -> Response:
-        values, image, filename = await _read_edit_form(request)
+        values, (image, filename), mask = await _read_edit_form(request)
         parsed = parse_request(values, "edits")
         if parsed.size is None:
             width, height = size_for(image)
             parsed = replace(parsed, settings=replace(parsed.settings, width=width, height=height))
-        path = write_private_png(image, uploads)
+        paths = {"init_image": write_private_png(image, uploads)}
+        labels = {"init_image": display_name(filename)}
+        if mask is not None:  # inpainting: white = repaint
+            paths["mask"], labels["mask"] = write_private_png(mask[0], uploads), display_name(mask[1])
         try:
-            parsed = replace(parsed, settings=validated(replace(parsed.settings, init_image=str(path))))
-            return await _answer(request, parsed, "image_edit", {"init_image": display_name(filename)}, [path])
+            settings = replace(parsed.settings, **{k: str(v) for k, v in paths.items()})
+            parsed = replace(parsed, settings=validated(settings))
+            return await _answer(request, parsed, "image_edit", labels, list(paths.values()))
         except BaseException:
-            path.unlink(missing_ok=True)
+            for path in paths.values():
+                path.unlink(missing_ok=True)
             raise
 
     async def _answer(request: Request, parsed: ImageRequest, event_prefix: str,
@@ -226,7 +231,7 @@ async def _events_as_sse(job: Job, events: "asyncio.Queue[Event]", prefix: str):
 
 # ---- refusals -----------------------------------------------------------------------------
 async def _read_edit_form(request: Request):
-    """OpenAI's multipart edit body → (form values, the decoded image, the client's file name)."""
+    """OpenAI's multipart edit body → (form values, (image, file name), (mask, file name) or None)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError("/v1/images/edits takes multipart/form-data (image, prompt, …), as OpenAI's does",
                            code="invalid_content_type")  # fmt: skip
@@ -241,16 +246,19 @@ async def _read_edit_form(request: Request):
         for name, value in values.items():
             if not isinstance(value, str):
                 raise RequestError(f"{name} must be a form value, not a file", param=name, code="invalid_type")
-        if "mask" in files:
-            raise RequestError("mask (inpainting) is not supported by this server yet; send the image alone for img2img",
-                               param="mask", code="unsupported_parameter")  # fmt: skip
         if "image" in files and "image[]" in files:
             raise RequestError("send one image (this server edits one picture per request)", param="image")
         upload = files.get("image", files.get("image[]"))
         if upload is None or isinstance(upload, str):
             raise RequestError("image is required: the picture to edit, as a file part", param="image",
                                code="missing_required_parameter")  # fmt: skip
-        return values, decode_upload(await upload.read(), "image"), upload.filename
+        image = decode_upload(await upload.read(), "image")
+        mask = files.get("mask")
+        if mask is not None and isinstance(mask, str):
+            raise RequestError("mask must be a file part (a PNG, white = repaint)", param="mask", code="invalid_type")
+        if mask is not None:
+            mask = (decode_upload(await mask.read(), "mask", mode="L"), mask.filename)
+        return values, (image, upload.filename), mask
 
 
 async def _read_json(request: Request) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ extras) is a row: its name, the kind of value it carries, and where it goes — 
 JSON value, or the text of a multipart form field, into a typed value; the ranges are
 `GenerationSettings.validate`'s (the CLI's rules and messages), checked once the settings are
 built. Fields not in the table are refused, so a request cannot reach anything the table
-does not name (no paths: `init_image` is set by the server from an uploaded file only).
+does not name (no paths: `init_image` and `mask` are set by the server from uploaded files only).
 
 To add a field (a LoRA list, a ControlNet …), add a row, and if it is not a settings field,
 read it in `ImageRequest`.
@@ -154,6 +154,9 @@ FIELDS: Dict[str, Field] = {
     "skip_layer_guidance": Field(_skip_layer_guidance, "skip_layer_guidance",
                                  "true, or {layers, scale, start, end}: skip-layer guidance (3.5 Medium)"),  # fmt: skip
     "strength": Field(_number, "strength", "how much to change the image, (0, 1]", ("edits",)),
+    "mask_blur": Field(_number, "mask_blur", "with a mask: Gaussian blur radius of its edge, pixels", ("edits",)),
+    "mask_crop_padding": Field(_whole, "mask_crop_padding", "with a mask: inpaint a crop this many pixels around it",
+                               ("edits",)),  # fmt: skip
     "loras": Field(_lora_weights, None, "{name: weight} for LoRAs the server loaded (--lora); the others keep their weight"),
     "img2img_rule": Field(_text, "img2img_rule", "diffusers (default) or stability: step truncation and SLG window", ("edits",)),
 }
@@ -231,7 +234,7 @@ def validated(settings: GenerationSettings, check: Optional[Callable[[Generation
 
 
 _TARGETS = {f.to: name for name, f in FIELDS.items() if f.to}
-_TARGETS.update(width="size", height="size", init_image="image")
+_TARGETS.update(width="size", height="size", init_image="image", mask="mask")
 
 
 def _param_of(message: str) -> Optional[str]:

@@ -22,8 +22,8 @@ MAX_UPLOAD_PIXELS = 8192 * 8192  # far above any SD3 size; PIL decodes lazily, s
 FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def decode_upload(data: bytes, param: str) -> Image.Image:
-    """An uploaded PNG / JPEG / WebP as an RGB image, or a 400 that says what is wrong."""
+def decode_upload(data: bytes, param: str, mode: str = "RGB") -> Image.Image:
+    """An uploaded PNG / JPEG / WebP in `mode` (RGB; a mask: L), or a 400 that says what is wrong."""
     if not data:
         raise RequestError(f"{param} is empty", param=param, code="invalid_image")
     try:
@@ -34,7 +34,7 @@ def decode_upload(data: bytes, param: str) -> Image.Image:
         if img.width * img.height > MAX_UPLOAD_PIXELS:
             raise RequestError(f"{param} is {img.width}x{img.height}; at most {MAX_UPLOAD_PIXELS:,} pixels are accepted",
                                param=param, code="invalid_image")  # fmt: skip
-        return img.convert("RGB")
+        return img.convert(mode)
     except RequestError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
