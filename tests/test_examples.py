@@ -146,29 +146,12 @@ def test_lora(tiny_root, tmp_path):
     assert "loras" not in read_metadata(tmp_path / "no-lora.png")
 
 
-def _photo(path: Path) -> None:
-    import numpy as np
-
-    y, x = np.mgrid[0:80, 0:80]
-    arr = np.zeros((80, 80, 3), np.uint8)
-    arr[(x - 40) ** 2 + (y - 40) ** 2 < 500] = (230, 200, 40)  # a disc: clear edges
-    arr[10:30, 50:75] = (20, 90, 200)
-    Image.fromarray(arr).save(path)
-
-
 def test_controlnet_canny(tiny_root, tmp_path):
     """With a tiny ControlNet in Stability's single-file layout (image-only blocks)."""
-    from control_assets import stability_state
-    from diffusers import SD3ControlNetModel
-    from reference import randomize, save_state_dict
+    from control_assets import tiny_stability_controlnet, write_photo
 
-    net = randomize(SD3ControlNetModel(patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
-                                       num_attention_heads=4, joint_attention_dim=None, caption_projection_dim=40,
-                                       pooled_projection_dim=40, out_channels=16, pos_embed_max_size=None,
-                                       pos_embed_type=None, use_pos_embed=False), seed=3)  # fmt: skip
-    sai = stability_state(net.state_dict(), depth=1, control_type=1)
-    cn = save_state_dict(sai, tmp_path / "sd3.5_tiny_controlnet_canny.safetensors")
-    _photo(tmp_path / "photo.png")
+    cn = tiny_stability_controlnet(tmp_path / "sd3.5_tiny_controlnet_canny.safetensors")
+    write_photo(tmp_path / "photo.png")
     out = run_example("controlnet_canny.py", "photo.png", tiny_root, "--controlnet", cn, "--steps", STEPS,
                       "--size", SIZE, cwd=tmp_path)  # fmt: skip
     assert "control: canny scale 0.8" in out
@@ -181,10 +164,10 @@ def test_controlnet_canny(tiny_root, tmp_path):
 
 
 def test_inpaint(tiny_root, tmp_path):
-    _photo(tmp_path / "photo.png")
-    mask = Image.new("L", (80, 80), 0)
-    mask.paste(255, (20, 20, 60, 60))
-    mask.save(tmp_path / "mask.png")
+    from control_assets import write_mask, write_photo
+
+    write_photo(tmp_path / "photo.png")
+    write_mask(tmp_path / "mask.png")
     out = run_example("inpaint.py", "photo.png", "mask.png", tiny_root, "--steps", 4, "--size", SIZE, cwd=tmp_path)
     assert out.startswith("mask sha256:")
     assert png_size(tmp_path / "inpainted.png") == (SIZE, SIZE)

@@ -48,6 +48,10 @@ SUBSTITUTIONS = [
     ("python -m sd35_mlx.generate -m", "python -m sd35_mlx.generate --steps 2 -m"),
     ('pipe.generate("a lighthouse on a cliff at dawn", seed=7)', 'pipe.generate("a lighthouse on a cliff at dawn", seed=7, steps=2)'),
     ("steps=30", "steps=3"),
+    ("--steps 60 --cfg 3.5", "--steps 2 --cfg 3.5"),
+    # a hub ControlNet file: a tiny one in Stability's layout stands in (hub files: tests/test_hub.py)
+    ("stabilityai/stable-diffusion-3.5-controlnets/sd3.5_large_controlnet_canny.safetensors",
+     "sd3.5_large_controlnet_canny.safetensors"),
     ("if step.step == 10:", "if step.step == 2:"),
     ("embeddings=emb, seed=seed)", "embeddings=emb, seed=seed, steps=2)"),
     ("callback=lambda info: print(info.step))", "callback=lambda info: print(info.step), steps=2)"),
@@ -125,6 +129,12 @@ def workdir(tmp_path_factory):
     stability = build_tiny_model(base / "layouts").stability  # widths Stability files can describe: converted only
     shutil.copy(stability / "sd3.5_tiny.safetensors", work / "sd3.5_medium.safetensors")
     shutil.copytree(stability / "text_encoders", work / "text_encoders")
+    from control_assets import tiny_stability_controlnet, write_mask, write_photo
+
+    tiny_stability_controlnet(work / "sd3.5_large_controlnet_canny.safetensors")
+    write_photo(work / "photo.png")
+    write_photo(work / "room.png", side=64)  # the tiny model's position grid ends at 64 px
+    write_mask(work / "mask.png", side=64)
     bindir = base / "bin"  # `python` in the blocks is this interpreter
     bindir.mkdir()
     (bindir / "python").symlink_to(sys.executable)
