@@ -167,6 +167,11 @@ def settings_from_image(args: argparse.Namespace):
     if recorded_init is not None and not args.init_image:
         raise InputError(f"{png} was made by img2img from {recorded_init!r:.200}; pass --init-image PATH to "
                          "regenerate it (a path named only by metadata is never read)")  # fmt: skip
+    named = [what for what, recorded, passed in (("ControlNets and control images", base.controlnets, args.controlnet),
+                                                  ("a mask", base.mask, args.mask)) if recorded and not passed]  # fmt: skip
+    if named and not args.trust_metadata_model:
+        raise InputError(f"{png} was made with {' and '.join(named)}; pass them again (--controlnet / --control-image, "
+                         "--mask) or --trust-metadata-model: files named only by metadata are never read")  # fmt: skip
     loras = _metadata_loras(png, meta.get("loras"), args)
     if args.model is None:
         if model is None:

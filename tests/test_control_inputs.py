@@ -160,7 +160,7 @@ def test_checkpoint_type_and_overrides(controlnet, tmp_path):
 # ---- the CLI ----
 def _cli(tiny_root, out, *extra):
     return main(["--model", str(tiny_root), "-p", "a fox", "-W", str(W), "-H", str(H), "--steps", "2", "--cfg", "3",
-                 "--seed", "5", "--t5-length", "77", "--dtype", "float32", "--memory-budget", "off", "-q",
+                 "--seed", "5", "--t5-length", "77", "--dtype", "float32", "--memory-budget", "off", "--quiet",
                  "-o", str(out), *extra])  # fmt: skip
 
 
@@ -178,11 +178,14 @@ def test_cli_controlnet_metadata_and_from_image(tiny_root, controlnet, tmp_path,
     seen = np.asarray(Image.open(tmp_path / "seen" / "out-control-0.png"))
     assert set(np.unique(seen)) <= {0, 255}  # the canny map the ControlNet saw
     # --from-image reproduces it with the same control image
-    assert main(["--from-image", str(out), "--dtype", "float32", "--memory-budget", "off", "-q", "-o", str(out)]) == 0
+    from_image = ["--from-image", str(out), "--dtype", "float32", "--memory-budget", "off", "--quiet", "-o", str(out)]
+    assert main(from_image) == 2  # metadata is untrusted: the files it names are read only on request
+    assert "--trust-metadata-model" in capsys.readouterr().err
+    assert main([*from_image, "--trust-metadata-model"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "out-1.png")))
     # …and refuses when the control image changed
     _png(tmp_path / "photo.png", seed=4)
-    assert main(["--from-image", str(out), "--memory-budget", "off", "-q", "-o", str(out)]) == 2
+    assert main(["--from-image", str(out), "--memory-budget", "off", "--quiet", "--trust-metadata-model", "-o", str(out)]) == 2
     assert "sha256 differs" in capsys.readouterr().err
 
 

@@ -44,7 +44,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .._version import __version__
-from ..components import COMPONENTS, TOKENIZER_FOLDERS, check_component, component_dtype, dtype_name, network_classes
+from ..components import COMPONENTS, SIDE_NETWORKS, TOKENIZER_FOLDERS, check_component, component_dtype, dtype_name, network_classes
 from ..errors import InputError, SD35Error, WeightFileError
 from ..quantize import QuantSpec, quantizable_layers, quantize_network, quantized_paths, spec_of
 from .model_card import model_card
@@ -150,8 +150,8 @@ def read_converted_config(folder: Union[str, os.PathLike]) -> dict:
 def _check_entry(folder: Path, component: str, entry) -> None:
     """A components entry of config.json, field by field (the file may have been edited)."""
     where = f"{folder}/config.json: components.{component}"
-    if component not in COMPONENTS:
-        raise WeightFileError(f"{where}: unknown component (known: {', '.join(COMPONENTS)})")
+    if component not in COMPONENTS + SIDE_NETWORKS:
+        raise WeightFileError(f"{where}: unknown component (known: {', '.join(COMPONENTS + SIDE_NETWORKS)})")
     if not isinstance(entry, dict):
         raise WeightFileError(f"{where} must be an object (got {entry!r:.60})")
     if not isinstance(entry.get("config"), dict):
