@@ -99,8 +99,9 @@ class Denoiser:
             cond = positive if cfg_exchange.runs_conditional else negative  # this rank's half
         self._pooled = cond.pooled.astype(self.dtype)
 
-        use_dequantized_matmul(transformer, dequantize_min_rows)  # no-op if not quantized
-        use_float32_compute(transformer)  # the CPU only: 16-bit weights, float32 matmuls
+        for network in (transformer, *(c.net for c in controlnets)):
+            use_dequantized_matmul(network, dequantize_min_rows)  # no-op if not quantized
+            use_float32_compute(network)  # the CPU only: 16-bit weights, float32 matmuls
         self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
         self.table = None  # (steps, B, N, H) packed modulations
         if self.sigmas is not None:

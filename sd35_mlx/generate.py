@@ -151,6 +151,7 @@ def settings_from_image(args: argparse.Namespace):
     png = args.from_image
     meta = dict(read_metadata(png))
     recorded_init = meta.pop("init_image", None)
+    recorded_mask = meta.pop("mask", None)  # like the init image: a file, read only when passed again
     try:
         base = GenerationSettings.from_dict(meta)
         model = meta.get("model")
@@ -167,11 +168,12 @@ def settings_from_image(args: argparse.Namespace):
     if recorded_init is not None and not args.init_image:
         raise InputError(f"{png} was made by img2img from {recorded_init!r:.200}; pass --init-image PATH to "
                          "regenerate it (a path named only by metadata is never read)")  # fmt: skip
-    named = [what for what, recorded, passed in (("ControlNets and control images", base.controlnets, args.controlnet),
-                                                  ("a mask", base.mask, args.mask)) if recorded and not passed]  # fmt: skip
-    if named and not args.trust_metadata_model:
-        raise InputError(f"{png} was made with {' and '.join(named)}; pass them again (--controlnet / --control-image, "
-                         "--mask) or --trust-metadata-model: files named only by metadata are never read")  # fmt: skip
+    if recorded_mask is not None and not args.mask:
+        raise InputError(f"{png} was inpainted with the mask {recorded_mask!r:.200}; pass --mask PATH to regenerate "
+                         "it (a path named only by metadata is never read)")  # fmt: skip
+    if base.controlnets and not args.controlnet and not args.trust_metadata_model:
+        raise InputError(f"{png} was made with ControlNets; pass them again (--controlnet, --control-image) or "
+                         "--trust-metadata-model: files named only by metadata are never read")  # fmt: skip
     loras = _metadata_loras(png, meta.get("loras"), args)
     if args.model is None:
         if model is None:
