@@ -140,7 +140,8 @@ def read_prompt_file(path: str) -> List[str]:
 
 
 def settings_from_image(args: argparse.Namespace):
-    """(settings, model, t5, quantization) from --from-image, every field checked like a flag.
+    """(settings, model, t5, quantization, LoRAs, the metadata as read) from --from-image, every
+    field checked like a flag.
 
     The metadata is untrusted: it may name any repo or file. Its model is used only when the
     user asks for it (--trust-metadata-model), its init image only when passed again.
@@ -149,7 +150,8 @@ def settings_from_image(args: argparse.Namespace):
     from .quantize import parse_quantize
 
     png = args.from_image
-    meta = dict(read_metadata(png))
+    recorded = read_metadata(png)
+    meta = dict(recorded)
     recorded_init = meta.pop("init_image", None)
     recorded_mask = meta.pop("mask", None)  # like the init image: a file, read only when passed again
     try:
@@ -185,7 +187,7 @@ def settings_from_image(args: argparse.Namespace):
     if args.controlnet_quantize is None and recorded_cq not in (None, "16"):
         args.controlnet_quantize = text("controlnet_quantization", recorded_cq, 200)
     quantize = args.quantize if args.quantize is not None else (None if quantization in (None, "none") else quantization)
-    return base, args.model or model, not t5.startswith("dropped"), quantize, loras
+    return base, args.model or model, not t5.startswith("dropped"), quantize, loras, recorded
 
 
 def _metadata_loras(png: str, records, args: argparse.Namespace):
@@ -229,7 +231,7 @@ def plan(args: argparse.Namespace):
     model, t5 = args.model, not args.no_t5
     args.lora_specs = [parse_lora_arg(text, args.lora_text_scale) for text in args.lora]
     if args.from_image:
-        base, model, t5_recorded, args.quantize, recorded_loras = settings_from_image(args)
+        base, model, t5_recorded, args.quantize, recorded_loras, metadata = settings_from_image(args)
         t5 = t5 and t5_recorded
         if recorded_loras is not None:  # the image's LoRAs, unless others are named
             args.lora_specs = recorded_loras
@@ -265,13 +267,11 @@ def plan(args: argparse.Namespace):
         raise InputError(f"{len(prompts):,} prompts × {len(seeds):,} seeds is {len(prompts) * len(seeds):,} images; at most {MAX_IMAGES:,} per run")
     settings = replace(base, **overrides).validate()  # one check of the shared fields, then per image
     jobs = [replace(settings, prompt=prompt, seed=seed).validate() for prompt in prompts for seed in seeds]
-    if args.from_image:
+    if args.from_image:  # the control images and mask passed again are the recorded ones
         from .control.metadata import check_control_inputs
-        from .images import read_metadata
 
-        meta = read_metadata(args.from_image)
         for job in jobs:
-            check_control_inputs(meta, job)
+            check_control_inputs(metadata, job)
     check_output(args.output, jobs)
     _warn_unused(args, slg)
     return model, t5, jobs

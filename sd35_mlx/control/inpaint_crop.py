@@ -83,16 +83,23 @@ def resize_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     return res
 
 
-def cropped_inputs(image_path: str | os.PathLike, mask_path: str | os.PathLike, width: int, height: int,
-                   pad: int, blur: float = 0.0) -> Tuple[np.ndarray, np.ndarray, Box]:  # fmt: skip
-    """(image (H, W, 3) in [0, 1], mask (H, W) in [0, 1], box) at the generation size; `blur`
-    softens the mask first (as `mask_blur` does without the crop)."""
+def _image_and_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike, blur: float) -> Tuple[Image.Image, Image.Image]:
+    """The image (RGB) and its mask (L) at the image's size, the mask blurred by `blur` — read the
+    same way for the crop and for pasting the result back, so both see the same mask."""
     with Image.open(image_path) as im, Image.open(mask_path) as mk:
         image, mask = im.convert("RGB"), mk.convert("L")
     if mask.size != image.size:
         mask = mask.resize(image.size, Image.LANCZOS)
     if blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    return image, mask
+
+
+def cropped_inputs(image_path: str | os.PathLike, mask_path: str | os.PathLike, width: int, height: int,
+                   pad: int, blur: float = 0.0) -> Tuple[np.ndarray, np.ndarray, Box]:  # fmt: skip
+    """(image (H, W, 3) in [0, 1], mask (H, W) in [0, 1], box) at the generation size; `blur`
+    softens the mask first (as `mask_blur` does without the crop)."""
+    image, mask = _image_and_mask(image_path, mask_path, blur)
     box = crop_region(mask, width, height, pad)
     img = np.asarray(resize_fill(image.crop(box), width, height), dtype=np.float32) / 255.0
     m = np.asarray(resize_fill(mask.crop(box), width, height).convert("L"), dtype=np.float32) / 255.0
@@ -103,12 +110,7 @@ def paste_back(generated: Image.Image, image_path: str | os.PathLike, mask_path:
                blur: float = 0.0) -> Image.Image:  # fmt: skip
     """diffusers' `apply_overlay`: the crop's result in place, the original outside the mask
     (the mask blurred as for the crop, so soft edges blend)."""
-    with Image.open(image_path) as im, Image.open(mask_path) as mk:
-        original, mask = im.convert("RGB"), mk.convert("L")
-    if mask.size != original.size:
-        mask = mask.resize(original.size, Image.LANCZOS)
-    if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    original, mask = _image_and_mask(image_path, mask_path, blur)
     keep = Image.new("RGBa", original.size)
     keep.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask))
     x1, y1, x2, y2 = box
