@@ -12,6 +12,8 @@ staged execution the peak is the largest stage, not the sum:
               and the uncropped position table are replaced by the modulation table and
               the crop
     decode  = VAE decoder + decode activations (tiled: one tile's worth)
+    control = with ControlNets only: VAE encoder + an untiled encode of the control image
+              (ControlSession.prepare runs it between encode and denoise, then releases the VAE)
 
 Activation constants depend on the device (`device`, default: MLX's default device): plan
 for the machine that will run the generation.
@@ -342,6 +344,14 @@ class MemoryEstimator:
             total += (height // 8) * (width // 8) * cfg.control_channels * 4
         return total
 
+    def control_encode(self, height: int, width: int) -> int:
+        """The control image's VAE encode: the encoder's weights and an untiled encode's
+        activations (the ControlNets' weights are read later, in the denoise stage)."""
+        from .models.vae_tiling import encode_activation_bytes
+
+        encoder = sum(p.size * BYTES_16 for k, p in tree_flatten(self.vae.parameters()) if k.startswith("encoder."))
+        return encoder + encode_activation_bytes(height, width, self.vae_config, device=self.device)
+
     def decode(self, height: int, width: int, tiled, tile_latents: Optional[int] = None) -> int:
         from .models.vae_tiling import DEFAULT_DECODE_TILE, decode_activation_bytes
 
@@ -357,11 +367,11 @@ class MemoryEstimator:
         t5_mode = T5Mode(t5_mode)
         split = self.split_cfg if split_cfg is None else split_cfg
         batch = 1 if split else 2
-        stages = {
-            "encode": self.encode(t5, t5_mode),
-            "denoise": self.denoise(transformer, height, width, t5_tokens, batch=batch),
-            "decode": self.decode(height, width, tile, tile_latents),
-        }
+        stages = {"encode": self.encode(t5, t5_mode)}
+        if self.controlnets:  # the stages run in this order
+            stages["control"] = self.control_encode(height, width)
+        stages["denoise"] = self.denoise(transformer, height, width, t5_tokens, batch=batch)
+        stages["decode"] = self.decode(height, width, tile, tile_latents)
         return Plan(transformer, t5 if t5_mode != T5Mode.DROPPED else None, t5_mode, tile, stages,
                     (tile_latents or DEFAULT_DECODE_TILE) if tile else None, split,
                     self.largest_step_allocation(height, width, t5_tokens, batch))
@@ -454,6 +464,7 @@ def plan_memory(
 
 _ADVICE = {
     "encode": "The text encoders set the floor (CLIP-G alone is 1.39 GB at 16-bit).",
+    "control": "Use a smaller image (the control image is VAE-encoded whole, at the image size).",
     "denoise": "Use a smaller image (the transformer's activations grow with the pixel count).",
     "decode": "Use a smaller image (the VAE decodes one 512x512 tile at a time already).",
 }

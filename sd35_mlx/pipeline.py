@@ -261,8 +261,8 @@ class SD35Pipeline:
         if self.planned_controlnets:
             from .control.spec import open_controlnet
 
-            kwargs["controlnets"] = [(open_controlnet(c, num_heads=config.num_heads).config, self.controlnet_quantization)
-                                     for c in self.planned_controlnets]  # fmt: skip
+            specs = [open_controlnet(c, num_heads=config.num_heads) for c in self.planned_controlnets]
+            kwargs["controlnets"] = [(s.config, s.quantization(self.controlnet_quantization)) for s in specs]
         return MemoryEstimator(config, trimmed_transformer=self.low_memory, split_cfg=True, **kwargs)
 
     # ---- networks, loaded on demand ----

@@ -20,7 +20,7 @@ from sd35_mlx.errors import InputError
 from sd35_mlx.models.vae import VAE
 from sd35_mlx.models.vae_tiling import (
     CONV_BYTES_CPU, decode_activation_bytes, decode_tile_for_budget, decode_tiled,
-    encode_tiled, should_tile, tile_starts,
+    encode_activation_bytes, encode_tiled, should_tile, tile_starts,
 )  # fmt: skip
 
 TINY = VAEConfig(block_out_channels=(8, 16, 16, 16), norm_num_groups=4)
@@ -216,6 +216,22 @@ def test_decode_memory_estimate_bounds_measured_peak(dtype):
     for h, w in ((8, 8), (8, 20)):
         measured = _peak_bytes(vae.decode, smooth((1, h, w, 16)).astype(dtype))
         estimate = decode_activation_bytes(h * F, w * F, cfg, nbytes)
+        assert measured <= estimate <= 1.5 * measured, (measured, estimate)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_encode_memory_estimate_bounds_measured_peak(dtype):
+    """The control image's VAE encode (memory planner, ControlNet generations)."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("the constant checked here is the CPU one")
+    cfg = VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4)
+    vae = random_vae(cfg)
+    vae.set_dtype(dtype)
+    nbytes = 2 if dtype == mx.bfloat16 else 4
+    for h, w in ((64, 64), (64, 160)):
+        pixels = mx.random.uniform(-1, 1, (1, h, w, 3), key=mx.random.key(h + w)).astype(dtype)
+        measured = _peak_bytes(lambda x: vae.encode(x)[0], pixels)
+        estimate = encode_activation_bytes(h, w, cfg, nbytes)
         assert measured <= estimate <= 1.5 * measured, (measured, estimate)
 
 

@@ -32,6 +32,7 @@ import mlx.core as mx
 
 from ..config import ControlNetConfig, MMDiTConfig
 from ..errors import InputError
+from ..quantize import QuantSpec
 from .residuals import DIFFUSERS, STABILITY, ResidualRule, rule_named
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class ControlNetSpec:
     latent_shift: bool
     control_type: Optional[str]
     converted: bool = False  # a folder written by `python -m sd35_mlx.convert --controlnet`
+    stored_quantization: Optional[QuantSpec] = None  # how a converted folder stores it
+
+    def quantization(self, at_load: Optional[QuantSpec]) -> Optional[QuantSpec]:
+        """What runs: a converted folder as stored, anything else at `at_load` (--controlnet-quantize)."""
+        return self.stored_quantization if self.converted else at_load
 
     @property
     def base(self) -> str:
@@ -245,4 +251,5 @@ def _converted_spec(path: Path, source: str) -> ControlNetSpec:
         config=ControlNetConfig.from_dict(entry["config"]), rule=rule_named(control.get("rule", "stability")),
         zero_pooled=bool(control.get("zero_pooled", False)), latent_shift=bool(control.get("latent_shift", True)),
         control_type=control.get("control_type"), converted=True,
+        stored_quantization=QuantSpec.from_dict(entry["quantization"]) if entry.get("quantization") else None,
     )  # fmt: skip

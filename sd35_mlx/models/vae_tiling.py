@@ -173,6 +173,11 @@ def encode_tiled(
 # for one 512² tile (benchmarks/bench_memory.py); the larger one +10%, scaled with the
 # dtype. Apple silicon is not measured yet.
 CONV_BYTES_CPU = 144.0
+# The same per (pixel x C0 channel) for an untiled encode, C0 = block_out_channels[0] (the
+# encoder's full-resolution width, 128 for SD3). CPU: measured 143-159 (fp32 / bf16, three
+# sizes; tests/test_vae_tiling.py), +15%. GPU: not measured yet; the decode's constant
+# (k per pixel x C1 on an H100: 17 measured untiled, 44 used) stands in.
+ENCODE_CONV_BYTES_CPU = 184.0
 
 
 def _conv_bytes_gpu(dtype_bytes: int) -> float:
@@ -198,11 +203,37 @@ def decode_activation_bytes(
     SD3 at 1024x1024 in bf16: convs 1M px * 256 * 44 = 11.8 GB on GPU (39 GB on CPU),
     attention 2 * 16384^2 * 2 = 1.1 GB. Weights are not included.
     """
-    device = device or mx.default_device()
-    k = CONV_BYTES_CPU if on_cpu(device) else _conv_bytes_gpu(dtype_bytes)
-    f = 2 ** (len(config.block_out_channels) - 1)
     c1 = config.block_out_channels[min(1, len(config.block_out_channels) - 1)]
-    convs = k * batch * height * width * c1
+    return _activation_bytes(height, width, config, c1, CONV_BYTES_CPU, dtype_bytes, batch, device)
+
+
+def encode_activation_bytes(
+    height: int,
+    width: int,
+    config: VAEConfig = SD3_VAE,
+    dtype_bytes: int = 2,
+    batch: int = 1,
+    device: Optional[mx.Device] = None,
+) -> int:
+    """Estimated peak activation memory of one untiled `vae.encode` of height x width pixels.
+
+    The decode's model with the encoder's full-resolution width C0 = block_out_channels[0]
+    (128 for SD3; the encoder's widest tensors are its first level's, where the decoder's are
+    C1 wide) and ENCODE_CONV_BYTES_CPU (184) on CPU, the decode's k on GPU. The mid block's
+    attention is the same. SD3 at 1024x1024 in bf16: convs 1M px * 128 * 44 = 5.8 GB on GPU.
+    Weights are not included.
+    """
+    c0 = config.block_out_channels[0]
+    return _activation_bytes(height, width, config, c0, ENCODE_CONV_BYTES_CPU, dtype_bytes, batch, device)
+
+
+def _activation_bytes(height: int, width: int, config: VAEConfig, channels: int, k_cpu: float, dtype_bytes: int,
+                      batch: int, device: Optional[mx.Device]) -> int:  # fmt: skip
+    """max(convs, attention) of an untiled pass whose widest full-resolution tensors have `channels`."""
+    device = device or mx.default_device()
+    k = k_cpu if on_cpu(device) else _conv_bytes_gpu(dtype_bytes)
+    f = 2 ** (len(config.block_out_channels) - 1)
+    convs = k * batch * height * width * channels
     n = (height // f) * (width // f)
     attention = 2.0 * batch * n * n * dtype_bytes
     return int(max(convs, attention))
