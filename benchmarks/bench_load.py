@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import shutil
 import sys
 import time
@@ -52,9 +51,7 @@ sys.path.insert(0, str(REPO / "tests"))  # tiny_model.py (and its assets.py) liv
 import sd35_mlx  # noqa: E402
 from sd35_mlx.config import SD35_MEDIUM_MMDIT, MMDiTConfig  # noqa: E402
 from sd35_mlx.convert import convert  # noqa: E402
-from sd35_mlx.weights.mapping import (  # noqa: E402
-    _PLACEHOLDER, apply_rules, concat, conv_to_nhwc, identity, swap_halves,
-)  # fmt: skip
+from sd35_mlx.weights.mapping import apply_rules  # noqa: E402
 from sd35_mlx.weights.tables.mmdit import DIFFUSERS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "load.json"
@@ -63,37 +60,9 @@ HEADING = "## Load time and disk (measured)"
 TRANSFORMER_FILE = "diffusion_pytorch_model.safetensors"
 
 
-# ---- our names -> diffusers names (the mapping table run backwards) --------------------------------
-_INVERSE = {
-    identity: lambda w, n: [w],
-    concat: lambda w, n: mx.split(w, n, axis=0),
-    conv_to_nhwc: lambda w, n: [w.transpose(0, 3, 1, 2)],
-    swap_halves: lambda w, n: [swap_halves(w)],  # its own inverse
-}
-
-
-def _target_regex(pattern: str) -> re.Pattern:
-    parts = _PLACEHOLDER.split(pattern)
-    return re.compile("".join(f"(?P<{p}>\\d+)" if i % 2 else re.escape(p) for i, p in enumerate(parts)) + r"\Z")
-
-
 def to_diffusers(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     """Our-named MMDiT weights -> the diffusers SD3Transformer2DModel state dict (lazy)."""
-    matches = []  # (name, candidate rules with their placeholder values)
-    for name in weights:
-        found = [(r, m.groupdict()) for r in DIFFUSERS.rules if (m := _target_regex(r.target).match(name))]
-        if not found:
-            raise ValueError(f"no rule of {DIFFUSERS.name} makes {name}")
-        matches.append((name, found))
-    # `when` rules (the last block's swapped modulation) look at the source key set: build it
-    # first from every candidate's sources (the alternatives share their sources).
-    source_keys = frozenset(s.format(**g) for _, found in matches for r, g in found for s in r.sources)
-    out: Dict[str, mx.array] = {}
-    for name, found in matches:
-        rule, groups = next((r, g) for r, g in found if r.when is None or r.when(g, source_keys))
-        sources = [DIFFUSERS.prefix + s.format(**groups) for s in rule.sources]
-        out.update(zip(sources, _INVERSE[rule.transform](weights[name], len(sources)), strict=True))
-    return out
+    return C.to_layout(weights, DIFFUSERS)
 
 
 def check_forward(diffusers: Dict[str, mx.array], ours: Dict[str, mx.array], values: bool) -> None:

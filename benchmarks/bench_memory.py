@@ -7,7 +7,19 @@ The configurations of the memory targets:
     medium-t5-4bit  SD3.5 Medium, 4-bit T5, 4-bit transformer        target ≤ 2.5 GB
     medium-no-t5    SD3.5 Medium, T5 dropped, 4-bit transformer       target ≤ 2.0 GB
     large-4bit      SD3.5 Large, 4-bit T5, 4-bit transformer          target ≤ 5 GB
+    large-4bit-controlnet  large-4bit + one SD3.5 Large ControlNet (canny) at 4-bit   target ≤ 7 GB
 (CLIP-L, CLIP-G and the VAE stay 16-bit, as in the pipeline.)
+
+The ControlNet target is what the planner (`plan_memory`, with the ControlNet counted) says a
+1024² generation needs with CFG as one batch: denoise 6.42 GB (the 4.39 GB of large-4bit, plus
+the ControlNet's 1.24 GB of 4-bit weights and 0.80 GB of residuals and control tokens held with
+CFG) + its largest allocation (0.17 GB) + one command buffer (0.1 GB) = 6.69 GB, rounded up to
+7.0 GB; the control image's VAE encode is estimated at 5.84 GB. (A 6 GB budget would need CFG as
+two passes, denoise 5.36 GB, but the control encode's estimate leaves it 0.03 GB short.)
+The ControlNet is random, full size (19 image-only blocks, 2.15 B parameters), written in
+Stability's single-file layout with the canny type tag and converted to a 4-bit folder by
+`sd35_mlx.control.convert.convert_controlnet` (`python -m sd35_mlx.convert --controlnet …
+--quantize controlnet=4`).
 
 How: the random networks are first written as a converted sd35_mlx folder
 (`sd35_mlx.weights.converted.save_converted`: one network at a time, each built lazily,
@@ -18,8 +30,14 @@ public loader (`sd35_mlx.loading.load_component`) and releasing it afterwards
 (`mx.clear_cache()`), as the pipeline's low-memory mode does:
 
     encode   CLIP-L, CLIP-G, T5 (batch 2: prompt + negative), one network at a time
+    control  (ControlNet configurations) the pipeline's own `ControlSession.open` / `.prepare`
+             with `SD35Pipeline`'s VAE and ControlNet loaders: a photo canny-preprocessed,
+             VAE-encoded as for Stability's canny ControlNets, the ControlNet loaded (lazily);
+             then the VAE is released, as `generate_latents` does
     denoise  the pipeline's Denoiser (adaLN precomputed for the whole schedule and freed,
-             position table cropped) for --steps steps of a --schedule-steps schedule
+             position table cropped) for --steps steps of a --schedule-steps schedule, with
+             the ControlNet's residuals where the configuration has one; the ControlNet is
+             released with the transformer (`SD35Pipeline.release("transformer")`)
     decode   VAE decode, whole and tiled
 
 Each stage's peak is MLX's own counter (`mx.reset_peak_memory()` before, `mx.get_peak_memory()`
@@ -45,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import mlx.core as mx  # noqa: E402
 
-from sd35_mlx.config import CLIP_G, CLIP_L, SD3_VAE, T5_XXL  # noqa: E402
+from sd35_mlx.config import CLIP_G, CLIP_L, SD3_VAE, SD35_LARGE_CONTROLNET, T5_XXL  # noqa: E402
 
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "medium-t5-4bit": dict(model="medium", transformer_bits=4, t5_bits=4, target=2.5e9,
@@ -54,6 +72,9 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
                          title="SD3.5 Medium, T5 dropped, transformer 4-bit"),
     "large-4bit": dict(model="large", transformer_bits=4, t5_bits=4, target=5.0e9,
                        title="SD3.5 Large, T5 4-bit, transformer 4-bit"),
+    "large-4bit-controlnet": dict(model="large", transformer_bits=4, t5_bits=4, target=7.0e9,
+                                  controlnet=dict(bits=4, control_type="canny"),
+                                  title="SD3.5 Large, T5 4-bit, transformer 4-bit + ControlNet canny 4-bit"),
 }  # fmt: skip
 
 
@@ -151,6 +172,94 @@ def write_random_folder(folder: Path, networks: Dict[str, tuple], dtype, seed: i
     return time.perf_counter() - start
 
 
+def write_random_controlnet(folder: Path, config, bits: Optional[int], control_type: str, dtype, seed: int = 7) -> float:
+    """A random ControlNet written as Stability's single file (our names run backwards through
+    the layout table, plus the `control_type` tag), then converted by the converter itself
+    (`convert_controlnet`, as `python -m sd35_mlx.convert --controlnet FILE --quantize
+    controlnet=BITS`); the single file is removed afterwards. Seconds."""
+    from mlx.utils import tree_flatten
+
+    from sd35_mlx.control.convert import convert_controlnet
+    from sd35_mlx.control.spec import STABILITY_TYPE_IDS
+    from sd35_mlx.weights.tables.controlnet import CONTROL_TYPE_KEY, STABILITY
+
+    start = time.perf_counter()
+    tag = {name: i for i, name in STABILITY_TYPE_IDS.items()}[control_type]
+    single = folder.parent / f"sd3.5_random_controlnet_{control_type}.safetensors"
+    net = C.random_network("controlnet", config, dtype, seed=seed)  # materialised in chunks
+    tensors = C.to_layout(dict(tree_flatten(net.parameters())), STABILITY)
+    tensors[CONTROL_TYPE_KEY] = mx.array([tag], dtype=mx.int32)
+    mx.save_safetensors(str(single), tensors)
+    del net, tensors
+    release()
+    quantize = f"controlnet={bits}" if bits and bits < 16 else None
+    convert_controlnet(single, folder, dtype=str(dtype).replace("mlx.core.", ""), quantize=quantize, force=True,
+                       max_shard_bytes=512 * 2**20)  # fmt: skip
+    single.unlink()
+    release()
+    return time.perf_counter() - start
+
+
+def write_control_photo(path: Path, size: int) -> Path:
+    """A picture with clear edges (discs and bars on a gradient) for the canny preprocessor."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([x, y, 1 - x], axis=-1) * 120
+    img[(x - 0.4) ** 2 + (y - 0.45) ** 2 < 0.06] = (230, 200, 40)
+    img[(x - 0.75) ** 2 + (y - 0.3) ** 2 < 0.01] = (250, 250, 250)
+    img[(y > 0.7) & (y < 0.8) & (x > 0.1)] = (20, 90, 200)
+    Image.fromarray(img.astype(np.uint8)).save(path)
+    return path
+
+
+class ControlHost:
+    """What `ControlSession` uses of an `SD35Pipeline`, over this benchmark's folders: the
+    pipeline's own VAE and ControlNet loaders and its release, with MLX held to the
+    configuration's memory limit as `SD35Pipeline._within_budget` does under a budget."""
+
+    def __init__(self, vae_folder: Path, transformer_config, dtype, limit: Optional[int]):
+        from sd35_mlx.variants import detect_variant
+        from sd35_mlx.weights.sources import resolve_sources
+
+        self.sources = resolve_sources(vae_folder, ("vae",))
+        self.transformer_config = transformer_config
+        self.variant = detect_variant(transformer_config)
+        self.dtype, self.limit = dtype, limit
+        self.controlnet_quantization = None  # a converted ControlNet loads as stored
+        self._vae, self._transformer, self._controlnets = None, None, {}
+
+    def _within_budget(self):
+        from sd35_mlx.memory import memory_limit
+
+        return memory_limit(self.limit)
+
+    def _load_vae(self):
+        from sd35_mlx.pipeline import SD35Pipeline
+
+        return SD35Pipeline._load_vae(self)
+
+    def _load_controlnet(self, spec):
+        from sd35_mlx.pipeline import SD35Pipeline
+
+        return SD35Pipeline._load_controlnet(self, spec)
+
+    def release(self, *names: str) -> None:
+        from sd35_mlx.pipeline import SD35Pipeline
+
+        SD35Pipeline.release(self, *names)
+
+
+def control_settings(config: Dict[str, Any], photo: Path, size: int):
+    """The generation settings ControlSession reads: one ControlNet, the photo canny-preprocessed."""
+    from sd35_mlx.control.settings import ControlNetSettings
+    from sd35_mlx.settings import GenerationSettings
+
+    cn = ControlNetSettings(str(config["controlnet_folder"]), image=str(photo), preprocess="canny").validate()
+    return GenerationSettings(width=size, height=size, controlnets=(cn,))
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -159,7 +268,7 @@ def folder_bytes(folder: Path) -> int:
 def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
     """Write the random folders, then measure the stages once per memory limit: under
     `--throttle budget` each configuration runs with the limit its own target gives."""
-    configs = {k: CONFIGS[k] for k in args.configs}
+    configs = {k: dict(CONFIGS[k]) for k in args.configs}
     models = sorted({c["model"] for c in configs.values()})
     t5_bits = sorted({c["t5_bits"] for c in configs.values() if c["t5_bits"] is not None})
     out: Dict[str, Any] = {"build_s": {}, "stages": {}, "limits": {}}
@@ -188,6 +297,16 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
             cfg = C.truncated(C.MODELS[key][1], args.layers)
             out["build_s"][folder.name] = write_random_folder(folder, {"transformer": (cfg, bits)}, dtype)
             tr_folders[(key, bits)] = folder
+    for key, cfg in configs.items():
+        if cfg.get("controlnet"):
+            cn = cfg["controlnet"]
+            folder = work / f"controlnet-{cn['control_type']}-{cn['bits']}"
+            if not folder.is_dir():
+                log(f"writing a random SD3.5 Large ControlNet ({cn['control_type']}, {cn['bits']}-bit) to {folder} …")
+                cn_config = C.truncated(SD35_LARGE_CONTROLNET, args.layers)
+                out["build_s"][folder.name] = write_random_controlnet(folder, cn_config, cn["bits"], cn["control_type"], dtype)
+            cfg["controlnet_folder"] = folder
+    photo = write_control_photo(work / "control.png", args.size)
     out["folder_bytes"] = {p.name: folder_bytes(p) for p in work.iterdir() if p.is_dir()}
     log(f"built in {sum(out['build_s'].values()):.0f} s; measuring")
 
@@ -199,7 +318,7 @@ def run_stages(args, work: Path, dtype) -> Dict[str, Any]:
         label = "default" if limit is None else f"{limit / C.GB:.2f} GB"
         log(f"memory limit {label}: {', '.join(keys)}")
         group = [(configs[k], out["choices"][k]) for k in keys]
-        stages = measure_stages(args, dtype, group, enc_folders, tr_folders, limit)
+        stages = measure_stages(args, dtype, group, enc_folders, tr_folders, limit, photo)
         out["stages"][label] = stages
         out["limits"].update({k: label for k in keys})
     return out
@@ -216,9 +335,10 @@ def memory_limit_for(args, config: Dict[str, Any], choice: Dict[str, Any]) -> Op
     return {"off": None, "floor": 1}[args.throttle]
 
 
-def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[int]) -> Dict[str, Stage]:
+def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[int], photo: Path) -> Dict[str, Stage]:
     """The stages of the configurations in `group` ((config, pipeline_choice) pairs) under `limit`."""
     from sd35_mlx.conditioning import assemble
+    from sd35_mlx.control.prepare import ControlSession
     from sd35_mlx.loading import load_component
     from sd35_mlx.models.vae_tiling import DEFAULT_DECODE_TILE, decode_tiled
 
@@ -266,18 +386,42 @@ def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[
     del hidden, t5_out, t5_hidden
     negative, positive = cond[0], cond[1]  # T5-dropped has the same shapes (zeros stand in)
 
+    noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
+    # -- control (ControlNet configurations): what generate_latents runs between encode and denoise
+    controls: Dict[Path, tuple] = {}  # ControlNet folder -> (host, ActiveControlNets)
+    for c, _ in group:
+        if not c.get("controlnet") or c["controlnet_folder"] in controls:
+            continue
+        host = ControlHost(first, C.truncated(C.MODELS[c["model"]][1], args.layers), dtype, limit)
+
+        def run(notes, host=host, settings=control_settings(c, photo, args.size)):
+            session = ControlSession.open(host, settings)  # recognised from the folder, base checked
+            nets, _ = session.prepare(host, settings, noise, None)  # control latents encoded, nets loaded
+            notes["weights"] = C.parameter_bytes(host._vae.encoder)  # what the encode reads
+            notes["control_type"] = session.specs[0][1].control_type
+            host.release("vae")  # as generate_latents does before denoising
+            return nets
+
+        name = control_stage_name(c["controlnet"])
+        stages[name], nets = measure(name, run, limit)
+        controls[c["controlnet_folder"]] = (host, nets)
+        del nets
+
     # -- denoise
     sigmas, sampler = C.schedule(args.schedule_steps)
-    noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
     latents = {}
-    runs = {(c["model"], c["transformer_bits"], choice["split_cfg"]) for c, choice in group}
-    for key, bits, split in sorted(runs):
-        def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative, split=split):
+    runs = {(c["model"], c["transformer_bits"], choice["split_cfg"], c.get("controlnet_folder")) for c, choice in group}
+    for key, bits, split, cn_folder in sorted(runs, key=str):
+        cn = next((c["controlnet"] for c, _ in group if c.get("controlnet_folder") == cn_folder), None) if cn_folder else None
+
+        def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative, split=split, cn_folder=cn_folder):
             model = load_component(folder, "transformer", dtype)
+            host, nets = controls.pop(cn_folder) if cn_folder else (None, [])
             notes["weights"] = C.parameter_bytes(model)
             den, ignored = C.make_denoiser(model, positive, negative, sigmas=sigmas,
                                            free_adaln=True, free_pos_embed=True,  # as the pipeline (low memory)
-                                           split_cfg=split)  # as the pipeline's plan for the target
+                                           split_cfg=split,  # as the pipeline's plan for the target
+                                           controlnets=nets)  # fmt: skip
             if ignored:
                 notes["denoiser_options_ignored"] = ignored
             x, notes["step_s"] = noise, []
@@ -286,10 +430,13 @@ def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[
                 x = C.denoise_step(den, x, i, sampler)
                 mx.eval(x)
                 notes["step_s"].append(time.perf_counter() - t0)
-            notes["weights"] = C.parameter_bytes(model)  # what stays after freeing adaLN / the full table
+            # what stays after freeing adaLN / the full table, and the ControlNets (materialised by the Denoiser)
+            notes["weights"] = C.parameter_bytes(model) + sum(C.parameter_bytes(n.net) for n in nets)
+            if host is not None:
+                host.release("transformer")  # the ControlNets go with the transformer
             return x
 
-        name = denoise_stage_name(key, bits, split)
+        name = denoise_stage_name(key, bits, split, cn)
         stages[name], latents[key] = measure(name, run, limit)
     del cond, positive, negative
 
@@ -314,8 +461,13 @@ def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[
     return stages
 
 
-def denoise_stage_name(model: str, bits: int, split_cfg: bool) -> str:
-    return f"denoise-{model}-{bits}bit" + ("-split-cfg" if split_cfg else "")
+def denoise_stage_name(model: str, bits: int, split_cfg: bool, controlnet: Optional[Dict[str, Any]] = None) -> str:
+    cn = f"-controlnet-{controlnet['control_type']}-{controlnet['bits']}bit" if controlnet else ""
+    return f"denoise-{model}-{bits}bit{cn}" + ("-split-cfg" if split_cfg else "")
+
+
+def control_stage_name(controlnet: Dict[str, Any]) -> str:
+    return f"control-{controlnet['control_type']}"
 
 
 def decode_stage_name(tile: Optional[int]) -> str:
@@ -328,10 +480,17 @@ def decode_stage_name(tile: Optional[int]) -> str:
 def estimator(args, config: Dict[str, Any]):
     from sd35_mlx.memory import MemoryEstimator
 
+    controlnets = []
+    if config.get("controlnet_folder"):  # as SD35Pipeline._estimator plans the ControlNets it is told about
+        from sd35_mlx.control.spec import open_controlnet
+
+        spec = open_controlnet(config["controlnet_folder"])
+        controlnets.append((spec.config, spec.quantization(None)))  # a converted one: as stored
     return MemoryEstimator(
         C.truncated(C.MODELS[config["model"]][1], args.layers), t5=C.truncated(T5_XXL, args.layers),
         vae=SD3_VAE, clip_l=C.truncated(CLIP_L, args.layers), clip_g=C.truncated(CLIP_G, args.layers),
         trimmed_transformer=True, split_cfg=True,  # as the pipeline: CFG in two passes when one does not fit
+        controlnets=controlnets,
     )  # fmt: skip
 
 
@@ -382,17 +541,18 @@ def summarise(args, out: Dict[str, Any]) -> List[Dict[str, Any]]:
         cfg = CONFIGS[key]
         stages = out["stages"][out["limits"][key]]
         choice = out["choices"][key]
+        cn = cfg.get("controlnet")
         encode = ["clip_l", "clip_g"]
         if choice["t5_mode"] != "dropped":
             name = f"t5-{cfg['t5_bits']}bit" + ("-streamed" if choice["t5_mode"] == "streamed" else "")
             if name not in stages:  # no streaming available: the loaded T5 is what runs
                 name, choice["t5_mode"] = f"t5-{cfg['t5_bits']}bit", "loaded"
             encode.append(name)
-        parts = {
-            "encode": max(stages[s].peak for s in encode),
-            "denoise": stages[denoise_stage_name(cfg["model"], cfg["transformer_bits"], choice["split_cfg"])].peak,
-            "decode": stages[decode_stage_name(choice["tile"] if choice["tiled"] else None)].peak,
-        }
+        parts = {"encode": max(stages[s].peak for s in encode)}
+        if cn:
+            parts["control"] = stages[control_stage_name(cn)].peak
+        parts["denoise"] = stages[denoise_stage_name(cfg["model"], cfg["transformer_bits"], choice["split_cfg"], cn)].peak
+        parts["decode"] = stages[decode_stage_name(choice["tile"] if choice["tiled"] else None)].peak
         peak = max(parts.values())
         full_size = not args.layers and args.size == 1024
         rows.append(dict(config=key, title=cfg["title"], t5_mode=choice["t5_mode"], split_cfg=choice["split_cfg"],
@@ -420,27 +580,31 @@ def report(args, info, out, rows) -> str:
            "floor": "MLX's memory limit is 1 byte (`--throttle floor`): evaluation waits for all queued work at every "
                     "buffer, so each peak is what the stage itself needs."}[args.throttle]
     )  # fmt: skip
-    headers = ["configuration", "T5", "CFG", "VAE decode", "encode peak", "denoise peak", "decode peak", "**generation peak**",
-               "planner estimate", "target"]  # fmt: skip
+    headers = ["configuration", "T5", "CFG", "VAE decode", "encode peak", "control peak", "denoise peak", "decode peak",
+               "**generation peak**", "planner estimate", "estimate / peak", "target"]  # fmt: skip
     table = []
     for r in rows:
         plan = r["planner"]
         est = C.fmt_gb(plan["peak"]) if "peak" in plan else "n/a"
-        if "stages" in plan:
-            est += " (" + " / ".join(C.fmt_gb(plan["stages"].get(k)).replace(" GB", "") for k in ("encode", "denoise", "decode")) + ")"
+        if "stages" in plan:  # encode / [control /] denoise / decode, in the order they run
+            est += " (" + " / ".join(C.fmt_gb(v).replace(" GB", "") for v in plan["stages"].values()) + ")"
+        ratio = f"{plan['peak'] / r['peak'] - 1:+.0%}" if "peak" in plan else "–"
         target = "–"
         if r["target"]:
             target = f"≤ {r['target'] / C.GB:.1f} GB " + ("✓" if r["peak"] <= r["target"] else "✗")
         p = r["stage_peaks"]
         decode = f"{r['decode_tile_px']}-px tiles" if r["tiled_decode"] else "whole"
         table.append([r["title"], r["t5_mode"], "two passes" if r["split_cfg"] else "one batch", decode, C.fmt_gb(p["encode"]),
-                      C.fmt_gb(p["denoise"]), C.fmt_gb(p["decode"]), f"**{C.fmt_gb(r['peak'])}**", est, target])  # fmt: skip
+                      C.fmt_gb(p.get("control")), C.fmt_gb(p["denoise"]), C.fmt_gb(p["decode"]), f"**{C.fmt_gb(r['peak'])}**",
+                      est, ratio, target])  # fmt: skip
     lines.append(C.markdown_table(headers, table))
     lines.append(
         "T5 mode, CFG passes and VAE tiling are what the pipeline's memory planner (`sd35_mlx.memory.plan_memory`) "
         "chooses for a budget of the target with these bits; planner estimate: its estimated need of each "
-        "stage (encode / denoise / decode, GB; a plan fits when its largest need is within the memory limit, "
-        "and queued GPU work fills the rest of the budget)."
+        "stage (encode / denoise / decode, GB, with a ControlNet encode / control / denoise / decode: control is the "
+        "control image's VAE encode, which the pipeline runs between the text encoders and the transformer; a plan "
+        "fits when its largest need is within the memory limit, and queued GPU work fills the rest of the budget); "
+        "estimate / peak: the planner's estimate against the measured generation peak (issue 12: within ±15 %)."
         + "".join(f" {r['title']}: {r['planner_note']}." for r in rows if r.get("planner_note"))
     )
     stage_rows = []

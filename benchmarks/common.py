@@ -44,6 +44,7 @@ from sd35_mlx.config import (  # noqa: E402
     SD35_LARGE_MMDIT,
     SD35_MEDIUM_MMDIT,
     CLIPConfig,
+    ControlNetConfig,
     MMDiTConfig,
     T5Config,
 )  # fmt: skip
@@ -249,6 +250,8 @@ def truncated(config, layers: Optional[int]):
         return replace(config, depth=depth, dual_attention_layers=tuple(i for i in config.dual_attention_layers if i < depth))
     if isinstance(config, (T5Config, CLIPConfig)):
         return replace(config, num_layers=min(layers, config.num_layers))
+    if isinstance(config, ControlNetConfig):
+        return replace(config, depth=min(layers, config.depth))
     return config
 
 
@@ -272,11 +275,13 @@ def build_network(component: str, config, dtype: mx.Dtype, bits: Optional[int] =
     """A lazily initialised network in `dtype`, quantized to `bits` like the pipeline does
     (quantize.make_spec + quantize_network); nothing is allocated until evaluated."""
     from sd35_mlx.models.clip import CLIPTextEncoder
+    from sd35_mlx.models.controlnet import ControlNet
     from sd35_mlx.models.mmdit import MMDiT
     from sd35_mlx.models.t5 import T5Encoder
     from sd35_mlx.models.vae import VAE
 
-    cls = {"transformer": MMDiT, "t5": T5Encoder, "clip_l": CLIPTextEncoder, "clip_g": CLIPTextEncoder, "vae": VAE}
+    cls = {"transformer": MMDiT, "t5": T5Encoder, "clip_l": CLIPTextEncoder, "clip_g": CLIPTextEncoder, "vae": VAE,
+           "controlnet": ControlNet}  # fmt: skip
     model = cls[component](config)
     model.set_dtype(dtype)
     if bits and bits < 16:
@@ -300,6 +305,46 @@ def random_network(component: str, config, dtype: mx.Dtype, bits: Optional[int] 
 
 def parameter_bytes(model: nn.Module) -> int:
     return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+
+
+# ---- our names -> a checkpoint layout's (the mapping table run backwards) -----------------------------
+def _inverse_transforms() -> Dict[Callable, Callable]:
+    from sd35_mlx.weights.mapping import concat, conv_to_nhwc, identity, swap_halves
+
+    return {
+        identity: lambda w, n: [w],
+        concat: lambda w, n: mx.split(w, n, axis=0),
+        conv_to_nhwc: lambda w, n: [w.transpose(0, 3, 1, 2)],
+        swap_halves: lambda w, n: [swap_halves(w)],  # its own inverse
+    }
+
+
+def _target_regex(pattern: str) -> re.Pattern:
+    from sd35_mlx.weights.mapping import _PLACEHOLDER
+
+    parts = _PLACEHOLDER.split(pattern)
+    return re.compile("".join(f"(?P<{p}>\\d+)" if i % 2 else re.escape(p) for i, p in enumerate(parts)) + r"\Z")
+
+
+def to_layout(weights: Dict[str, mx.array], layout) -> Dict[str, mx.array]:
+    """Our-named weights -> the state dict of `layout` (a `weights.mapping.NetworkLayout`), lazy:
+    what a file in that layout holds, for writing random full-size checkpoints."""
+    inverse = _inverse_transforms()
+    matches = []  # (name, candidate rules with their placeholder values)
+    for name in weights:
+        found = [(r, m.groupdict()) for r in layout.rules if (m := _target_regex(r.target).match(name))]
+        if not found:
+            raise ValueError(f"no rule of {layout.name} makes {name}")
+        matches.append((name, found))
+    # `when` rules (the last block's swapped modulation) look at the source key set: build it
+    # first from every candidate's sources (the alternatives share their sources).
+    source_keys = frozenset(s.format(**g) for _, found in matches for r, g in found for s in r.sources)
+    out: Dict[str, mx.array] = {}
+    for name, found in matches:
+        rule, groups = next((r, g) for r, g in found if r.when is None or r.when(g, source_keys))
+        sources = [layout.prefix + s.format(**groups) for s in rule.sources]
+        out.update(zip(sources, inverse[rule.transform](weights[name], len(sources)), strict=True))
+    return out
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -413,7 +458,9 @@ Targets (from the project's issues), on the same GPU as the diffusers baseline:
   ≤ 1.1 × (weights + the largest stage's own need) (`bench_kept_loaded.py`);
 - peak memory of a whole 1024² generation (MLX's peak counter) under `--memory-budget` of:
   Medium with 4-bit T5 and 4-bit transformer ≤ 2.5 GB, Medium with T5 dropped ≤ 2.0 GB,
-  Large 4-bit ≤ 5 GB, the planner's estimate within ±15 % of the measured peak.
+  Large 4-bit ≤ 5 GB, Large 4-bit with one 4-bit SD3.5 Large ControlNet ≤ 7 GB (issue 11; the
+  planner's need for it, see `bench_memory.py`), the planner's estimate within ±15 % of the
+  measured peak.
 
 A "step" is one denoising step with CFG (batch 2) and T5 at 256 tokens (77 + 256 = 333 text
 tokens), run exactly as the pipeline runs it (`Denoiser`), unless a table says otherwise.
