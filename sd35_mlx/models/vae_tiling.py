@@ -207,15 +207,9 @@ def decode_activation_bytes(
     return _activation_bytes(height, width, config, c1, CONV_BYTES_CPU, dtype_bytes, batch, device)
 
 
-def encode_activation_bytes(
-    height: int,
-    width: int,
-    config: VAEConfig = SD3_VAE,
-    dtype_bytes: int = 2,
-    batch: int = 1,
-    device: Optional[mx.Device] = None,
-) -> int:
-    """Estimated peak activation memory of one untiled `vae.encode` of height x width pixels.
+def encode_activation_bytes(height: int, width: int, config: VAEConfig = SD3_VAE, dtype_bytes: int = 2,
+                            device: Optional[mx.Device] = None) -> int:  # fmt: skip
+    """Estimated peak activation memory of one untiled `vae.encode` of one height x width image.
 
     The decode's model with the encoder's full-resolution width C0 = block_out_channels[0]
     (128 for SD3; the encoder's widest tensors are its first level's, where the decoder's are
@@ -224,7 +218,7 @@ def encode_activation_bytes(
     Weights are not included.
     """
     c0 = config.block_out_channels[0]
-    return _activation_bytes(height, width, config, c0, ENCODE_CONV_BYTES_CPU, dtype_bytes, batch, device)
+    return _activation_bytes(height, width, config, c0, ENCODE_CONV_BYTES_CPU, dtype_bytes, 1, device)
 
 
 def _activation_bytes(height: int, width: int, config: VAEConfig, channels: int, k_cpu: float, dtype_bytes: int,
