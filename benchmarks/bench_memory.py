@@ -10,12 +10,13 @@ The configurations of the memory targets:
     large-4bit-controlnet  large-4bit + one SD3.5 Large ControlNet (canny) at 4-bit   target ≤ 7 GB
 (CLIP-L, CLIP-G and the VAE stay 16-bit, as in the pipeline.)
 
-The ControlNet target is what the planner (`plan_memory`, with the ControlNet counted) says a
-1024² generation needs with CFG as one batch: denoise 6.42 GB (the 4.39 GB of large-4bit, plus
-the ControlNet's 1.24 GB of 4-bit weights and 0.80 GB of residuals and control tokens held with
-CFG) + its largest allocation (0.17 GB) + one command buffer (0.1 GB) = 6.69 GB, rounded up to
-7.0 GB; the control image's VAE encode is estimated at 5.84 GB. (A 6 GB budget would need CFG as
-two passes, denoise 5.36 GB, but the control encode's estimate leaves it 0.03 GB short.)
+The ControlNet target is what the planner (`plan_memory`, with the ControlNet counted; GPU
+estimates) says a 1024² generation needs with CFG as one batch: denoise 6.64 GB (the 4.39 GB of
+large-4bit, plus the ControlNet's 1.24 GB of 4-bit weights, 0.80 GB of residuals and control
+tokens held with CFG and 0.21 GB for one block's de-quantized weights) + the step's largest
+allocation (0.17 GB) + one command buffer (0.1 GB) = 6.91 GB, rounded up to 7.0 GB; the control
+image's VAE encode is estimated at 5.97 GB. (CFG as two passes would need 6.16 GB, set by that
+control encode estimate: denoise would be 5.57 GB.)
 The ControlNet is random, full size (19 image-only blocks, 2.15 B parameters), written in
 Stability's single-file layout with the canny type tag and converted to a 4-bit folder by
 `sd35_mlx.control.convert.convert_controlnet` (`python -m sd35_mlx.convert --controlnet …
@@ -76,6 +77,9 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
                                   controlnet=dict(bits=4, control_type="canny"),
                                   title="SD3.5 Large, T5 4-bit, transformer 4-bit + ControlNet canny 4-bit"),
 }  # fmt: skip
+
+
+ESTIMATE_TOLERANCE = 0.15  # issue 12: the planner's estimate within ±15 % of the measured peak
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -588,7 +592,8 @@ def report(args, info, out, rows) -> str:
         est = C.fmt_gb(plan["peak"]) if "peak" in plan else "n/a"
         if "stages" in plan:  # encode / [control /] denoise / decode, in the order they run
             est += " (" + " / ".join(C.fmt_gb(v).replace(" GB", "") for v in plan["stages"].values()) + ")"
-        ratio = f"{plan['peak'] / r['peak'] - 1:+.0%}" if "peak" in plan else "–"
+        error = plan["peak"] / r["peak"] - 1 if "peak" in plan else None
+        ratio = "–" if error is None else f"{error:+.0%} " + ("✓" if abs(error) <= ESTIMATE_TOLERANCE else "✗")
         target = "–"
         if r["target"]:
             target = f"≤ {r['target'] / C.GB:.1f} GB " + ("✓" if r["peak"] <= r["target"] else "✗")
