@@ -8,13 +8,14 @@
 2. `cold` (only with --cold, meant as the first MLX program of a fresh machine): the CLI on the
    diffusers folder while MLX's CUDA kernels are not yet JIT-compiled.
 3. The folder is converted (`python -m sd35_mlx.convert --quantize none`, bf16; timed apart).
-4. --repeat rounds, each a fresh process per case, interleaved so each sees the same page cache
+4. Both sides' imports run once, untimed (byte code compiled, libraries in the file cache).
+5. --repeat rounds, each a fresh process per case, interleaved so each sees the same page cache
    (the files were just written: a warm file cache): `python -m sd35_mlx.generate` on the
    converted folder and on the diffusers folder, and diffusers' `StableDiffusion3Pipeline`
    (`from_pretrained(torch_dtype=bfloat16).to(device)` + one generation).
    Wall time of the whole process (imports included), the CLI's own stage times, and for
    diffusers load / generate apart.
-5. `breakdown`: one more fresh process per folder through the Python API (`--breakdown`) that
+6. `breakdown`: one more fresh process per folder through the Python API (`--breakdown`) that
    times each phase: imports, pipeline construction, each encoder (load + run), the
    transformer's load, the first step (compile), the other steps, the decode.
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+CLIP_AND_T5_TOKENS = 77 + 256
 SEED = 0
 
 
@@ -174,6 +176,16 @@ def breakdown(folder: Path, args) -> None:
     t = mark("encode (run)", t)
     mx.eval(pipe._load_transformer().parameters())
     t = mark("load transformer", t)
+    # The process's first GEMM and attention at the step's shapes (cuBLASLt handle and
+    # heuristics, cuDNN's attention graph), apart from what the first step costs beyond them.
+    cfg = pipe._load_transformer().config
+    tokens, hidden = (args.size // 16) ** 2 + CLIP_AND_T5_TOKENS, cfg.hidden_size
+    x = mx.random.normal((2, tokens, hidden)).astype(mx.bfloat16)
+    q = x.reshape(2, tokens, cfg.num_heads, hidden // cfg.num_heads).transpose(0, 2, 1, 3)
+    mx.eval(x, q)
+    t = time.perf_counter()
+    mx.eval(x @ x[0, :hidden].T, mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125))
+    t = mark("first GEMM + attention of the process", t)
     s = GenerationSettings(prompt=PROMPT, steps=args.steps, width=args.size, height=args.size, seed=SEED)
     steps = pipe.generate_latents(s, embeddings=emb, noise=initial_noise(SEED, args.size // 8, args.size // 8))
     first = next(steps)
@@ -267,6 +279,13 @@ def main(argv=None) -> int:
         _run([sys.executable, "-m", "sd35_mlx.convert", "--hf-path", str(root), "--mlx-path", str(conv),
               "--quantize", "none", "--quiet"])  # fmt: skip
     res["convert_s"] = time.perf_counter() - t0
+    # Both sides' imports once, untimed: byte code compiled and shared libraries in the file
+    # cache, as on a machine that has run them before (a fresh --no-compile install of diffusers
+    # otherwise spends ~10 s of its first import compiling).
+    t0 = time.perf_counter()
+    _run([sys.executable, "-c", "import torch, diffusers; from diffusers import StableDiffusion3Pipeline"])
+    _run([sys.executable, "-c", "import sd35_mlx.generate, sd35_mlx.pipeline"])
+    res["warm_imports_s"] = time.perf_counter() - t0
     res["runs"] = {"converted": [], "diffusers_folder": [], "diffusers": []}
     for i in range(args.repeat):
         for case, fn, folder in (("converted", cli_run, conv), ("diffusers_folder", cli_run, root),

@@ -46,6 +46,8 @@ class Kernels:
         mx.dequantize.
     joint_heads: the CUDA kernel that splits the qkv projections into heads
         (models/joint_heads.py) instead of reshapes, norms and concatenations.
+    block_elementwise: the CUDA kernels for LayerNorm + modulation and the tanh GELU of
+        the joint blocks (models/block_kernels.py) instead of MLX's separate ops.
     group_norm: compiled GroupNorm (+ SiLU) on GPUs (models/vae.py).
     cpu_float32: on the CPU, 16-bit matmuls, convolutions and attention compute in float32
         (cpu_compute.py: MLX's CPU backend has no fast 16-bit kernels; the weights stay 16-bit).
@@ -53,6 +55,7 @@ class Kernels:
 
     dequantize: bool = True
     joint_heads: bool = True
+    block_elementwise: bool = True
     group_norm: bool = True
     cpu_float32: bool = True
 

@@ -37,7 +37,7 @@ from .errors import WeightFileError, WeightMappingError
 from .models.t5 import T5Block, T5Encoder
 from .quantize import QuantSpec, quantizable_layers
 from .weights.mapping import NetworkLayout, apply_rules, cast_floating, check_against_model
-from .weights.safetensors_file import load_tensors
+from .weights.safetensors_file import lazy_tensors, load_tensors
 from .weights.sources import ModelSources, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class FileWeights:
     def __call__(self) -> Dict[str, mx.array]:
         tensors: Dict[str, mx.array] = {}
         for f in self.files:
-            tensors.update(mx.load(str(f)))  # headers only: nothing is read until evaluated
+            tensors.update(lazy_tensors(f))  # headers only: nothing is read until evaluated
         if self.layout is None:
             return {k[len(self.prefix):]: v for k, v in tensors.items() if k.startswith(self.prefix)}
         lay = self.layout

@@ -337,3 +337,23 @@ def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
     for p, f in zip(plain, fused):
         assert p.shape == f.shape
         assert rel_err(np.array(f.astype(mx.float32)), np.array(p.astype(mx.float32))) < bound
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the block kernels are CUDA-only")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("hidden", [1536, 2432])
+def test_block_kernels_match_the_plain_path_on_cuda(dtype, hidden):
+    """LayerNorm + modulate and the tanh GELU of models/block_kernels.py equal MLX's ops."""
+    from sd35_mlx.backend import KERNELS
+    from sd35_mlx.models.block_kernels import gelu_tanh, norm_modulate
+
+    x = (4 * mx.random.normal((2, 37, hidden)) + 3).astype(dtype)  # a large mean: the centred variance matters
+    shift, scale = (mx.random.normal((2, 1, hidden)).astype(dtype) for _ in range(2))
+    h = (3 * mx.random.normal((2, 37, 4 * hidden))).astype(dtype)
+    with KERNELS.overridden(block_elementwise=False):
+        plain = [norm_modulate(x, shift, scale), gelu_tanh(h)]
+    fused = [norm_modulate(x, shift, scale), gelu_tanh(h)]
+    bound = 1e-5 if dtype == mx.float32 else 1e-2  # bf16: the plain path rounds after every op
+    for p, f in zip(plain, fused):
+        assert p.shape == f.shape and p.dtype == f.dtype
+        assert rel_err(np.array(f.astype(mx.float32)), np.array(p.astype(mx.float32))) < bound

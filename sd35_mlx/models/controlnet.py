@@ -23,7 +23,8 @@ import mlx.nn as nn
 from ..config import ControlNetConfig
 from ..errors import InputError
 from .mmdit import MLPEmbedder, center_crop_positions, timestep_embedding, TIMESTEP_DIM
-from .mmdit_blocks import ImageStream, JointBlock, attention, layer_norm, modulate
+from .block_kernels import norm_modulate
+from .mmdit_blocks import ImageStream, JointBlock, attention
 
 
 class ImageBlock(ImageStream):
@@ -35,9 +36,9 @@ class ImageBlock(ImageStream):
 
     def __call__(self, x: mx.array, c: mx.array) -> mx.array:
         m = self.modulation(c)
-        q, k, v = self.attn.heads(modulate(layer_norm(x), m[0], m[1]))
+        q, k, v = self.attn.heads(norm_modulate(x, m[0], m[1]))
         x = x + m[2] * self.attn.proj(attention(q, k, v))
-        return x + m[5] * self.mlp(modulate(layer_norm(x), m[3], m[4]))
+        return x + m[5] * self.mlp(norm_modulate(x, m[3], m[4]))
 
 
 class ControlNet(nn.Module):

@@ -17,8 +17,7 @@ from typing import Tuple
 import mlx.core as mx
 
 from ..backend import KERNELS, backend_name
-
-NORM_EPS = 1e-6  # as mmdit_blocks.NORM_EPS (every SD3 RMSNorm)
+from .block_kernels import NORM_EPS
 
 
 def split_heads(attn, qkv: mx.array) -> Tuple[mx.array, mx.array, mx.array]:

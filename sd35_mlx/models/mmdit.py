@@ -31,7 +31,8 @@ import mlx.nn as nn
 
 from ..config import MMDiTConfig
 from ..errors import InputError, SD35Error
-from .mmdit_blocks import Chunks, JointBlock, ada_chunks, layer_norm, modulate
+from .block_kernels import norm_modulate
+from .mmdit_blocks import Chunks, JointBlock, ada_chunks
 
 TIMESTEP_DIM = 256
 BlockModulation = Tuple[Chunks, Chunks]
@@ -110,7 +111,7 @@ class FinalLayer(nn.Module):
 
     def __call__(self, x: mx.array, modulation: Chunks) -> mx.array:
         shift, scale = modulation
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale))
 
 
 class MMDiT(nn.Module):
@@ -222,17 +223,22 @@ class MMDiT(nn.Module):
         return mx.concatenate(chunks, axis=1)
 
     def unpack_modulations(self, packed: mx.array) -> Modulations:
-        """(B, N, H) -> Modulations; chunks are (B, 1, H) slices (views, no copies)."""
+        """(B, N, H) -> Modulations; chunks are (B, 1, H) views of one (N, B, H) copy.
+
+        Why the copy: a chunk sliced straight from (B, N, H) is strided across the batch, and
+        the CUDA block kernels (block_kernels.py) need contiguous rows, so each of a step's
+        ~200 uses would copy its chunk; transposed once, every chunk is a contiguous block."""
         if packed.ndim != 3 or packed.shape[1] != self.num_modulation_chunks:
             raise InputError(
                 f"packed modulations must be (batch, {self.num_modulation_chunks}, hidden); "
                 f"got {tuple(packed.shape)}"
             )
+        by_chunk = mx.contiguous(packed.transpose(1, 0, 2))
         k = 0
 
         def take(n: int) -> Chunks:
             nonlocal k
-            out = tuple(packed[:, k + j : k + j + 1] for j in range(n))
+            out = tuple(by_chunk[k + j][:, None, :] for j in range(n))
             k += n
             return out
 

@@ -19,24 +19,18 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..backend import compute_in_float32
+from .block_kernels import NORM_EPS, gelu_tanh, norm_modulate
 from .joint_heads import heads, joint_heads
 
-NORM_EPS = 1e-6
 Chunks = Tuple[mx.array, ...]  # each (B, 1, H), ready to broadcast over tokens
 
 
-def layer_norm(x: mx.array) -> mx.array:
-    """LayerNorm without affine parameters (every norm of the MMDiT)."""
-    return mx.fast.layer_norm(x, None, None, NORM_EPS)
-
-
-def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    return x * (1 + scale) + shift
-
-
 def ada_chunks(linear: nn.Linear, c: mx.array, n: int) -> Chunks:
-    """SiLU -> Linear(H, n*H) on c (B, H), split into n chunks of shape (B, 1, H)."""
-    return tuple(mx.split(linear(nn.silu(c))[:, None, :], n, axis=-1))
+    """SiLU -> Linear(H, n*H) on c (B, H), split into n chunks of shape (B, 1, H), each
+    contiguous (one copy here rather than one per use in the CUDA block kernels)."""
+    out = linear(nn.silu(c))
+    by_chunk = mx.contiguous(out.reshape(out.shape[0], n, -1).transpose(1, 0, 2))  # (n, B, H)
+    return tuple(by_chunk[k][:, None, :] for k in range(n))
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
@@ -75,7 +69,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(ratio * hidden, hidden)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))  # tanh GELU
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class ImageStream(nn.Module):
@@ -137,21 +131,21 @@ class JointBlock(nn.Module):
         in the last block, whose context output nobody uses."""
         xm, cm = modulation
         n_ctx = ctx.shape[1]
-        x_norm = layer_norm(x)
-        qkv_x = self.x.attn.qkv(modulate(x_norm, xm[0], xm[1]))
-        qkv_c = self.context.attn.qkv(modulate(layer_norm(ctx), cm[0], cm[1]))
+        qkv_x = self.x.attn.qkv(norm_modulate(x, xm[0], xm[1]))
+        qkv_c = self.context.attn.qkv(norm_modulate(ctx, cm[0], cm[1]))
         # One attention over [context, image] tokens: no mask and no positional term inside
         # attention, so the concatenation order does not change the result.
         joint = attention(*joint_heads(self.context.attn, qkv_c, self.x.attn, qkv_x))
         ctx_attn, x_attn = joint[:, :n_ctx], joint[:, n_ctx:]
 
-        x = x + xm[2] * self.x.attn.proj(x_attn)
-        if self.dual:
-            q2, k2, v2 = self.x.attn2.heads(modulate(x_norm, xm[6], xm[7]))
-            x = x + xm[8] * self.x.attn2.proj(attention(q2, k2, v2))
-        x = x + xm[5] * self.x.mlp(modulate(layer_norm(x), xm[3], xm[4]))
+        if self.dual:  # the second attention reads the block's input x, before the first's residual
+            q2, k2, v2 = self.x.attn2.heads(norm_modulate(x, xm[6], xm[7]))
+            x = x + xm[2] * self.x.attn.proj(x_attn) + xm[8] * self.x.attn2.proj(attention(q2, k2, v2))
+        else:
+            x = x + xm[2] * self.x.attn.proj(x_attn)
+        x = x + xm[5] * self.x.mlp(norm_modulate(x, xm[3], xm[4]))
 
         if not self.pre_only:
             ctx = ctx + cm[2] * self.context.attn.proj(ctx_attn)
-            ctx = ctx + cm[5] * self.context.mlp(modulate(layer_norm(ctx), cm[3], cm[4]))
+            ctx = ctx + cm[5] * self.context.mlp(norm_modulate(ctx, cm[3], cm[4]))
         return x, ctx

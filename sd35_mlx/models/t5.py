@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import T5Config
+from .block_kernels import gelu_tanh
 
 
 @lru_cache(maxsize=16)
@@ -98,7 +99,7 @@ class T5GatedFF(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.wo(nn.gelu_approx(self.wi_0(x)) * self.wi_1(x))
+        return self.wo(gelu_tanh(self.wi_0(x)) * self.wi_1(x))
 
 
 class T5Block(nn.Module):
