@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=12, help="kernel names listed per side")
     p.add_argument("--torch", action="store_true", help="also profile diffusers' eager step")
     p.add_argument("--plain", action="store_true", help="also profile our step with our CUDA kernels off")
+    p.add_argument("--check-only", action="store_true", help="only compare our block kernels with the plain path")
     p.add_argument("--torch-compile", nargs="*", type=int, default=None, metavar="SIZE",
                    help="also diffusers under torch.compile (default mode) at these sizes (~70-110 s to compile each)")
     return p.parse_args(argv)
@@ -94,14 +95,18 @@ def report(side: str, kernels: Dict[str, List[float]], wall: float, steps: int, 
         print(f"  {sum(times) / steps / 1e3:7.2f} ms {len(times) / steps:5.0f}×  {name[:110]}")
 
 
-def check_block_kernels(hidden: int, size: int, t5_tokens: int, calls: int = 16) -> None:
+CHECK_BOUND = 2e-2  # bf16: the plain path rounds after every op, the kernels once
+
+
+def check_block_kernels(hidden: int, size: int, t5_tokens: int, calls: int = 16) -> float:
     """Our elementwise kernels (models/block_kernels.py) against the plain MLX path: max|Δ| /
-    max|plain| and µs per call (--calls queued, then evaluated)."""
+    max|plain| and µs per call (--calls queued, then evaluated); returns the largest error."""
     from sd35_mlx.backend import KERNELS
     from sd35_mlx.models.block_kernels import gelu_tanh, norm_modulate
 
     print(f"\n## block kernels against the plain path (hidden {hidden}, {size}²)")
     print(f"{'op':44s} {'max|Δ|/max':>11s} {'plain µs':>9s} {'kernel µs':>10s}")
+    worst = 0.0
     for tokens in ((size // 16) ** 2, 77 + t5_tokens):
         x = (4 * mx.random.normal((2, tokens, hidden)) + 3).astype(mx.bfloat16)
         shift, scale = (mx.random.normal((2, 1, hidden)).astype(mx.bfloat16) for _ in range(2))
@@ -121,7 +126,9 @@ def check_block_kernels(hidden: int, size: int, t5_tokens: int, calls: int = 16)
                     times[on] = ((time.perf_counter() - start) / calls * 1e6, out.astype(mx.float32))
             ref, got = times[False][1], times[True][1]
             err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
+            worst = max(worst, err)
             print(f"{label:44s} {err:11.1e} {times[False][0]:9.1f} {times[True][0]:10.1f}")
+    return worst
 
 
 def main(argv=None) -> None:
@@ -131,8 +138,11 @@ def main(argv=None) -> None:
     name, cfg = C.MODELS[args.model]
     dtype = mx.bfloat16
     print(f"{name}; {C.versions_line(C.machine_info('cuda'))}")
-    for size in args.size:
-        check_block_kernels(cfg.hidden_size, size, args.t5_tokens)
+    worst = max(check_block_kernels(cfg.hidden_size, size, args.t5_tokens) for size in args.size)
+    if args.check_only:
+        if not worst <= CHECK_BOUND:  # NaN fails too
+            raise SystemExit(f"block kernels differ from the plain path by {worst:.2e} (bound {CHECK_BOUND})")
+        return
     model = C.random_network("transformer", cfg, dtype)
     cond = C.random_conditioning(2, args.t5_tokens, dtype)
     for size in args.size:
