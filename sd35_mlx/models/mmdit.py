@@ -233,12 +233,14 @@ class MMDiT(nn.Module):
                 f"packed modulations must be (batch, {self.num_modulation_chunks}, hidden); "
                 f"got {tuple(packed.shape)}"
             )
+        b, _, h = packed.shape
         by_chunk = mx.contiguous(packed.transpose(1, 0, 2))
         k = 0
 
         def take(n: int) -> Chunks:
             nonlocal k
-            out = tuple(by_chunk[k + j][:, None, :] for j in range(n))
+            # slices + reshapes are views (an integer index would be a gather kernel per chunk)
+            out = tuple(by_chunk[k + j : k + j + 1].reshape(b, 1, h) for j in range(n))
             k += n
             return out
 

@@ -29,8 +29,9 @@ def ada_chunks(linear: nn.Linear, c: mx.array, n: int) -> Chunks:
     """SiLU -> Linear(H, n*H) on c (B, H), split into n chunks of shape (B, 1, H), each
     contiguous (one copy here rather than one per use in the CUDA block kernels)."""
     out = linear(nn.silu(c))
-    by_chunk = mx.contiguous(out.reshape(out.shape[0], n, -1).transpose(1, 0, 2))  # (n, B, H)
-    return tuple(by_chunk[k][:, None, :] for k in range(n))
+    b, h = out.shape[0], out.shape[-1] // n
+    by_chunk = mx.contiguous(out.reshape(b, n, h).transpose(1, 0, 2))  # (n, B, H)
+    return tuple(by_chunk[k : k + 1].reshape(b, 1, h) for k in range(n))  # views: no gather per chunk
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
