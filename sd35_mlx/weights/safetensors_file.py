@@ -1,12 +1,13 @@
 """Reading safetensors files: the header is validated before any tensor is touched.
 
 Tensors come back as lazy `mx.array`s from `mx.load` (bf16 stays bf16; nothing is
-routed through numpy), so only what a network uses is ever read from disk. They are read
-on the CPU stream (`lazy_tensors`): MLX's CUDA load reads each tensor into freshly
-malloc'ed host memory and then copies it from that pageable buffer, which ran at 1.3 GB/s
-on an H200 host against 3.2-4.0 GB/s for a CPU-stream read into MLX's own buffer, its first
-use on the GPU included (benchmarks/bench_weight_read.py). On Apple silicon and the CPU
-loads run on the CPU anyway.
+routed through numpy), so only what a network uses is ever read from disk. They are read on
+MLX's default stream. Reading on the CPU stream instead is 2.5-3× faster on CUDA hosts
+(benchmarks/bench_weight_read.py: 3.2-4.0 against 1.3 GB/s on the H200's host), but a fresh
+CLI run's first step then went from 3.3 to 12.9 s and its whole first image from 14.8 to
+26.0 s (docs/benchmarks.md, H200): most likely because MLX puts CPU-stream arrays in CUDA
+managed memory, which the step's first kernels pull over page by page. The loaders keep the
+default stream.
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ def _read_header(path: Path, size: int, _mtime_ns: int) -> Tuple[Dict[str, Tenso
 
 
 def lazy_tensors(path: str | os.PathLike) -> Dict[str, mx.array]:
-    """The tensors of a safetensors file as lazy arrays, read on the CPU stream when
-    evaluated (why: the module docstring). No validation: see `load_tensors`."""
-    return dict(mx.load(str(path), stream=mx.cpu))
+    """The tensors of a safetensors file as lazy arrays (why the default stream: the module
+    docstring). No validation: see `load_tensors`."""
+    return dict(mx.load(str(path)))
 
 
 def load_tensors(path: str | os.PathLike) -> Dict[str, mx.array]:
