@@ -378,7 +378,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _largest_size(jobs: List[GenerationSettings]):
-    sized = [(j.height, j.width) for j in jobs if j.height and j.width]
+    from .images import init_image_size
+
+    # img2img: a side not given follows the init image (its header is read, nothing more)
+    sized = [init_image_size(j.init_image, j.width, j.height)[::-1] if j.init_image else (j.height, j.width)
+             for j in jobs]  # fmt: skip
+    sized = [(h, w) for h, w in sized if h and w]
     return max(sized, key=lambda hw: hw[0] * hw[1]) if sized else None
 
 
@@ -433,6 +438,7 @@ def run(args, model: str, t5: bool, jobs: List[GenerationSettings]) -> int:
         stream_t5=args.stream_t5, memory_budget=args.memory_budget,
         plan_size=_largest_size(jobs), tokenizers=args.tokenizers,
         controlnet_quantize=args.controlnet_quantize, controlnets=tuple(sorted({c.path for j in jobs for c in j.controlnets})),
+        plan_init_image=any(j.init_image is not None for j in jobs),
     )  # fmt: skip
     if pipe.plan is not None and pipe.plan_changes and not quiet:
         print(pipe.describe_plan())

@@ -33,6 +33,9 @@ class LoadOptions:
         files); default: the official repo of the detected variant.
     controlnet_quantize: quantization of the ControlNets ('4', '8:32', 'mxfp4'; docs/control.md).
     controlnets: the ControlNets the generations will use, counted by the memory plan.
+    plan_init_image: the generations start from an init image (img2img, inpainting): the memory
+        plan counts its VAE encode (without it, the first such generation adds the stage to the
+        plan, or is refused if it no longer fits).
     """
 
     dtype: mx.Dtype = mx.bfloat16
@@ -48,6 +51,7 @@ class LoadOptions:
     tokenizers: Optional[str] = None
     controlnet_quantize: Optional[str] = None
     controlnets: Tuple[str, ...] = ()
+    plan_init_image: bool = False
 
 
 __all__ = ["LoadOptions", "QuantizeArg"]

@@ -12,8 +12,13 @@ staged execution the peak is the largest stage, not the sum:
               and the uncropped position table are replaced by the modulation table and
               the crop
     decode  = VAE decoder + decode activations (tiled: one tile's worth)
+    init_image = img2img and inpainting only: VAE encoder + an untiled encode of the init
+              image (the pipeline runs it after the text encoders, then releases the VAE); its
+              latents (and an inpainting mask) are held from there until denoising ends
     control = with ControlNets only: VAE encoder + an untiled encode of the control image
-              (ControlSession.prepare runs it between encode and denoise, then releases the VAE)
+              (ControlSession.prepare runs it after init_image, then releases the VAE)
+
+Stages run in the order encode, init_image, control, denoise, decode.
 
 Activation constants depend on the device (`device`, default: MLX's default device): plan
 for the machine that will run the generation.
@@ -226,12 +231,15 @@ class MemoryEstimator:
         steps x batch x chunks x hidden) and frees the adaLN and timestep/pooled embedder
         weights, and keeps only the cropped position table (`Denoiser(free_adaln=True,
         free_pos_embed=True)`). Leave False unless the pipeline does both.
+    init_image: the generation starts from an init image (img2img, inpainting), which is
+        VAE-encoded after the text encoders: its own stage, `init_image`.
     """
 
     def __init__(self, mmdit: MMDiTConfig, t5: T5Config = T5_XXL, vae: VAEConfig = SD3_VAE,
                  clip_l=CLIP_L, clip_g=CLIP_G, *, device: Optional[mx.Device] = None,
                  trimmed_transformer: bool = False, split_cfg: bool = False,
-                 controlnets: Sequence[Tuple[ControlNetConfig, Optional[QuantSpec]]] = ()):  # fmt: skip
+                 controlnets: Sequence[Tuple[ControlNetConfig, Optional[QuantSpec]]] = (),
+                 init_image: bool = False):  # fmt: skip
         from .models.clip import CLIPTextEncoder
         from .models.mmdit import MMDiT
         from .models.t5 import T5Encoder
@@ -241,6 +249,7 @@ class MemoryEstimator:
         self.device = device or mx.default_device()
         self.trimmed_transformer = trimmed_transformer
         self.split_cfg = split_cfg  # CFG may run as two batch-1 passes: one pass's activations alive
+        self.init_image = init_image
         self.transformer = MMDiT(mmdit)  # lazy: nothing is allocated
         self.t5 = T5Encoder(t5)
         self.clips = [CLIPTextEncoder(clip_l), CLIPTextEncoder(clip_g)]
@@ -350,13 +359,20 @@ class MemoryEstimator:
             total += per_element * sum(p.size for _, p in tree_flatten(net.blocks[0].parameters()))
         return total
 
-    def control_encode(self, height: int, width: int) -> int:
-        """The control image's VAE encode: the encoder's weights and an untiled encode's
-        activations (the ControlNets' weights are read later, in the denoise stage)."""
+    def image_encode(self, height: int, width: int) -> int:
+        """One untiled VAE encode of a height x width image (the init image's, the control
+        image's): the encoder's weights, the pixels (float32 and their 16-bit copy) and the
+        encode's activations (a ControlNet's weights are read later, in the denoise stage)."""
         from .models.vae_tiling import encode_activation_bytes
 
         encoder = sum(p.size * BYTES_16 for k, p in tree_flatten(self.vae.parameters()) if k.startswith("encoder."))
-        return encoder + encode_activation_bytes(height, width, self.vae_config, device=self.device)
+        pixels = height * width * 3 * (4 + BYTES_16)
+        return encoder + pixels + encode_activation_bytes(height, width, self.vae_config, device=self.device)
+
+    def init_latents_bytes(self, height: int, width: int) -> int:
+        """What an init image leaves resident until denoising ends: its latents and an
+        inpainting mask's (1 channel), float32 (counted whether or not a mask is used)."""
+        return (height // 8) * (width // 8) * (self.vae_config.latent_channels + 1) * 4
 
     def decode(self, height: int, width: int, tiled, tile_latents: Optional[int] = None) -> int:
         from .models.vae_tiling import DEFAULT_DECODE_TILE, decode_activation_bytes
@@ -373,10 +389,13 @@ class MemoryEstimator:
         t5_mode = T5Mode(t5_mode)
         split = self.split_cfg if split_cfg is None else split_cfg
         batch = 1 if split else 2
-        stages = {"encode": self.encode(t5, t5_mode)}
-        if self.controlnets:  # the stages run in this order
-            stages["control"] = self.control_encode(height, width)
-        stages["denoise"] = self.denoise(transformer, height, width, t5_tokens, batch=batch)
+        held = self.init_latents_bytes(height, width) if self.init_image else 0
+        stages = {"encode": self.encode(t5, t5_mode)}  # the stages run in this order
+        if self.init_image:
+            stages["init_image"] = self.image_encode(height, width)
+        if self.controlnets:
+            stages["control"] = self.image_encode(height, width) + held
+        stages["denoise"] = self.denoise(transformer, height, width, t5_tokens, batch=batch) + held
         stages["decode"] = self.decode(height, width, tile, tile_latents)
         return Plan(transformer, t5 if t5_mode != T5Mode.DROPPED else None, t5_mode, tile, stages,
                     (tile_latents or DEFAULT_DECODE_TILE) if tile else None, split,
@@ -455,11 +474,25 @@ def plan_memory(
                 tried.append(p)
                 if p.peak <= throttle_bytes(budget_bytes, p.headroom):
                     return p
-    smallest = min(tried, key=lambda p: p.peak)
-    stage = max(smallest.stages, key=smallest.stages.get)
-    raise InputError(
-        f"nothing fits a {budget_bytes / GB:.2f} GB budget at {width}x{height}: the smallest plan "
-        f"({smallest.describe()}) needs about {(smallest.peak + throttle_margin() + smallest.headroom) / GB:.2f} GB, most of it in the "
+    raise _nothing_fits(min(tried, key=lambda p: p.peak), "the smallest plan", budget_bytes, height, width)
+
+
+def plan_with(estimator: MemoryEstimator, plan: Plan, budget_bytes: int, height: int, width: int,
+              t5_tokens: int = T5_DEFAULT_LENGTH) -> Plan:  # fmt: skip
+    """`plan`'s choices estimated again by `estimator` (e.g. one that now counts an init
+    image, `init_image=True`), or InputError naming the stage when they no longer fit."""
+    p = estimator.plan(plan.transformer_spec, plan.t5_spec, plan.t5, plan.tile_vae, height, width, t5_tokens,
+                       plan.decode_tile, plan.split_cfg)  # fmt: skip
+    if p.peak > throttle_bytes(budget_bytes, p.headroom):
+        raise _nothing_fits(p, "the plan", budget_bytes, height, width)
+    return p
+
+
+def _nothing_fits(plan: Plan, which: str, budget_bytes: int, height: int, width: int) -> InputError:
+    stage = max(plan.stages, key=plan.stages.get)
+    return InputError(
+        f"nothing fits a {budget_bytes / GB:.2f} GB budget at {width}x{height}: {which} "
+        f"({plan.describe()}) needs about {(plan.peak + throttle_margin() + plan.headroom) / GB:.2f} GB, most of it in the "
         f"{stage} stage. {_ADVICE[stage]} Or raise --memory-budget."
         + (f" {throttle_margin() / GB:.1f} GB of that is room for one MLX command buffer: set "
            "MLX_MAX_MB_PER_BUFFER=100 MLX_MAX_OPS_PER_BUFFER=20 before MLX first uses the GPU "
@@ -470,6 +503,7 @@ def plan_memory(
 
 _ADVICE = {
     "encode": "The text encoders set the floor (CLIP-G alone is 1.39 GB at 16-bit).",
+    "init_image": "Use a smaller image (the init image is VAE-encoded whole, at the image size).",
     "control": "Use a smaller image (the control image is VAE-encoded whole, at the image size).",
     "denoise": "Use a smaller image (the transformer's activations grow with the pixel count).",
     "decode": "Use a smaller image (the VAE decodes one 512x512 tile at a time already).",

@@ -84,6 +84,7 @@ class SD35Pipeline:
         self.budget_bytes: Optional[int] = None if o.memory_budget is None else _budget_bytes(o.memory_budget)
         self.controlnet_quantization: Optional[QuantSpec] = _controlnet_quantization(o.controlnet_quantize)
         self.planned_controlnets = tuple(o.controlnets)  # the memory plan counts them in the denoise stage
+        self.planned_init_image = o.plan_init_image  # the memory plan counts its VAE encode
         self.plan: Optional[Plan] = None
         self.plan_changes = False  # whether the plan changes how the model runs
         self.plan_size: Optional[Tuple[int, int]] = None
@@ -263,7 +264,24 @@ class SD35Pipeline:
 
             specs = [open_controlnet(c, num_heads=config.num_heads) for c in self.planned_controlnets]
             kwargs["controlnets"] = [(s.config, s.quantization(self.controlnet_quantization)) for s in specs]
-        return MemoryEstimator(config, trimmed_transformer=self.low_memory, split_cfg=True, **kwargs)
+        return MemoryEstimator(config, trimmed_transformer=self.low_memory, split_cfg=True,
+                               init_image=self.planned_init_image, **kwargs)  # fmt: skip
+
+    def _plan_init_image(self) -> None:
+        """An init image to encode under a plan made without one: the plan gains that stage (at
+        the plan's size), or the generation is refused here, before any network loads."""
+        if self.plan is None or self.planned_init_image:
+            return
+        from .memory import plan_with
+
+        self.planned_init_image = True
+        try:
+            self.plan = plan_with(self._estimator(self.transformer_config), self.plan, self.budget_bytes, *self.plan_size)
+        except InputError as e:
+            self.planned_init_image = False
+            raise InputError(f"{e} (The plan was made without an init image: plan_init_image=True lets the "
+                             "planner choose for it; the CLI does.)") from None
+        log.info("%s", self.describe_plan())
 
     # ---- networks, loaded on demand ----
     def _quantize(self, model, component: str):
@@ -477,6 +495,10 @@ class SD35Pipeline:
         """
         s = self.settings_with_defaults(settings).with_seed()
         self._prepare_kept_loaded_limit(s.height, s.width, s.t5_length)
+        control = ControlSession.open(self, s)  # ControlNets recognised and checked; no weights read
+        encodes_init_image = s.init_image is not None and not (control and control.inpainting_controlnet)
+        if encodes_init_image:
+            self._plan_init_image()
         use_cfg = uses_cfg(s.cfg)  # cfg ≤ 1: one conditional pass (Turbo), never neg + 0·(pos − neg)
         if cfg_exchange is not None:
             from .distributed import check_cfg_parallel
@@ -496,12 +518,10 @@ class SD35Pipeline:
             noise = initial_noise(s.seed, h, w, batch=embeddings.positive.context.shape[0])
         sigmas = flow_sigmas(s.steps, s.shift)
         latents = noise
-        control = ControlSession.open(self, s)  # ControlNets recognised and checked; no weights read
         image_latents = None
-        if s.init_image is not None and not (control and control.inpainting_controlnet):
-            t0 = time.perf_counter()
-            image = control.init_pixels(s) if control else load_image(s.init_image, s.width, s.height)
-            image_latents = self.encode_image(image)
+        if encodes_init_image:
+            t0 = time.perf_counter()  # (the pixels are not kept: only the latents stay until denoising ends)
+            image_latents = self.encode_image(control.init_pixels(s) if control else load_image(s.init_image, s.width, s.height))
             if self.low_memory:
                 self.release("vae")
             sigmas = img2img_sigmas(s.steps, s.strength, s.shift, s.img2img_rule)

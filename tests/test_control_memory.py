@@ -39,7 +39,7 @@ def test_the_plan_counts_the_controlnet_stages(tiny, tmp_path):
     plain, with_cn = _pipe(root, 50.0), _pipe(root, 50.0, [cn])
     assert "control" not in plain.plan.stages
     est = with_cn._estimator(with_cn.transformer_config)
-    assert with_cn.plan.stages["control"] == est.control_encode(H, W) > 0  # the control image's VAE encode
+    assert with_cn.plan.stages["control"] == est.image_encode(H, W) > 0  # the control image's VAE encode
     assert with_cn.plan.stages["denoise"] > plain.plan.stages["denoise"]
     assert with_cn.plan.stages["encode"] == plain.plan.stages["encode"]
     # a converted 4-bit ControlNet is planned at its stored bits, not at 16-bit
