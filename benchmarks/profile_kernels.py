@@ -149,25 +149,23 @@ def main(argv=None) -> None:
         h = size // 8
         noise = mx.random.normal((1, h, h, 16)).astype(mx.float32)
         sigmas, sampler = C.schedule(args.steps + 3)
+
+        def one_step(denoiser):
+            def run():
+                mx.eval(C.denoise_step(denoiser, noise, 0, sampler))
+                mx.synchronize()
+
+            return run
+
         denoiser, _ = C.make_denoiser(model, cond[1], cond[0], sigmas=sigmas)
-
-        def ours():
-            mx.eval(C.denoise_step(denoiser, noise, 0, sampler))
-            mx.synchronize()
-
-        kernels, wall = profile(ours, args.steps)
+        kernels, wall = profile(one_step(denoiser), args.steps)
         report(f"sd35_mlx {name} {size}²", kernels, wall, args.steps, args.top)
         if args.plain:
             from sd35_mlx.backend import KERNELS
 
-            with KERNELS.overridden(block_elementwise=False, joint_heads=False):
+            with KERNELS.overridden(block_elementwise=False, joint_heads=False):  # traced inside: plain
                 plain, _ = C.make_denoiser(model, cond[1], cond[0], sigmas=sigmas)
-
-                def ours_plain():
-                    mx.eval(C.denoise_step(plain, noise, 0, sampler))
-                    mx.synchronize()
-
-                kernels, wall = profile(ours_plain, args.steps)
+                kernels, wall = profile(one_step(plain), args.steps)
             report(f"sd35_mlx {name} {size}², our CUDA kernels off", kernels, wall, args.steps, args.top)
     if args.torch:
         del model, denoiser

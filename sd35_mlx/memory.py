@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -211,6 +211,11 @@ class Plan:
         if self.t5 != T5Mode.DROPPED:
             out["t5"] = self.t5_spec
         return out
+
+    def holding(self, extra: Mapping[str, int]) -> "Plan":
+        """This plan with `extra` bytes (stage -> bytes) more in those stages (e.g. the
+        factors of runtime LoRAs on the networks of a stage)."""
+        return replace(self, stages={k: v + int(extra.get(k, 0)) for k, v in self.stages.items()})
 
     def describe(self) -> str:
         tr = self.transformer_spec.label if self.transformer_spec else "16-bit"
@@ -446,6 +451,12 @@ GPU_STEP_BYTES_PER_TOKEN_WIDTH = 52.0
 DECODE_TILES = (64, 32)  # 512 and 256 px: the sizes measured in docs/benchmarks.md
 
 
+def plan_fits(plan: Plan, budget_bytes: int) -> bool:
+    """The planner's rule: the largest stage fits under the memory limit the pipeline then
+    sets (`throttle_bytes`); the rest of the budget is room for queued GPU work."""
+    return plan.peak <= throttle_bytes(budget_bytes, plan.headroom)
+
+
 def plan_memory(
     estimator: MemoryEstimator,
     budget_bytes: int,
@@ -472,7 +483,7 @@ def plan_memory(
             for tile, tile_latents in ((False, None),) + tuple((True, t) for t in DECODE_TILES):
                 p = estimator.plan(tr, t5, mode, tile, height, width, t5_tokens, tile_latents, split)
                 tried.append(p)
-                if p.peak <= throttle_bytes(budget_bytes, p.headroom):
+                if plan_fits(p, budget_bytes):
                     return p
     raise _nothing_fits(min(tried, key=lambda p: p.peak), "the smallest plan", budget_bytes, height, width)
 

@@ -86,6 +86,7 @@ class SD35Pipeline:
         self.planned_controlnets = tuple(o.controlnets)  # the memory plan counts them in the denoise stage
         self.planned_init_image = o.plan_init_image  # the memory plan counts its VAE encode
         self.plan: Optional[Plan] = None
+        self._plan_without_loras: Optional[Plan] = None  # the plan as made; LoRAs' factors are added to it
         self.plan_changes = False  # whether the plan changes how the model runs
         self.plan_size: Optional[Tuple[int, int]] = None
         self._transformer = None
@@ -232,6 +233,7 @@ class SD35Pipeline:
         fixed = {c: self.quantization[c] for c in ("transformer", "t5") if c in self.quantization}
         t5_mode = None if self.t5_mode == T5Mode.LOADED else self.t5_mode  # asked to stream or drop: kept
         self.plan = plan_memory(self._estimator(config), self.budget_bytes, height, width, fixed=fixed, t5_mode=t5_mode)
+        self._plan_without_loras = self.plan
         before = (dict(self.quantization), self.t5_mode, self.tile_vae)
         for c, spec in self.plan.quantization().items():
             self.quantization.setdefault(c, spec)
@@ -358,6 +360,11 @@ class SD35Pipeline:
         lora = prepare(file, {k: v for k, v in networks.items() if k not in absent}, name=name, scale=scale,
                        text_encoder_scale=text_encoder_scale, strict=strict, absent=absent)  # fmt: skip
         self._loras.add(lora, self._lora_networks())
+        try:
+            self._plan_loras()
+        except InputError:
+            self._loras.remove([lora.name], self._lora_networks())
+            raise
         preset = lora_preset(file.path.name, file.source, file.sha256, self._base_variant or self.variant)
         if preset is not None:  # a distilling LoRA: its model card's settings become the defaults
             self._base_variant = self._base_variant or self.variant
@@ -373,9 +380,28 @@ class SD35Pipeline:
     def unload_lora(self, name=None) -> list:
         """Remove LoRA(s) by name (None: all) without reloading the base model."""
         removed = self._loras.remove([name] if isinstance(name, str) else name, self._lora_networks())
+        self._plan_loras()
         if self._base_variant is not None and not any(lora.preset for lora in self.loras):
             self.variant, self._base_variant = self._base_variant, None  # the base model's defaults again
         return removed
+
+    def _plan_loras(self) -> None:
+        """Under a budget the plan also holds the LoRAs' factors (denoise: the transformer's,
+        encode: the text encoders'); a LoRA they no longer fit with is refused."""
+        if self._plan_without_loras is None:
+            return
+        from .memory import plan_fits
+
+        extra = {"denoise": sum(lora.factor_bytes("transformer", self.dtype) for lora in self.loras),
+                 "encode": sum(lora.factor_bytes(c, self.dtype) for lora in self.loras for c in TEXT_ENCODERS)}
+        plan = self._plan_without_loras.holding(extra)
+        if not plan_fits(plan, self.budget_bytes):
+            raise InputError(
+                f"the LoRAs' factors ({sum(extra.values()) / 1e6:.0f} MB) do not fit the {self.memory_budget:g} GB "
+                f"memory plan ({plan.describe()}); raise --memory-budget, use fewer LoRAs, or fuse them into "
+                "16-bit weights (python -m sd35_mlx.convert --lora FILE --fuse-lora)"
+            )
+        self.plan = plan
 
     @property
     def loras(self) -> list:

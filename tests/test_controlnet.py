@@ -174,6 +174,16 @@ class _Shape:
         self.shape = shape
 
 
+@pytest.mark.parametrize("hidden", [48, 100])
+def test_heads_that_cannot_be_inferred_are_named(hidden):
+    """No QK-norm and a hidden size that is not a multiple of 64: an error that says what to pass."""
+    shapes = {"control_embedder.weight": (hidden, 2, 2, 16), "y_embedder.fc1.weight": (hidden, 2048),
+              "blocks.0.adaLN.weight": (6 * hidden, hidden), "blocks.0.mlp.fc1.weight": (4 * hidden, hidden)}
+    with pytest.raises(WeightMappingError, match="num_heads"):
+        infer_config({k: _Shape(s) for k, s in shapes.items()})
+    assert infer_config({k: _Shape(s) for k, s in shapes.items()}, num_heads=4).num_heads == 4
+
+
 def test_not_a_controlnet_is_named():
     with pytest.raises(WeightMappingError, match="not a ControlNet"):
         layout_of(["transformer_blocks.0.attn.to_q.weight"])

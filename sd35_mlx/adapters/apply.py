@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import InputError
@@ -44,6 +45,12 @@ class LoRA:
         if component == "transformer" or self.text_encoder_scale is None:
             return self.scale
         return self.text_encoder_scale
+
+    def factor_bytes(self, component: str, dtype: mx.Dtype) -> int:
+        """What its factors take on `component` once attached (they are held in the
+        network's dtype while the network is loaded)."""
+        return sum((p.down.size + p.up.size) * dtype.size for parts in self.placed.get(component, {}).values()
+                   for p in parts)  # fmt: skip
 
     @property
     def components(self) -> List[str]:

@@ -132,7 +132,13 @@ def infer_config(weights: Mapping[str, mx.array], num_heads: Optional[int] = Non
     prefix = "blocks.0.x." if joint else "blocks.0."
     norm = weights.get(prefix + "attn.q_norm.weight")
     if num_heads is None:
-        num_heads = hidden // (norm.shape[0] if norm is not None else 64)
+        head_dim = norm.shape[0] if norm is not None else 64
+        if hidden % head_dim or hidden < head_dim:
+            raise WeightMappingError(
+                f"cannot infer the ControlNet's attention heads: hidden size {hidden} is not a multiple "
+                f"of the head size {head_dim}; pass the heads explicitly (open_controlnet(..., num_heads=N))"
+            )
+        num_heads = hidden // head_dim
     pos_size = None
     in_channels = ControlNetConfig.in_channels  # image-only nets embed nothing themselves
     if joint:
