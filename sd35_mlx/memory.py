@@ -494,7 +494,7 @@ def plan_with(estimator: MemoryEstimator, plan: Plan, budget_bytes: int, height:
     image, `init_image=True`), or InputError naming the stage when they no longer fit."""
     p = estimator.plan(plan.transformer_spec, plan.t5_spec, plan.t5, plan.tile_vae, height, width, t5_tokens,
                        plan.decode_tile, plan.split_cfg)  # fmt: skip
-    if p.peak > throttle_bytes(budget_bytes, p.headroom):
+    if not plan_fits(p, budget_bytes):
         raise _nothing_fits(p, "the plan", budget_bytes, height, width)
     return p
 

@@ -277,10 +277,13 @@ class SD35Pipeline:
         from .memory import plan_with
 
         self.planned_init_image = True
+        before = self._plan_without_loras
         try:
-            self.plan = plan_with(self._estimator(self.transformer_config), self.plan, self.budget_bytes, *self.plan_size)
+            self._plan_without_loras = plan_with(self._estimator(self.transformer_config), before, self.budget_bytes,
+                                                 *self.plan_size)  # fmt: skip
+            self._plan_loras()  # the LoRAs' factors held again, on the new stages
         except InputError as e:
-            self.planned_init_image = False
+            self.planned_init_image, self._plan_without_loras = False, before
             raise InputError(f"{e} (The plan was made without an init image: plan_init_image=True lets the "
                              "planner choose for it; the CLI does.)") from None
         log.info("%s", self.describe_plan())

@@ -10,6 +10,7 @@ import mlx.core as mx
 import pytest
 
 from control_assets import tiny_stability_controlnet, write_mask, write_photo
+from lora_files import PEFT, dotted_key, linear_stems, random_lora, save
 from tiny_model import TinySpec, make_tiny_model
 
 from sd35_mlx import memory
@@ -25,10 +26,13 @@ PROMPT = "a lighthouse on a cliff"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_init_memory")
-    make_tiny_model(root, TinySpec(pos_embed_max_size=24))
+    reference = make_tiny_model(root, TinySpec(pos_embed_max_size=24))
     photo, mask = root / "photo.png", root / "mask.png"
     write_photo(photo, side=W)
     write_mask(mask, side=W)
+    state = reference.transformer.state_dict()
+    tensors, _ = random_lora(state, linear_stems(state), dotted_key("transformer."), suffixes=PEFT, with_alpha=False, seed=1)
+    save(tensors, root / "loras" / "style.safetensors")
     return root, str(photo), str(mask)
 
 
@@ -151,6 +155,20 @@ def test_a_plan_made_without_the_init_image_gains_the_stage_or_refuses_before_lo
     assert list(roomy.plan.stages) == ["encode", "init_image", "denoise", "decode"]
     assert loaded[0] is roomy.plan  # planned before the text encoders loaded
     assert roomy.plan == _pipe(root, 50.0, plan_init_image=True).plan
+
+
+def test_a_plan_gaining_the_init_image_stage_still_holds_the_loras_factors(tiny):
+    root, _, _ = tiny
+    pipe = _pipe(root, 50.0)
+    lora = pipe.load_lora(str(root / "loras" / "style.safetensors"))
+    factors = lora.factor_bytes("transformer", mx.float32)
+    pipe._plan_init_image()  # what a generation with an init image does first
+    planned = _pipe(root, 50.0, plan_init_image=True).plan
+    assert list(pipe.plan.stages) == ["encode", "init_image", "denoise", "decode"]
+    assert pipe.plan.stages["denoise"] == planned.stages["denoise"] + factors > planned.stages["denoise"]
+    assert pipe.plan.stages["init_image"] == planned.stages["init_image"]
+    pipe.unload_lora()
+    assert pipe.plan == planned  # the room given back, the init image's stage kept
 
 
 def test_the_cli_plans_for_the_init_image_at_its_size(tiny, tmp_path, monkeypatch):
