@@ -364,15 +364,17 @@ class MemoryEstimator:
             total += per_element * sum(p.size for _, p in tree_flatten(net.blocks[0].parameters()))
         return total
 
-    def image_encode(self, height: int, width: int) -> int:
-        """One untiled VAE encode of a height x width image (the init image's, the control
-        image's): the encoder's weights, the pixels (float32 and their 16-bit copy) and the
-        encode's activations (a ControlNet's weights are read later, in the denoise stage)."""
+    def image_encode(self, height: int, width: int, tile: Optional[int] = None) -> int:
+        """One VAE encode of a height x width image (the init image's, the control image's),
+        whole or in `tile`-pixel tiles (when the plan tiles the VAE): the encoder's weights, the
+        pixels (float32 and their 16-bit copy) and the encode's activations (a ControlNet's
+        weights are read later, in the denoise stage)."""
         from .models.vae_tiling import encode_activation_bytes
 
         encoder = sum(p.size * BYTES_16 for k, p in tree_flatten(self.vae.parameters()) if k.startswith("encoder."))
         pixels = height * width * 3 * (4 + BYTES_16)
-        return encoder + pixels + encode_activation_bytes(height, width, self.vae_config, device=self.device)
+        h, w = (min(height, tile), min(width, tile)) if tile else (height, width)
+        return encoder + pixels + encode_activation_bytes(h, w, self.vae_config, device=self.device)
 
     def init_latents_bytes(self, height: int, width: int) -> int:
         """What an init image leaves resident until denoising ends: its latents and an
@@ -395,11 +397,12 @@ class MemoryEstimator:
         split = self.split_cfg if split_cfg is None else split_cfg
         batch = 1 if split else 2
         held = self.init_latents_bytes(height, width) if self.init_image else 0
+        encode_tile = (tile_latents or DEFAULT_DECODE_TILE) * 8 if tile else None  # a tiled VAE encodes in tiles too
         stages = {"encode": self.encode(t5, t5_mode)}  # the stages run in this order
         if self.init_image:
-            stages["init_image"] = self.image_encode(height, width)
+            stages["init_image"] = self.image_encode(height, width, encode_tile)
         if self.controlnets:
-            stages["control"] = self.image_encode(height, width) + held
+            stages["control"] = self.image_encode(height, width, encode_tile) + held
         stages["denoise"] = self.denoise(transformer, height, width, t5_tokens, batch=batch) + held
         stages["decode"] = self.decode(height, width, tile, tile_latents)
         return Plan(transformer, t5 if t5_mode != T5Mode.DROPPED else None, t5_mode, tile, stages,

@@ -498,11 +498,23 @@ class SD35Pipeline:
         texts = dict(prompt=prompt, negative_prompt=negative_prompt if with_negative else None) if isinstance(prompt, str) else {}
         return PromptEmbeddings(positive, negative, t5_length, not self.use_t5, **texts)
 
+    @property
+    def encode_tile(self) -> Optional[int]:
+        """Pixels per tile side of VAE encodes: set when the memory plan tiles the VAE (the
+        planner counts the encodes so), else None (whole)."""
+        if self.plan is None or not self.plan.tile_vae:
+            return None
+        from .models.vae_tiling import DEFAULT_DECODE_TILE
+
+        return (self.plan.decode_tile or DEFAULT_DECODE_TILE) * 8
+
     def encode_image(self, image: mx.array) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
+        from .models.vae_tiling import encode_mean
+
         vae = self._load_vae()
         with self._within_budget():
-            mean, _ = vae.encode(image.astype(self.dtype))
+            mean = encode_mean(vae, image.astype(self.dtype), self.encode_tile)
             latents = vae.to_latents(mean.astype(mx.float32))
             mx.eval(latents)
         return latents

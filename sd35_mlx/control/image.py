@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -54,8 +55,10 @@ def vae_input(a: np.ndarray, *, stability_canny: bool) -> mx.array:
     return mx.array(x.astype(np.float32))[None]
 
 
-def encode_control(vae, pixels: mx.array, *, shift: bool, dtype: mx.Dtype) -> mx.array:
-    """VAE-encoded control latents (1, h, w, 16), float32."""
-    mean, _ = vae.encode(pixels.astype(dtype))
+def encode_control(vae, pixels: mx.array, *, shift: bool, dtype: mx.Dtype, tile: Optional[int] = None) -> mx.array:
+    """VAE-encoded control latents (1, h, w, 16), float32; `tile`: the pipeline's encode tile."""
+    from ..models.vae_tiling import encode_mean
+
+    mean = encode_mean(vae, pixels.astype(dtype), tile)
     z = mean.astype(mx.float32)
     return vae.to_latents(z) if shift else z * vae.config.scaling_factor

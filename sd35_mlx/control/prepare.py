@@ -113,7 +113,7 @@ class ControlSession:
         vae = pipe._load_vae()
         with pipe._within_budget():
             for c, spec in self.specs:
-                control = self._control_latents(vae, pipe.dtype, c, spec, s, mask)
+                control = self._control_latents(vae, pipe.dtype, c, spec, s, mask, pipe.encode_tile)
                 mx.eval(control)
                 net = pipe._load_controlnet(spec)
                 nets.append(ActiveControlNet(net, spec.rule, control, scale=float(c.scale), start=c.start,
@@ -125,12 +125,13 @@ class ControlSession:
             blend = InpaintBlend(image_latents, latent_mask(mask), noise)
         return nets, blend
 
-    def _control_latents(self, vae, dtype, c: ControlNetSettings, spec: ControlNetSpec, s, mask) -> mx.array:
+    def _control_latents(self, vae, dtype, c: ControlNetSettings, spec: ControlNetSpec, s, mask,
+                         tile: Optional[int] = None) -> mx.array:  # fmt: skip
         path = c.image or s.init_image
         a = read_image(path, s.width, s.height, what="control image")
         if spec.inpainting:
             image = vae_input(a, stability_canny=False)
-            latents = encode_control(vae, masked_pixels(image, mask, -1.0), shift=True, dtype=dtype)
+            latents = encode_control(vae, masked_pixels(image, mask, -1.0), shift=True, dtype=dtype, tile=tile)
             self.control_images.append(_to_pil(a * (mask[..., None] < 0.5)))
             return mx.concatenate([latents, 1.0 - latent_mask(mask)], axis=-1)
         if c.preprocess is not None:
@@ -138,7 +139,8 @@ class ControlSession:
             a = (canny_rgb(rgb) if c.preprocess == "canny" else gaussian_blur(rgb)).astype(np.float32) / 255.0
         self.control_images.append(_to_pil(a))
         stability_canny = spec.control_type == "canny" and not spec.config.joint
-        return encode_control(vae, vae_input(a, stability_canny=stability_canny), shift=spec.latent_shift, dtype=dtype)
+        return encode_control(vae, vae_input(a, stability_canny=stability_canny), shift=spec.latent_shift, dtype=dtype,
+                              tile=tile)  # fmt: skip
 
 
 def _to_pil(a: np.ndarray) -> Image.Image:

@@ -162,6 +162,14 @@ def encode_tiled(
     return mean.astype(vae.dtype), logvar.astype(vae.dtype)
 
 
+def encode_mean(vae: VAE, images: mx.array, tile: Optional[int] = None) -> mx.array:
+    """The encode's mean (the deterministic latents): whole, or in `tile`-pixel tiles with a
+    quarter-tile overlap when a memory plan tiles the VAE."""
+    if tile is None:
+        return vae.encode(images)[0]
+    return encode_tiled(vae, images, tile=tile, overlap=tile // 4)[0]
+
+
 # ---- memory estimate (for a memory planner) ----
 # Bytes per (output pixel x C1 channel) of an untiled decode's conv activations, C1 being
 # block_out_channels[1] (256 for SD3: the full-resolution upsampler and the first level-0
@@ -175,9 +183,14 @@ def encode_tiled(
 CONV_BYTES_CPU = 144.0
 # The same per (pixel x C0 channel) for an untiled encode, C0 = block_out_channels[0] (the
 # encoder's full-resolution width, 128 for SD3). CPU: measured 143-159 (fp32 / bf16, three
-# sizes; tests/test_vae_tiling.py), +15%. GPU: not measured yet; the decode's constant
-# (k per pixel x C1 on an H100: 17 measured untiled, 44 used) stands in.
+# sizes; tests/test_vae_tiling.py), +15%. GPU: 25.5 measured in bf16 on an H200 (1024², the
+# control image's encode in benchmarks/bench_memory.py: 3.42 GB above the encoder's weights),
+# +15%, per 16-bit byte.
 ENCODE_CONV_BYTES_CPU = 184.0
+
+
+def _encode_conv_bytes_gpu(dtype_bytes: int) -> float:
+    return 14.7 * dtype_bytes
 
 
 def _conv_bytes_gpu(dtype_bytes: int) -> float:
@@ -204,7 +217,8 @@ def decode_activation_bytes(
     attention 2 * 16384^2 * 2 = 1.1 GB. Weights are not included.
     """
     c1 = config.block_out_channels[min(1, len(config.block_out_channels) - 1)]
-    return _activation_bytes(height, width, config, c1, CONV_BYTES_CPU, dtype_bytes, batch, device)
+    return _activation_bytes(height, width, config, c1, CONV_BYTES_CPU, _conv_bytes_gpu(dtype_bytes), dtype_bytes,
+                             batch, device)  # fmt: skip
 
 
 def encode_activation_bytes(height: int, width: int, config: VAEConfig = SD3_VAE, dtype_bytes: int = 2,
@@ -213,19 +227,21 @@ def encode_activation_bytes(height: int, width: int, config: VAEConfig = SD3_VAE
 
     The decode's model with the encoder's full-resolution width C0 = block_out_channels[0]
     (128 for SD3; the encoder's widest tensors are its first level's, where the decoder's are
-    C1 wide) and ENCODE_CONV_BYTES_CPU (184) on CPU, the decode's k on GPU. The mid block's
-    attention is the same. SD3 at 1024x1024 in bf16: convs 1M px * 128 * 44 = 5.8 GB on GPU.
+    C1 wide) and ENCODE_CONV_BYTES_CPU (184) on CPU, 14.7 per 16-bit byte on GPU (see above).
+    The mid block's attention is the same. SD3 at 1024x1024 in bf16: convs 1M px * 128 * 29.4
+    = 3.9 GB on GPU.
     Weights are not included.
     """
     c0 = config.block_out_channels[0]
-    return _activation_bytes(height, width, config, c0, ENCODE_CONV_BYTES_CPU, dtype_bytes, 1, device)
+    return _activation_bytes(height, width, config, c0, ENCODE_CONV_BYTES_CPU, _encode_conv_bytes_gpu(dtype_bytes),
+                             dtype_bytes, 1, device)  # fmt: skip
 
 
-def _activation_bytes(height: int, width: int, config: VAEConfig, channels: int, k_cpu: float, dtype_bytes: int,
-                      batch: int, device: Optional[mx.Device]) -> int:  # fmt: skip
+def _activation_bytes(height: int, width: int, config: VAEConfig, channels: int, k_cpu: float, k_gpu: float,
+                      dtype_bytes: int, batch: int, device: Optional[mx.Device]) -> int:  # fmt: skip
     """max(convs, attention) of an untiled pass whose widest full-resolution tensors have `channels`."""
     device = device or mx.default_device()
-    k = k_cpu if on_cpu(device) else _conv_bytes_gpu(dtype_bytes)
+    k = k_cpu if on_cpu(device) else k_gpu
     f = 2 ** (len(config.block_out_channels) - 1)
     convs = k * batch * height * width * channels
     n = (height // f) * (width // f)
