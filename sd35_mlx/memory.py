@@ -12,11 +12,12 @@ staged execution the peak is the largest stage, not the sum:
               and the uncropped position table are replaced by the modulation table and
               the crop
     decode  = VAE decoder + decode activations (tiled: one tile's worth)
-    init_image = img2img and inpainting only: VAE encoder + an untiled encode of the init
-              image (the pipeline runs it after the text encoders, then releases the VAE); its
-              latents (and an inpainting mask) are held from there until denoising ends
-    control = with ControlNets only: VAE encoder + an untiled encode of the control image
-              (ControlSession.prepare runs it after init_image, then releases the VAE)
+    init_image = img2img and inpainting only: VAE encoder + an encode of the init image (in
+              the decode's tiles when the VAE is tiled; the pipeline runs it after the text
+              encoders, then releases the VAE); its latents (and an inpainting mask) are held
+              from there until denoising ends
+    control = with ControlNets only: VAE encoder + an encode of the control image, tiled as
+              init_image (ControlSession.prepare runs it after init_image, then releases the VAE)
 
 Stages run in the order encode, init_image, control, denoise, decode.
 
@@ -204,6 +205,12 @@ class Plan:
     @property
     def t5_bits(self) -> Optional[int]:
         return _bits(self.t5_spec)
+
+    @property
+    def encode_tile(self) -> Optional[int]:
+        """Pixels per tile side of the VAE encodes (init image, control image): the decode's
+        tiles when the plan tiles the VAE, else None (whole)."""
+        return self.decode_tile * 8 if self.tile_vae and self.decode_tile else None
 
     def quantization(self) -> Dict[str, Optional[QuantSpec]]:
         """The chosen specs: the transformer's, and T5's unless it is dropped."""
@@ -397,7 +404,8 @@ class MemoryEstimator:
         split = self.split_cfg if split_cfg is None else split_cfg
         batch = 1 if split else 2
         held = self.init_latents_bytes(height, width) if self.init_image else 0
-        encode_tile = (tile_latents or DEFAULT_DECODE_TILE) * 8 if tile else None  # a tiled VAE encodes in tiles too
+        decode_tile = (tile_latents or DEFAULT_DECODE_TILE) if tile else None
+        encode_tile = decode_tile * 8 if decode_tile else None  # as Plan.encode_tile: a tiled VAE encodes in tiles too
         stages = {"encode": self.encode(t5, t5_mode)}  # the stages run in this order
         if self.init_image:
             stages["init_image"] = self.image_encode(height, width, encode_tile)
@@ -405,8 +413,7 @@ class MemoryEstimator:
             stages["control"] = self.image_encode(height, width, encode_tile) + held
         stages["denoise"] = self.denoise(transformer, height, width, t5_tokens, batch=batch) + held
         stages["decode"] = self.decode(height, width, tile, tile_latents)
-        return Plan(transformer, t5 if t5_mode != T5Mode.DROPPED else None, t5_mode, tile, stages,
-                    (tile_latents or DEFAULT_DECODE_TILE) if tile else None, split,
+        return Plan(transformer, t5 if t5_mode != T5Mode.DROPPED else None, t5_mode, tile, stages, decode_tile, split,
                     self.largest_step_allocation(height, width, t5_tokens, batch))
 
 
@@ -517,8 +524,8 @@ def _nothing_fits(plan: Plan, which: str, budget_bytes: int, height: int, width:
 
 _ADVICE = {
     "encode": "The text encoders set the floor (CLIP-G alone is 1.39 GB at 16-bit).",
-    "init_image": "Use a smaller image (the init image is VAE-encoded whole, at the image size).",
-    "control": "Use a smaller image (the control image is VAE-encoded whole, at the image size).",
+    "init_image": "Use a smaller image (the init image is VAE-encoded at the image size, in tiles when the VAE is).",
+    "control": "Use a smaller image (the control image is VAE-encoded at the image size, in tiles when the VAE is).",
     "denoise": "Use a smaller image (the transformer's activations grow with the pixel count).",
     "decode": "Use a smaller image (the VAE decodes one 512x512 tile at a time already).",
 }

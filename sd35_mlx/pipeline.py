@@ -500,13 +500,8 @@ class SD35Pipeline:
 
     @property
     def encode_tile(self) -> Optional[int]:
-        """Pixels per tile side of VAE encodes: set when the memory plan tiles the VAE (the
-        planner counts the encodes so), else None (whole)."""
-        if self.plan is None or not self.plan.tile_vae:
-            return None
-        from .models.vae_tiling import DEFAULT_DECODE_TILE
-
-        return (self.plan.decode_tile or DEFAULT_DECODE_TILE) * 8
+        """Pixels per tile side of VAE encodes: the memory plan's (`Plan.encode_tile`), else None (whole)."""
+        return self.plan.encode_tile if self.plan is not None else None
 
     def encode_image(self, image: mx.array) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""

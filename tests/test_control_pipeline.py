@@ -277,7 +277,7 @@ def test_split_cfg_and_skip_layer_guidance_agree_with_the_batched_step(ours, con
     for net in ("joint_a", "stability_canny"):
         s = _settings(steps=2, skip_layer_guidance=slg, controlnets=(ControlNetSettings(paths[net], image=img),))
         batched = final_latents(ours, s, noise)
-        ours.plan = SimpleNamespace(split_cfg=True, tile_vae=False)
+        ours.plan = SimpleNamespace(split_cfg=True, encode_tile=None)
         try:
             split = final_latents(ours, s, noise)
         finally:

@@ -133,7 +133,7 @@ def infer_config(weights: Mapping[str, mx.array], num_heads: Optional[int] = Non
     norm = weights.get(prefix + "attn.q_norm.weight")
     if num_heads is None:
         head_dim = norm.shape[0] if norm is not None else 64
-        if hidden % head_dim or hidden < head_dim:
+        if hidden % head_dim:  # (a hidden size below the head size is not a multiple either)
             raise WeightMappingError(
                 f"cannot infer the ControlNet's attention heads: hidden size {hidden} is not a multiple "
                 f"of the head size {head_dim}; pass the heads explicitly (open_controlnet(..., num_heads=N))"
