@@ -93,6 +93,10 @@ def report(side: str, kernels: Dict[str, List[float]], wall: float, steps: int, 
     print(f"top {top} kernels:")
     for name, times in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:top]:
         print(f"  {sum(times) / steps / 1e3:7.2f} ms {len(times) / steps:5.0f}×  {name[:110]}")
+    # a launch-bound step is explained by its many small kernels, not its longest ones
+    print(f"most launched {top}:")
+    for name, times in sorted(kernels.items(), key=lambda kv: -len(kv[1]))[:top]:
+        print(f"  {len(times) / steps:5.0f}× {sum(times) / len(times):7.1f} µs  {name[:110]}")
 
 
 CHECK_BOUND = 2e-2  # bf16: the plain path rounds after every op, the kernels once
