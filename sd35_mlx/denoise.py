@@ -3,9 +3,8 @@ and skip-layer guidance on the steps where it is active.
 
     denoiser = Denoiser(transformer, positive, negative, cfg=4.5, skip_layer_guidance=None,
                         num_steps=28, sigmas=sigmas, free_adaln=True)
-    for i in range(28):
-        latents = denoiser.step(latents, i, sampler)    # model + guidance + sampler update
-        mx.eval(latents)
+    for i, latents in denoiser.run(latents, sampler, range(28)):   # model + guidance + sampler update
+        ...                                             # step i's latents, evaluated
 
 What makes a step fast and lean (docs/performance.md):
 * the modulations of every block depend only on the timestep and the pooled text, so with
@@ -16,7 +15,9 @@ What makes a step fast and lean (docs/performance.md):
 * the step (transformer given modulations + CFG + SLG, and the Euler update when
   `step()` is given an Euler sampler) is one `mx.compile`d call; per-step data (the
   modulation-table row, dt) are arrays, so nothing retraces;
-* a quantized transformer uses dequantize-then-matmul for large token counts.
+* a quantized transformer uses dequantize-then-matmul for large token counts;
+* `run` builds step i+1's graph while step i runs on the device (`builds_ahead`), so the
+  device does not idle while the host records the next step's ~1000 operations.
 
 `free_adaln` / `free_pos_embed` mutate the transformer: use them only when the caller owns
 it and will not call it directly again (the pipeline drops it after denoising). Calling
@@ -25,7 +26,8 @@ such a transformer the plain way raises `FreedWeightsError`.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -173,6 +175,54 @@ class Denoiser:
             return latents.astype(mx.float32) + mx.array(dt) * v
         fn = self._fn(self._kind(step), euler=True, active=active)
         return fn(latents, mods, mx.array(dt, dtype=mx.float32), t, scales)
+
+    # ---- the step loop ----
+    @property
+    def builds_ahead(self) -> bool:
+        """Whether a step is purely lazy, so `run` may build the next one while it runs: the
+        split-CFG step evaluates inside (one pass after the other) and the CFG-parallel one
+        exchanges with the other rank inside, so those keep one step after the other."""
+        return self.exchange is None and not self.split_cfg
+
+    def run(
+        self,
+        latents: mx.array,
+        sampler: Sampler,
+        indices: Iterable[int],
+        after_step: Optional[Callable[[int, mx.array], mx.array]] = None,
+        evaluation: Callable[[], ContextManager] = nullcontext,
+    ) -> Iterator[Tuple[int, mx.array]]:
+        """Yield (i, latents after step i), evaluated, for each step index in `indices`.
+
+        after_step(i, latents) -> latents: lazy work that belongs to step i (inpainting's blend).
+        evaluation(): a context each step's evaluation runs in (a memory limit); the consumer's
+        code between steps runs outside it. With `builds_ahead`, step i+1's graph is built
+        on top of step i's (still lazy) result while step i runs on the device; it is only
+        evaluated after step i is yielded, so a consumer that stops leaves nothing running
+        (the built graph is dropped). The sampler's history (DPM-Solver++) then already
+        holds step i+1: use a fresh sampler per run.
+        """
+
+        def build(i: int, x: mx.array) -> mx.array:
+            x = self.step(x, i, sampler)
+            return after_step(i, x) if after_step is not None else x
+
+        steps = list(indices)
+        ahead = self.builds_ahead
+        built = None  # the next step's graph, built ahead
+        for n, i in enumerate(steps):
+            with evaluation():  # evaluating allocates; building does not
+                current = built if built is not None else build(i, latents)
+                built = None
+                if ahead and n + 1 < len(steps):
+                    mx.async_eval(current)
+                    try:
+                        built = build(steps[n + 1], current)
+                    except Exception:  # built again in order: its error comes after this step, as it would
+                        ahead = False
+                mx.eval(current)
+            latents = current
+            yield i, current
 
     def _control_at(self, step: int, sigma: float):
         """(timestep, per-ControlNet scales, indices of the ControlNets that run) at `step`."""

@@ -585,13 +585,10 @@ class SD35Pipeline:
             )  # fmt: skip
         sampler = make_sampler(s.sampler, sigmas)
         t0 = time.perf_counter()
-        try:
-            for i in range(len(sigmas) - 1):
-                with self._within_budget():  # per step: the caller's code between steps runs unlimited
-                    latents = denoiser.step(latents, i, sampler)
-                    if blend is not None:  # inpainting: the known region back, noised to the next sigma
-                        latents = blend.apply(latents, sigmas[i + 1])
-                    mx.eval(latents)
+        # inpainting: the known region back, noised to the next sigma (part of each step)
+        after_step = (lambda i, x: blend.apply(x, sigmas[i + 1])) if blend is not None else None
+        try:  # each step evaluates within the budget; the caller's code between steps runs unlimited
+            for i, latents in denoiser.run(latents, sampler, range(len(sigmas) - 1), after_step, self._within_budget):
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)
         finally:
             self.timings["denoise"] = time.perf_counter() - t0
