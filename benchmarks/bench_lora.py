@@ -9,8 +9,8 @@ the pipeline runs it (`sd35_mlx.denoise.Denoiser`, compiled; quantized layers de
 before large matmuls). Each LoRA is random, rank --rank, on every Linear of every joint block
 (kohya's default set: both streams' qkv, proj, MLP; the adaLN modulations are computed once per
 generation and are left out), the qkv as three diffusers-style q / k / v parts. The configurations
-are timed in turn, round by round (--repeat rounds; each a warm-up run, then --steps timed
-steps); figures are medians over the rounds, ratios against the step without LoRA of the same
+are timed in turn, round by round (--repeat rounds; each a warm-up run, then one timed run of
+--steps steps through the pipeline's loop, `Denoiser.run`, synchronised at its end); figures are medians over the rounds, ratios against the step without LoRA of the same
 process. Memory: MLX active memory after attaching a LoRA, minus before.
 
 The LoRAs are written as diffusers / PEFT files (`transformer.<module>.lora_A/B.weight`) and
@@ -118,14 +118,8 @@ def time_steps(model, positive, negative, size: int, args) -> float:
     den, _ = C.make_denoiser(model, positive, negative, sigmas=sigmas)
     noise = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(0))
 
-    def run():
-        x = noise
-        for i in range(args.steps):
-            x = C.denoise_step(den, x, i, sampler)
-            mx.eval(x)
-        return x
-
-    return C.time_calls(run, C.mlx_sync, args.warmup, 1).median / args.steps
+    return C.time_per_step(lambda: C.denoise_run(den, noise, sampler, args.steps), args.steps, C.mlx_sync,
+                           args.warmup, 1).median  # fmt: skip
 
 
 def measure(model, positive, negative, size: int, args) -> Dict[int, C.Timing]:
@@ -174,7 +168,7 @@ def diffusers_measure(config, files: List[Path], size: int, args) -> Dict[str, C
 
     def seconds() -> float:
         with torch.no_grad():
-            return C.time_calls(run, sync, args.warmup, 1).median / args.steps
+            return C.time_per_step(run, args.steps, sync, args.warmup, 1).median
 
     counts = sorted(n for n in args.loras if n)
     names = [f"l{j}" for j in range(len(files))]

@@ -6,7 +6,7 @@
 Measures, in one process (so the numbers are comparable):
 - seconds per denoising step, CFG batch 2, T5 at --t5-tokens (default 256: 333 text tokens),
   through `sd35_mlx.denoise.Denoiser` exactly as the pipeline runs it ("pipeline"), and
-  optionally a bare `model(latents, t, context, pooled)` call ("plain", --plain), for each
+  optionally a bare `model(latents, t, context, pooled)` call, each call evaluated ("plain", --plain), for each
   --bits (16 = the --dtype, default bf16; 8 and 4 = `quantize_network` with `make_spec`);
 - T5-XXL encode (batch 2, --t5-tokens tokens) for each --t5-bits; CLIP-L and CLIP-G encode
   (batch 2, 77 tokens); VAE decode at each --size (batch 1), and tiled decode where it tiles;
@@ -14,8 +14,12 @@ Measures, in one process (so the numbers are comparable):
   transformers' T5EncoderModel and CLIPTextModelWithProjection, diffusers' AutoencoderKL.decode,
   built with random init directly on the device (CUDA when available, else the CPU), on the
   same shapes, and the ratios ours / theirs.
-Warm-up runs are excluded; figures are medians of the timed runs; MLX is synchronised with
-mx.eval, PyTorch with torch.cuda.synchronize.
+The denoising step is timed as a generation runs it: whole runs of --steps steps, synchronised
+once at the end of each run (ours through `Denoiser.run`, the pipeline's loop, which builds the
+next step's graph while the current one runs; diffusers' steps one after the other with no
+wait between them), the step's time = run time / --steps. Warm-up runs are excluded; figures
+are medians of the timed runs; MLX is synchronised with mx.eval, PyTorch with
+torch.cuda.synchronize.
 """
 
 from __future__ import annotations
@@ -95,20 +99,6 @@ def log(msg: str) -> None:
 
 
 # ---- MLX ----------------------------------------------------------------------------------------------
-def time_denoise_steps(step_fn, latents: mx.array, steps: int, warmup: int, repeat: int) -> C.Timing:
-    """Runs of `steps` steps, each step evaluated as the pipeline does; every step a sample."""
-    t = C.Timing()
-    for run in range(warmup + repeat):
-        x = latents
-        for i in range(steps):
-            start = time.perf_counter()
-            x = step_fn(x, i)
-            mx.eval(x)
-            if run >= warmup:
-                t.runs.append(time.perf_counter() - start)
-    return t
-
-
 def mlx_denoise(args, model_key: str, dtype) -> List[Dict[str, Any]]:
     name, base_config = C.MODELS[model_key]
     config = C.truncated(base_config, args.layers)
@@ -133,12 +123,12 @@ def mlx_denoise(args, model_key: str, dtype) -> List[Dict[str, Any]]:
                 x2 = mx.concatenate([noise, noise]).astype(dtype)
                 ctx, pooled = cond.context, cond.pooled
 
-                def plain_step(_x, i, model=model, x2=x2, ctx=ctx, pooled=pooled, sigmas=sigmas):
-                    # the velocity of the CFG batch, as one bare call
-                    t = mx.full((2,), float(sigmas[i]) * 1000.0, dtype=mx.float32)
-                    return model(x2, t, ctx, pooled)
+                t_plain = mx.full((2,), float(sigmas[0]) * 1000.0, dtype=mx.float32)
 
-                row["plain"] = time_denoise_steps(plain_step, x2, args.steps, args.warmup, args.repeat).to_dict()
+                def plain_call(model=model, x2=x2, t=t_plain, ctx=ctx, pooled=pooled):
+                    return model(x2, t, ctx, pooled)  # the velocity of the CFG batch, as one bare call
+
+                row["plain"] = C.time_calls(plain_call, C.mlx_sync, args.warmup, args.repeat * args.steps).to_dict()
                 log(f"  {size}² plain    {C.fmt_seconds(row['plain']['median_s'])} per call")
             t0 = time.perf_counter()
             # the pipeline's Denoiser; weights kept (not freed) so the model serves every size
@@ -147,8 +137,8 @@ def mlx_denoise(args, model_key: str, dtype) -> List[Dict[str, Any]]:
             row["setup_s"] = time.perf_counter() - t0
             if dropped:
                 row["denoiser_options_ignored"] = dropped
-            timing = time_denoise_steps(lambda x, i, den=den, sampler=sampler: C.denoise_step(den, x, i, sampler),
-                                        noise, args.steps, args.warmup, args.repeat)  # fmt: skip
+            timing = C.time_per_step(lambda den=den, sampler=sampler: C.denoise_run(den, noise, sampler, args.steps),
+                                     args.steps, C.mlx_sync, args.warmup, args.repeat)  # fmt: skip
             row["pipeline"] = timing.to_dict()
             log(f"  {size}² pipeline {C.fmt_seconds(timing.median)} per step (setup {row['setup_s']:.2f} s)")
             rows.append(row)
@@ -261,16 +251,13 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
                 sync(step(noise, 0))
                 compile_s = time.perf_counter() - start
                 log(f"[{label}] {name} {size}²: first call (compile) {compile_s:.1f} s")
-            timing = C.Timing()
-            for run in range(args.warmup + args.repeat):
-                x = noise
+            def run(x=noise):  # the pipeline's loop: no wait between steps
                 for i in range(args.steps):
-                    sync(None)
-                    start = time.perf_counter()
                     x = step(x, i)
-                    sync(x)
-                    if run >= args.warmup:
-                        timing.runs.append(time.perf_counter() - start)
+                return x
+
+            sync(None)
+            timing = C.time_per_step(run, args.steps, sync, args.warmup, args.repeat)
         rows.append(dict(model=model_key, size=size, compiled=compiled, compile_s=compile_s, **timing.to_dict()))
         log(f"[{label}] {name} {size}²: {C.fmt_seconds(timing.median)} per step")
     del model, forward
@@ -355,7 +342,9 @@ def report(args, info, results) -> str:
     lines.append(f"_{C.versions_line(info)}_  \n_command: `{info['command']}`_")
     runs = f"{args.warmup} warm-up run(s), then the median of "
     if "denoise" in args.only:
-        runs += f"{args.repeat} run(s) × {args.steps} step(s) for the denoising step"
+        runs += (f"{args.repeat} run(s) × {args.steps} step(s) for the denoising step (a step: the run's time / "
+                 f"{args.steps}, synchronised once per run; ours through the pipeline's loop, which builds the "
+                 "next step's graph while one runs)")  # fmt: skip
         runs += f", of {args.repeat} run(s) for the rest" if set(args.only) - {"denoise"} else ""
     else:
         runs += f"{args.repeat} run(s)"

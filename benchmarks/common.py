@@ -5,7 +5,9 @@
 - full-size networks at the official configs with random weights (`random_network`): MLX
   initialises lazily, so a network is materialised deliberately, a few hundred MB at a time;
   `--layers N` truncates the depth of every transformer stack for quick smoke runs;
-- the denoising step exactly as the pipeline runs it (`make_denoiser`, `denoise_step`);
+- the denoising step exactly as the pipeline runs it (`make_denoiser`, `denoise_step`), and
+  whole runs of steps through the pipeline's loop (`denoise_run`), timed per step
+  (`time_per_step`: one synchronisation at the end of each run, as the pipeline waits);
 - results: JSON in benchmarks/results/<machine-slug>-<date>.json (one entry per script/model)
   and a markdown section per machine in docs/benchmarks.md (`write_json`, `update_docs`).
 
@@ -236,6 +238,14 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[Any], None], warmup: int, 
     return t
 
 
+def time_per_step(run: Callable[[], Any], steps: int, sync: Callable[[Any], None], warmup: int, repeat: int) -> Timing:
+    """Whole runs of `steps` denoising steps (`run()`: the final latents), synchronised once at
+    the end of each run (no wait between steps, as a generation runs); seconds per step of
+    each timed run (run time / steps)."""
+    t = time_calls(run, sync, warmup, repeat)
+    return Timing([r / steps for r in t.runs])
+
+
 def mlx_sync(result: Any) -> None:
     mx.eval(result)
 
@@ -401,6 +411,19 @@ def denoise_step(denoiser, latents: mx.array, i: int, sampler) -> mx.array:
         return denoiser.step(latents, i, sampler)
     v = denoiser(latents, float(sampler.sigmas[i]), i)
     return sampler.step(i, latents, v)
+
+
+def denoise_run(denoiser, latents: mx.array, sampler, steps: int) -> mx.array:
+    """`steps` steps of the pipeline's loop (`Denoiser.run`: the next step's graph built while
+    this one runs; every step evaluated); the final latents."""
+    if hasattr(denoiser, "run"):
+        for _, latents in denoiser.run(latents, sampler, range(steps)):
+            pass
+        return latents
+    for i in range(steps):  # a Denoiser from before `run`: step by step
+        latents = denoise_step(denoiser, latents, i, sampler)
+        mx.eval(latents)
+    return latents
 
 
 def schedule(steps: int):
