@@ -388,7 +388,9 @@ def test_block_kernels_match_the_plain_path_on_cuda(dtype, hidden):
     with KERNELS.overridden(block_elementwise=False):
         plain = run()
     fused = run()
-    bound = 1e-5 if dtype == mx.float32 else 1e-2  # bf16: the plain path rounds after every op
+    # bf16: the plain path rounds after every op; a residual rounded one step apart moves the
+    # normalised output by up to ~3 steps at its largest value (1.2e-2 measured on an H200)
+    bound = 1e-5 if dtype == mx.float32 else 2e-2
     assert len(plain) == len(fused) == 11
     for p, f in zip(plain, fused):
         assert p.shape == f.shape and p.dtype == f.dtype

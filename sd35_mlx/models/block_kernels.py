@@ -5,6 +5,7 @@ gated residual), and the tanh GELU, for one stream or for both streams of a bloc
     x, h = residual_norm_modulate(x, y, gate, shift, scale)  # x + gate * y, then the same on it
     y = gelu_tanh(fc1_out)                                  # 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
     (h_x, h_c) = norm_modulate_pair((x, sx, cx), (ctx, sc, cc))   # both streams, one launch
+    ((x, h),) = norm_modulate_streams((Pending(x, y, gate), shift, scale))  # the residual deferred
 
 On CUDA each call is one kernel of ours (block_kernels_cuda.py). Profiled on an H200
 (benchmarks/profile_kernels.py): MLX's LayerNorm took 51 µs per call where torch's takes 15 µs,
@@ -17,7 +18,7 @@ Metal) and any unusual shape take the plain path, which is what the kernels are 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -73,6 +74,37 @@ def residual_norm_modulate_pair(*streams: NormStream) -> Tuple[Tuple[mx.array, m
     return tuple(pairs)
 
 
+class Pending(NamedTuple):
+    """A residual stream whose last gated update is not added yet: base + gate * update. The
+    next LayerNorm makes the addition in its own pass (`norm_modulate_streams`): one launch
+    and one pass over the tokens fewer per block."""
+
+    base: mx.array
+    update: mx.array
+    gate: mx.array
+
+    def value(self) -> mx.array:
+        return self.base + self.gate * self.update
+
+
+Stream = Union[mx.array, Pending]
+
+
+def settle(x: Stream) -> mx.array:
+    """The stream's value (adds a pending update)."""
+    return x.value() if isinstance(x, Pending) else x
+
+
+def norm_modulate_streams(*streams: Tuple[Stream, mx.array, mx.array]) -> Tuple[Tuple[mx.array, mx.array], ...]:
+    """For each (stream, shift, scale): (the stream's value, norm_modulate of it); pending
+    updates are added in the same launch (one launch for up to two streams on CUDA)."""
+    if all(isinstance(x, Pending) for x, _, _ in streams):
+        return residual_norm_modulate_pair(*((*x, shift, scale) for x, shift, scale in streams))
+    values = [settle(x) for x, _, _ in streams]
+    hs = norm_modulate_pair(*((v, shift, scale) for v, (_, shift, scale) in zip(values, streams)))
+    return tuple(zip(values, hs))
+
+
 def gelu_tanh(x: mx.array, other: Optional[mx.array] = None):
     """The tanh approximation of GELU (diffusers' "gelu-approximate", T5's gelu_new); with
     `other`, of both arrays in one launch on CUDA -> (gelu(x), gelu(other))."""
@@ -89,6 +121,6 @@ def _use_cuda() -> bool:
 
 
 __all__ = [
-    "NORM_EPS", "gelu_tanh", "layer_norm", "modulate", "norm_modulate", "norm_modulate_pair",
-    "residual_norm_modulate", "residual_norm_modulate_pair",
+    "NORM_EPS", "Pending", "Stream", "gelu_tanh", "layer_norm", "modulate", "norm_modulate", "norm_modulate_pair",
+    "norm_modulate_streams", "residual_norm_modulate", "residual_norm_modulate_pair", "settle",
 ]  # fmt: skip

@@ -51,39 +51,51 @@ __device__ __forceinline__ float sd35_warp_sum(float v) {
 }
 
 // One row of H elements by one warp: [x_out = x + gate * y;] out = LN(x) * (1 + scale) + shift.
-template <typename T, int H, bool RES>
-__device__ __forceinline__ void sd35_norm_row(const T* x, const T* y, const T* gate, const T* shift,
-                                              const T* scale, T* x_out, T* out, const int lane) {
+// Every load of the row is issued before the first store (VEC: one branch for the whole row), so
+// the loads overlap instead of waiting on each other.
+template <typename T, int H, bool RES, bool VEC>
+__device__ __forceinline__ void sd35_norm_row_as(const T* __restrict__ x, const T* __restrict__ y,
+                                                 const T* __restrict__ gate, const T* __restrict__ shift,
+                                                 const T* __restrict__ scale, T* __restrict__ x_out,
+                                                 T* __restrict__ out, const int lane) {
   constexpr int V = 16 / sizeof(T);
   constexpr int CHUNKS = H / V;
   constexpr int PER_LANE = (CHUNKS + 31) / 32;
-  unsigned long long addr = reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(shift) |
-                            reinterpret_cast<unsigned long long>(scale) | reinterpret_cast<unsigned long long>(out);
-  if constexpr (RES) {
-    addr |= reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(gate) |
-            reinterpret_cast<unsigned long long>(x_out);
-  }
-  const bool vec = (addr % 16) == 0;
   Vec16 raw[PER_LANE];
-  float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < PER_LANE; ++i) {
     const int c = lane + 32 * i;
-    if (c < CHUNKS) {
-      T* e = reinterpret_cast<T*>(&raw[i]);
-      sd35_load<T>(raw[i], x + c * V, vec);
-      if constexpr (RES) {
-        Vec16 y_raw, gate_raw;
-        sd35_load<T>(y_raw, y + c * V, vec);
-        sd35_load<T>(gate_raw, gate + c * V, vec);
-        const T* ye = reinterpret_cast<const T*>(&y_raw);
+    if (c < CHUNKS) sd35_load<T>(raw[i], x + c * V, VEC);
+  }
+  if constexpr (RES) {
+    Vec16 y_raw[PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+      const int c = lane + 32 * i;
+      if (c < CHUNKS) sd35_load<T>(y_raw[i], y + c * V, VEC);
+    }
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+      const int c = lane + 32 * i;
+      if (c < CHUNKS) {
+        Vec16 gate_raw;
+        sd35_load<T>(gate_raw, gate + c * V, VEC);
+        T* e = reinterpret_cast<T*>(&raw[i]);
+        const T* ye = reinterpret_cast<const T*>(&y_raw[i]);
         const T* ge = reinterpret_cast<const T*>(&gate_raw);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           e[k] = static_cast<T>(static_cast<float>(e[k]) + static_cast<float>(ge[k]) * static_cast<float>(ye[k]));
         }
-        sd35_store<T>(x_out + c * V, raw[i], vec);
+        sd35_store<T>(x_out + c * V, raw[i], VEC);
       }
+    }
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    if (lane + 32 * i < CHUNKS) {
+      const T* e = reinterpret_cast<const T*>(&raw[i]);
 #pragma unroll
       for (int k = 0; k < V; ++k) sum += static_cast<float>(e[k]);
     }
@@ -107,8 +119,8 @@ __device__ __forceinline__ void sd35_norm_row(const T* x, const T* y, const T* g
     const int c = lane + 32 * i;
     if (c >= CHUNKS) continue;
     Vec16 shift_raw, scale_raw, res;
-    sd35_load<T>(shift_raw, shift + c * V, vec);
-    sd35_load<T>(scale_raw, scale + c * V, vec);
+    sd35_load<T>(shift_raw, shift + c * V, VEC);
+    sd35_load<T>(scale_raw, scale + c * V, VEC);
     const T* e = reinterpret_cast<const T*>(&raw[i]);
     const T* sh = reinterpret_cast<const T*>(&shift_raw);
     const T* sc = reinterpret_cast<const T*>(&scale_raw);
@@ -118,7 +130,24 @@ __device__ __forceinline__ void sd35_norm_row(const T* x, const T* y, const T* g
       r[k] = static_cast<T>((static_cast<float>(e[k]) - mean) * rstd * (1.0f + static_cast<float>(sc[k])) +
                             static_cast<float>(sh[k]));
     }
-    sd35_store<T>(out + c * V, res, vec);
+    sd35_store<T>(out + c * V, res, VEC);
+  }
+}
+
+// The row in 16-byte vectors when every buffer allows it, else element by element.
+template <typename T, int H, bool RES>
+__device__ __forceinline__ void sd35_norm_row(const T* x, const T* y, const T* gate, const T* shift,
+                                              const T* scale, T* x_out, T* out, const int lane) {
+  unsigned long long addr = reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(shift) |
+                            reinterpret_cast<unsigned long long>(scale) | reinterpret_cast<unsigned long long>(out);
+  if constexpr (RES) {
+    addr |= reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(gate) |
+            reinterpret_cast<unsigned long long>(x_out);
+  }
+  if (addr % 16 == 0) {
+    sd35_norm_row_as<T, H, RES, true>(x, y, gate, shift, scale, x_out, out, lane);
+  } else {
+    sd35_norm_row_as<T, H, RES, false>(x, y, gate, shift, scale, x_out, out, lane);
   }
 }
 

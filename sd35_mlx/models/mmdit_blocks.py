@@ -17,7 +17,7 @@ from typing import Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .block_kernels import NORM_EPS, gelu_tanh, norm_modulate, norm_modulate_pair, residual_norm_modulate_pair
+from .block_kernels import NORM_EPS, Pending, Stream, gelu_tanh, norm_modulate, norm_modulate_streams, settle
 from .joint_heads import attention, heads, joint_attention
 
 Chunks = Tuple[mx.array, ...]  # each (B, 1, H), ready to broadcast over tokens
@@ -118,23 +118,29 @@ class JointBlock(nn.Module):
     ) -> Tuple[mx.array, mx.array]:
         """x (B, Lx, H), ctx (B, Lc, H) -> updated (x, ctx); ctx passes through unchanged
         in the last block, whose context output nobody uses."""
+        x, ctx = self.forward_deferred(x, ctx, modulation)
+        return settle(x), settle(ctx)
+
+    def forward_deferred(self, x: Stream, ctx: Stream, modulation: Tuple[Chunks, Chunks]) -> Tuple[Stream, Stream]:
+        """The block on streams that may carry a pending update (`block_kernels.Pending`),
+        returning its MLP residuals pending too: the next block's LayerNorm adds them."""
         xm, cm = modulation
-        h_x, h_c = norm_modulate_pair((x, xm[0], xm[1]), (ctx, cm[0], cm[1]))
+        (x, h_x), (ctx, h_c) = norm_modulate_streams((x, xm[0], xm[1]), (ctx, cm[0], cm[1]))
         # One attention over [context, image] tokens (joint_heads.py)
         ctx_attn, x_attn = joint_attention(self.context.attn, self.context.attn.qkv(h_c), self.x.attn, self.x.attn.qkv(h_x))
         y_x = self.x.attn.proj(x_attn)
         if self.dual:  # the second attention reads the block's input x, before the first's residual
             q2, k2, v2 = self.x.attn2.heads(norm_modulate(x, xm[6], xm[7]))
-            x, y_x, gate_x = x + xm[2] * y_x, self.x.attn2.proj(attention(q2, k2, v2)), xm[8]
+            x_stream = Pending(x + xm[2] * y_x, self.x.attn2.proj(attention(q2, k2, v2)), xm[8])
         else:
-            gate_x = xm[2]
-        x_stream = (x, y_x, gate_x, xm[3], xm[4])  # the residual after attention, then the MLP's input
+            x_stream = Pending(x, y_x, xm[2])
         if self.pre_only:
-            ((x, h_x),) = residual_norm_modulate_pair(x_stream)
-            return x + xm[5] * self.x.mlp(h_x), ctx
-        (x, h_x), (ctx, h_c) = residual_norm_modulate_pair(
-            x_stream, (ctx, self.context.attn.proj(ctx_attn), cm[2], cm[3], cm[4])
+            ((x, h_x),) = norm_modulate_streams((x_stream, xm[3], xm[4]))
+            return Pending(x, self.x.mlp(h_x), xm[5]), ctx
+        # the residuals after attention, then the MLP's inputs
+        (x, h_x), (ctx, h_c) = norm_modulate_streams(
+            (x_stream, xm[3], xm[4]), (Pending(ctx, self.context.attn.proj(ctx_attn), cm[2]), cm[3], cm[4])
         )
         mlp_x, mlp_c = self.x.mlp, self.context.mlp
         g_x, g_c = gelu_tanh(mlp_x.fc1(h_x), mlp_c.fc1(h_c))  # both streams' GELU in one launch
-        return x + xm[5] * mlp_x.fc2(g_x), ctx + cm[5] * mlp_c.fc2(g_c)
+        return Pending(x, mlp_x.fc2(g_x), xm[5]), Pending(ctx, mlp_c.fc2(g_c), cm[5])
