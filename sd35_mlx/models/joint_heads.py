@@ -153,6 +153,8 @@ SOURCE = """
     }
 """
 
+INPUT_NAMES = ("qkv_c", "qkv_x", "qn_c", "kn_c", "qn_x", "kn_x")
+OUTPUT_NAMES = ("q", "k", "v")
 SOURCE = SOURCE.replace("EPS", f"{NORM_EPS:.9e}f")
 HEADER = "struct alignas(16) Vec16 { unsigned int words[4]; };  // one 16-byte load or store\n"
 
@@ -161,8 +163,8 @@ HEADER = "struct alignas(16) Vec16 { unsigned int words[4]; };  // one 16-byte l
 def _kernel():
     return mx.fast.cuda_kernel(
         name="sd35_joint_heads",
-        input_names=["qkv_c", "qkv_x", "qn_c", "kn_c", "qn_x", "kn_x"],
-        output_names=["q", "k", "v"],
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
         source=SOURCE,
         header=HEADER,
     )
