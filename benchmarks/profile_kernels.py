@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 GROUPS = [  # (group, pattern on the kernel name), first match wins
     ("attention (cuDNN / flash)", r"cudnn|flash_fwd|fmha|attention|sdpa"),
@@ -102,36 +103,59 @@ def report(side: str, kernels: Dict[str, List[float]], wall: float, steps: int, 
 CHECK_BOUND = 2e-2  # bf16: the plain path rounds after every op, the kernels once
 
 
-def check_block_kernels(hidden: int, size: int, t5_tokens: int, calls: int = 16) -> float:
-    """Our elementwise kernels (models/block_kernels.py) against the plain MLX path: max|Δ| /
-    max|plain| and µs per call (--calls queued, then evaluated); returns the largest error."""
+def check_block_kernels(hidden: int, heads: int, size: int, t5_tokens: int, calls: int = 16) -> float:
+    """Our CUDA kernels (models/block_kernels.py, models/joint_heads.py) against the plain MLX
+    path, each as the joint block calls it (CFG batch 2, both streams): max|Δ| / max|plain| and
+    µs per call (--calls queued, then evaluated); returns the largest error."""
     from sd35_mlx.backend import KERNELS
-    from sd35_mlx.models.block_kernels import gelu_tanh, norm_modulate
+    from sd35_mlx.models import block_kernels as bk
+    from sd35_mlx.models import joint_heads as jh
+    from sd35_mlx.models.mmdit_blocks import Attention
 
-    print(f"\n## block kernels against the plain path (hidden {hidden}, {size}²)")
-    print(f"{'op':44s} {'max|Δ|/max':>11s} {'plain µs':>9s} {'kernel µs':>10s}")
+    print(f"\n## our kernels against the plain path (hidden {hidden}, {size}², batch 2)")
+    print(f"{'op':52s} {'max|Δ|/max':>11s} {'plain µs':>9s} {'kernel µs':>10s}")
+    bf16 = mx.bfloat16
+    nx, nc = (size // 16) ** 2, 77 + t5_tokens
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (scale * mx.random.normal(shape) + shift).astype(bf16)
+
+    x, ctx = rand(2, nx, hidden, scale=4, shift=3), rand(2, nc, hidden, scale=4, shift=3)
+    yx, yc = rand(2, nx, hidden), rand(2, nc, hidden)
+    vx, vc = ([rand(2, 1, hidden) for _ in range(3)] for _ in range(2))
+    fx, fc = rand(2, nx, 4 * hidden, scale=3), rand(2, nc, 4 * hidden, scale=3)
+    ctx_attn, x_attn = (Attention(hidden, heads, qk_norm=True) for _ in range(2))
+    for a in (ctx_attn, x_attn):
+        a.q_norm.weight, a.k_norm.weight = (1 + 0.1 * mx.random.normal((hidden // heads,)) for _ in range(2))
+        a.set_dtype(bf16)
+    qkv_x, qkv_c = rand(2, nx, 3 * hidden, scale=3), rand(2, nc, 3 * hidden, scale=3)
+    mx.eval(x, ctx, yx, yc, vx, vc, fx, fc, qkv_x, qkv_c, ctx_attn.parameters(), x_attn.parameters())
+    cases = [
+        ("norm_modulate_pair (attention inputs)", "block_elementwise",
+         lambda: bk.norm_modulate_pair((x, vx[0], vx[1]), (ctx, vc[0], vc[1]))),
+        ("residual_norm_modulate_pair (MLP inputs)", "block_elementwise",
+         lambda: bk.residual_norm_modulate_pair((x, yx, *vx), (ctx, yc, *vc))),
+        ("residual_norm_modulate (one stream)", "block_elementwise", lambda: bk.residual_norm_modulate(x, yx, *vx)),
+        ("gelu_tanh pair (both fc1 outputs)", "block_elementwise", lambda: bk.gelu_tanh(fx, fc)),
+        ("joint_attention (heads, QK-norm, attention, split)", "joint_heads",
+         lambda: jh.joint_attention(ctx_attn, qkv_c, x_attn, qkv_x)),
+    ]  # fmt: skip
     worst = 0.0
-    for tokens in ((size // 16) ** 2, 77 + t5_tokens):
-        x = (4 * mx.random.normal((2, tokens, hidden)) + 3).astype(mx.bfloat16)
-        shift, scale = (mx.random.normal((2, 1, hidden)).astype(mx.bfloat16) for _ in range(2))
-        h = mx.random.normal((2, tokens, 4 * hidden)).astype(mx.bfloat16)
-        mx.eval(x, shift, scale, h)
-        for label, fn in ((f"norm_modulate (2, {tokens}, {hidden})", lambda: norm_modulate(x, shift, scale)),
-                          (f"gelu_tanh (2, {tokens}, {4 * hidden})", lambda: gelu_tanh(h))):  # fmt: skip
-            times = {}
-            for on in (False, True):
-                with KERNELS.overridden(block_elementwise=on):
-                    out = fn()
-                    mx.eval(out)
-                    outs = [fn() for _ in range(calls)]
-                    start = time.perf_counter()
-                    mx.eval(outs)
-                    mx.synchronize()
-                    times[on] = ((time.perf_counter() - start) / calls * 1e6, out.astype(mx.float32))
-            ref, got = times[False][1], times[True][1]
-            err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
-            worst = max(worst, err)
-            print(f"{label:44s} {err:11.1e} {times[False][0]:9.1f} {times[True][0]:10.1f}")
+    for label, switch, fn in cases:
+        times, outs = {}, {}
+        for on in (False, True):
+            with KERNELS.overridden(**{switch: on}):
+                out = fn()
+                mx.eval(out)
+                queued = [fn() for _ in range(calls)]
+                start = time.perf_counter()
+                mx.eval(queued)
+                mx.synchronize()
+                times[on] = (time.perf_counter() - start) / calls * 1e6
+                outs[on] = [a.astype(mx.float32) for _, a in tree_flatten(out)]
+        err = max((mx.abs(g - r).max() / mx.abs(r).max()).item() for g, r in zip(outs[True], outs[False]))
+        worst = max(worst, err)
+        print(f"{label:52s} {err:11.1e} {times[False]:9.1f} {times[True]:10.1f}")
     return worst
 
 
@@ -142,7 +166,7 @@ def main(argv=None) -> None:
     name, cfg = C.MODELS[args.model]
     dtype = mx.bfloat16
     print(f"{name}; {C.versions_line(C.machine_info('cuda'))}")
-    worst = max(check_block_kernels(cfg.hidden_size, size, args.t5_tokens) for size in args.size)
+    worst = max(check_block_kernels(cfg.hidden_size, cfg.num_heads, size, args.t5_tokens) for size in args.size)
     if args.check_only:
         if not worst <= CHECK_BOUND:  # NaN fails too
             raise SystemExit(f"block kernels differ from the plain path by {worst:.2e} (bound {CHECK_BOUND})")

@@ -66,7 +66,7 @@ def _use_dequantize_kernel(layer: nn.QuantizedLinear, dtype: mx.Dtype) -> bool:
 
 # One 32-bit word per thread (8 four-bit or 4 eight-bit values), written with one or two
 # 16-byte stores; the same arithmetic as mx.dequantize (scale * q + bias in the output type).
-_DEQUANTIZE_SOURCE = """
+DEQUANTIZE_SOURCE = """
     constexpr int PER = 32 / BITS;
     constexpr unsigned int MASK = (1u << BITS) - 1u;
     const long long idx = (long long)(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -96,7 +96,7 @@ def _dequantize_kernel():
         name="sd35_dequantize_affine",
         input_names=["w", "scales", "biases"],
         output_names=["out"],
-        source=_DEQUANTIZE_SOURCE,
+        source=DEQUANTIZE_SOURCE,
     )
 
 

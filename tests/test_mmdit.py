@@ -313,27 +313,49 @@ def test_full_size_tables_and_counts(cfg, n_diffusers, n_sai, n_params):
         check_against_model(model, weights, layout=layout.name)
 
 
-@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the fused layout kernel is CUDA-only")
-@pytest.mark.parametrize("dtype, qk_norm", [(mx.bfloat16, True), (mx.float32, True), (mx.bfloat16, False)])
-def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
-    """The CUDA kernel's q, k, v (one pass, (B, N, heads, d) layout) equal split + norm + concat."""
-    from sd35_mlx.backend import KERNELS
-    from sd35_mlx.models import joint_heads as jh
+def _joint_attention_modules(dtype, qk_norm: bool, hidden: int = 256, heads: int = 4):
     from sd35_mlx.models.mmdit_blocks import Attention
 
-    hidden, heads = 256, 4
     ctx_attn, x_attn = (Attention(hidden, heads, qk_norm) for _ in range(2))
     for a in (ctx_attn, x_attn):
         if qk_norm:
             a.q_norm.weight, a.k_norm.weight = mx.random.normal((64,)), mx.random.normal((64,))
         a.set_dtype(dtype)
-    qkv_c = mx.random.normal((2, 7, 3 * hidden)).astype(dtype)
-    qkv_x = (3 * mx.random.normal((2, 37, 3 * hidden))).astype(dtype)
+    return ctx_attn, x_attn
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_alternating_token_layout_splits_back_into_each_streams_rows(batch):
+    """The CUDA layout puts odd batch rows' image tokens first; the split returns every stream's
+    rows in order (checked on any backend: the split is plain MLX)."""
+    from sd35_mlx.models.joint_heads import _split_alternating
+
+    nc, nx, h = 3, 5, 4
+    ctx = mx.random.normal((batch, nc, h))
+    img = mx.random.normal((batch, nx, h))
+    rows = [mx.concatenate([img[b], ctx[b]]) if b % 2 else mx.concatenate([ctx[b], img[b]]) for b in range(batch)]
+    got_ctx, got_img = _split_alternating(mx.stack(rows), nc)
+    assert got_ctx.shape == ctx.shape and got_img.shape == img.shape
+    assert mx.array_equal(got_ctx, ctx).item() and mx.array_equal(got_img, img).item()
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the fused layout kernel is CUDA-only")
+@pytest.mark.parametrize("dtype, qk_norm", [(mx.bfloat16, True), (mx.float32, True), (mx.bfloat16, False)])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_fused_joint_attention_matches_the_plain_path_on_cuda(dtype, qk_norm, batch):
+    """The CUDA kernel's q, k, v (one pass, alternating (B, N, heads, d) layout) give the same
+    attention rows per stream as split + norm + concat; the image-only heads the same q, k, v."""
+    from sd35_mlx.backend import KERNELS
+    from sd35_mlx.models import joint_heads as jh
+
+    ctx_attn, x_attn = _joint_attention_modules(dtype, qk_norm)
+    qkv_c = mx.random.normal((batch, 7, 3 * 256)).astype(dtype)
+    qkv_x = (3 * mx.random.normal((batch, 37, 3 * 256))).astype(dtype)
     with KERNELS.overridden(joint_heads=False):
-        plain = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
+        plain = jh.joint_attention(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
     assert jh._use_kernel(x_attn, qkv_c, qkv_x)
-    fused = jh.joint_heads(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
-    bound = 1e-6 if dtype == mx.float32 else 1e-2  # bf16: one rounding step apart at most
+    fused = jh.joint_attention(ctx_attn, qkv_c, x_attn, qkv_x) + jh.heads(x_attn, qkv_x)
+    bound = 1e-5 if dtype == mx.float32 else 2e-2  # bf16: one rounding step apart at most, before attention
     for p, f in zip(plain, fused):
         assert p.shape == f.shape
         assert rel_err(np.array(f.astype(mx.float32)), np.array(p.astype(mx.float32))) < bound
@@ -343,17 +365,33 @@ def test_fused_joint_heads_match_the_plain_path_on_cuda(dtype, qk_norm):
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("hidden", [1536, 2432])
 def test_block_kernels_match_the_plain_path_on_cuda(dtype, hidden):
-    """LayerNorm + modulate and the tanh GELU of models/block_kernels.py equal MLX's ops."""
+    """LayerNorm + modulate (alone, after the gated residual, one stream or two) and the tanh
+    GELU (one array or two) of models/block_kernels.py equal MLX's ops."""
     from sd35_mlx.backend import KERNELS
-    from sd35_mlx.models.block_kernels import gelu_tanh, norm_modulate
+    from sd35_mlx.models import block_kernels as bk
 
-    x = (4 * mx.random.normal((2, 37, hidden)) + 3).astype(dtype)  # a large mean: the centred variance matters
-    shift, scale = (mx.random.normal((2, 1, hidden)).astype(dtype) for _ in range(2))
-    h = (3 * mx.random.normal((2, 37, 4 * hidden))).astype(dtype)
+    def stream(tokens, residual):
+        x = (4 * mx.random.normal((2, tokens, hidden)) + 3).astype(dtype)  # a large mean: the centred variance matters
+        y = mx.random.normal((2, tokens, hidden)).astype(dtype)
+        vectors = [mx.random.normal((2, 1, hidden)).astype(dtype) for _ in range(3 if residual else 2)]
+        return (x, y, *vectors) if residual else (x, *vectors)
+
+    xs, cs = stream(37, False), stream(11, False)
+    xr, cr = stream(37, True), stream(11, True)
+    h, h2 = ((3 * mx.random.normal((2, n, 4 * hidden))).astype(dtype) for n in (37, 11))
+
+    def run():
+        outs = [bk.norm_modulate(*xs), *bk.norm_modulate_pair(xs, cs), *bk.residual_norm_modulate(*xr)]
+        outs += [a for pair in bk.residual_norm_modulate_pair(xr, cr) for a in pair]
+        return outs + [bk.gelu_tanh(h), *bk.gelu_tanh(h, h2)]
+
     with KERNELS.overridden(block_elementwise=False):
-        plain = [norm_modulate(x, shift, scale), gelu_tanh(h)]
-    fused = [norm_modulate(x, shift, scale), gelu_tanh(h)]
-    bound = 1e-5 if dtype == mx.float32 else 1e-2  # bf16: the plain path rounds after every op
+        plain = run()
+    fused = run()
+    # bf16: the plain path rounds after every op; a residual rounded one step apart moves the
+    # normalised output by up to ~3 steps at its largest value (1.2e-2 measured on an H200)
+    bound = 1e-5 if dtype == mx.float32 else 2e-2
+    assert len(plain) == len(fused) == 11
     for p, f in zip(plain, fused):
         assert p.shape == f.shape and p.dtype == f.dtype
         assert rel_err(np.array(f.astype(mx.float32)), np.array(p.astype(mx.float32))) < bound

@@ -23,8 +23,9 @@ import mlx.nn as nn
 from ..config import ControlNetConfig
 from ..errors import InputError
 from .mmdit import MLPEmbedder, center_crop_positions, timestep_embedding, TIMESTEP_DIM
-from .block_kernels import norm_modulate
-from .mmdit_blocks import ImageStream, JointBlock, attention
+from .block_kernels import norm_modulate, residual_norm_modulate
+from .joint_heads import attention
+from .mmdit_blocks import ImageStream, JointBlock
 
 
 class ImageBlock(ImageStream):
@@ -37,8 +38,8 @@ class ImageBlock(ImageStream):
     def __call__(self, x: mx.array, c: mx.array) -> mx.array:
         m = self.modulation(c)
         q, k, v = self.attn.heads(norm_modulate(x, m[0], m[1]))
-        x = x + m[2] * self.attn.proj(attention(q, k, v))
-        return x + m[5] * self.mlp(norm_modulate(x, m[3], m[4]))
+        x, h = residual_norm_modulate(x, self.attn.proj(attention(q, k, v)), m[2], m[3], m[4])
+        return x + m[5] * self.mlp(h)
 
 
 class ControlNet(nn.Module):

@@ -31,7 +31,7 @@ import mlx.nn as nn
 
 from ..config import MMDiTConfig
 from ..errors import InputError, SD35Error
-from .block_kernels import norm_modulate
+from .block_kernels import Stream, norm_modulate_streams, settle
 from .mmdit_blocks import Chunks, JointBlock, ada_chunks
 
 TIMESTEP_DIM = 256
@@ -109,9 +109,10 @@ class FinalLayer(nn.Module):
     def modulation(self, c: mx.array) -> Chunks:
         return ada_chunks(self.adaLN, c, 2)  # (shift, scale)
 
-    def __call__(self, x: mx.array, modulation: Chunks) -> mx.array:
+    def __call__(self, x: Stream, modulation: Chunks) -> mx.array:
         shift, scale = modulation
-        return self.linear(norm_modulate(x, shift, scale))
+        ((_, h),) = norm_modulate_streams((x, shift, scale))
+        return self.linear(h)
 
 
 class MMDiT(nn.Module):
@@ -372,11 +373,11 @@ class MMDiT(nn.Module):
         ctx = context_tokens.astype(dtype)
 
         block_mods, final_mod = modulations
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks):  # x and ctx may carry a pending MLP residual
             if i not in skip:
-                x, ctx = block(x, ctx, block_mods[i])
+                x, ctx = block.forward_deferred(x, ctx, block_mods[i])
             if residuals is not None and residuals[i] is not None:
-                x = x + residuals[i].astype(dtype)
+                x = settle(x) + residuals[i].astype(dtype)
 
         out = self.final_layer(x, final_mod)  # (B, h*w, p*p*C), ordered (p_row, p_col, C)
         c_out = cfg.out_channels

@@ -12,15 +12,13 @@ Chunk order (SAI): shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_ml
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..backend import compute_in_float32
-from .block_kernels import NORM_EPS, gelu_tanh, norm_modulate
-from .joint_heads import heads, joint_heads
+from .block_kernels import NORM_EPS, Pending, Stream, gelu_tanh, norm_modulate, norm_modulate_streams, settle
+from .joint_heads import attention, heads, joint_attention
 
 Chunks = Tuple[mx.array, ...]  # each (B, 1, H), ready to broadcast over tokens
 
@@ -32,16 +30,6 @@ def ada_chunks(linear: nn.Linear, c: mx.array, n: int) -> Chunks:
     b, h = out.shape[0], out.shape[-1] // n
     by_chunk = mx.contiguous(out.reshape(b, n, h).transpose(1, 0, 2))  # (n, B, H)
     return tuple(by_chunk[k : k + 1].reshape(b, 1, h) for k in range(n))  # views: no gather per chunk
-
-
-def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """(B, heads, L, d) each -> (B, L, heads*d)."""
-    dtype = q.dtype
-    if compute_in_float32(dtype):  # the CPU's 16-bit attention has no fast kernel
-        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1])).astype(dtype)
-    b, h, n, d = out.shape
-    return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
 class Attention(nn.Module):
@@ -130,23 +118,29 @@ class JointBlock(nn.Module):
     ) -> Tuple[mx.array, mx.array]:
         """x (B, Lx, H), ctx (B, Lc, H) -> updated (x, ctx); ctx passes through unchanged
         in the last block, whose context output nobody uses."""
-        xm, cm = modulation
-        n_ctx = ctx.shape[1]
-        qkv_x = self.x.attn.qkv(norm_modulate(x, xm[0], xm[1]))
-        qkv_c = self.context.attn.qkv(norm_modulate(ctx, cm[0], cm[1]))
-        # One attention over [context, image] tokens: no mask and no positional term inside
-        # attention, so the concatenation order does not change the result.
-        joint = attention(*joint_heads(self.context.attn, qkv_c, self.x.attn, qkv_x))
-        ctx_attn, x_attn = joint[:, :n_ctx], joint[:, n_ctx:]
+        x, ctx = self.forward_deferred(x, ctx, modulation)
+        return settle(x), settle(ctx)
 
+    def forward_deferred(self, x: Stream, ctx: Stream, modulation: Tuple[Chunks, Chunks]) -> Tuple[Stream, Stream]:
+        """The block on streams that may carry a pending update (`block_kernels.Pending`),
+        returning its MLP residuals pending too: the next block's LayerNorm adds them."""
+        xm, cm = modulation
+        (x, h_x), (ctx, h_c) = norm_modulate_streams((x, xm[0], xm[1]), (ctx, cm[0], cm[1]))
+        # One attention over [context, image] tokens (joint_heads.py)
+        ctx_attn, x_attn = joint_attention(self.context.attn, self.context.attn.qkv(h_c), self.x.attn, self.x.attn.qkv(h_x))
+        y_x = self.x.attn.proj(x_attn)
         if self.dual:  # the second attention reads the block's input x, before the first's residual
             q2, k2, v2 = self.x.attn2.heads(norm_modulate(x, xm[6], xm[7]))
-            x = x + xm[2] * self.x.attn.proj(x_attn) + xm[8] * self.x.attn2.proj(attention(q2, k2, v2))
+            x_stream = Pending(x + xm[2] * y_x, self.x.attn2.proj(attention(q2, k2, v2)), xm[8])
         else:
-            x = x + xm[2] * self.x.attn.proj(x_attn)
-        x = x + xm[5] * self.x.mlp(norm_modulate(x, xm[3], xm[4]))
-
-        if not self.pre_only:
-            ctx = ctx + cm[2] * self.context.attn.proj(ctx_attn)
-            ctx = ctx + cm[5] * self.context.mlp(norm_modulate(ctx, cm[3], cm[4]))
-        return x, ctx
+            x_stream = Pending(x, y_x, xm[2])
+        if self.pre_only:
+            ((x, h_x),) = norm_modulate_streams((x_stream, xm[3], xm[4]))
+            return Pending(x, self.x.mlp(h_x), xm[5]), ctx
+        # the residuals after attention, then the MLP's inputs
+        (x, h_x), (ctx, h_c) = norm_modulate_streams(
+            (x_stream, xm[3], xm[4]), (Pending(ctx, self.context.attn.proj(ctx_attn), cm[2]), cm[3], cm[4])
+        )
+        mlp_x, mlp_c = self.x.mlp, self.context.mlp
+        g_x, g_c = gelu_tanh(mlp_x.fc1(h_x), mlp_c.fc1(h_c))  # both streams' GELU in one launch
+        return Pending(x, mlp_x.fc2(g_x), xm[5]), Pending(ctx, mlp_c.fc2(g_c), cm[5])
