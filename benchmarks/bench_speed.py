@@ -214,20 +214,25 @@ def mlx_vae(args, dtype) -> List[Dict[str, Any]]:
 # ---- PyTorch / diffusers ---------------------------------------------------------------------------------
 def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> List[Dict[str, Any]]:
     """diffusers' step on each size; `compiled`: the transformer under `torch.compile` (default
-    mode), whose first call per shape compiles (reported as compile_s, not timed)."""
+    mode), whose first call per shape compiles (reported as compile_s, not timed). Each size is
+    compiled for its own static shapes (`dynamic=False`, caches reset in between): otherwise the
+    second size recompiles the graph with dynamic shapes, whose kernels are slower, and the
+    baseline would be weaker than what a user compiling for one size gets."""
     import torch
 
     import torch_reference as R
 
     name, base = C.MODELS[model_key]
     model = R.transformer(C.truncated(base, args.layers), device)
-    forward = torch.compile(model) if compiled else model
     label = "diffusers + torch.compile" if compiled else "diffusers"
     sync = R.sync(device)
     sigmas, _ = C.schedule(args.steps)
     rows = []
     for size in args.size:
         h = w = size // 8
+        if compiled:
+            torch._dynamo.reset()
+        forward = torch.compile(model, dynamic=False) if compiled else model
         with torch.no_grad():
             g = torch.Generator(device=device).manual_seed(size)
             noise = torch.randn((1, 16, h, w), generator=g, device=device, dtype=torch.bfloat16)
@@ -251,6 +256,7 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
                 sync(step(noise, 0))
                 compile_s = time.perf_counter() - start
                 log(f"[{label}] {name} {size}²: first call (compile) {compile_s:.1f} s")
+
             def run(x=noise):  # the pipeline's loop: no wait between steps
                 for i in range(args.steps):
                     x = step(x, i)
