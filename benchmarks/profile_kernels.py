@@ -136,7 +136,7 @@ def check_block_kernels(hidden: int, heads: int, size: int, t5_tokens: int, call
         ("residual_norm_modulate_pair (MLP inputs)", "block_elementwise",
          lambda: bk.residual_norm_modulate_pair((x, yx, *vx), (ctx, yc, *vc))),
         ("residual_norm_modulate (one stream)", "block_elementwise", lambda: bk.residual_norm_modulate(x, yx, *vx)),
-        ("gelu_tanh pair (both fc1 outputs)", "block_elementwise", lambda: bk.gelu_tanh(fx, fc)),
+        ("gelu_tanh pair (both fc1 outputs)", "block_elementwise", lambda: bk.gelu_tanh_pair(fx, fc)),
         ("joint_attention (heads, QK-norm, attention, split)", "joint_heads",
          lambda: jh.joint_attention(ctx_attn, qkv_c, x_attn, qkv_x)),
     ]  # fmt: skip

@@ -383,7 +383,7 @@ def test_block_kernels_match_the_plain_path_on_cuda(dtype, hidden):
     def run():
         outs = [bk.norm_modulate(*xs), *bk.norm_modulate_pair(xs, cs), *bk.residual_norm_modulate(*xr)]
         outs += [a for pair in bk.residual_norm_modulate_pair(xr, cr) for a in pair]
-        return outs + [bk.gelu_tanh(h), *bk.gelu_tanh(h, h2)]
+        return outs + [bk.gelu_tanh(h), *bk.gelu_tanh_pair(h, h2)]
 
     with KERNELS.overridden(block_elementwise=False):
         plain = run()

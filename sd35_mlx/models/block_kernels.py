@@ -5,6 +5,7 @@ gated residual), and the tanh GELU, for one stream or for both streams of a bloc
     x, h = residual_norm_modulate(x, y, gate, shift, scale)  # x + gate * y, then the same on it
     y = gelu_tanh(fc1_out)                                  # 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
     (h_x, h_c) = norm_modulate_pair((x, sx, cx), (ctx, sc, cc))   # both streams, one launch
+    (g_x, g_c) = gelu_tanh_pair(fc1_x, fc1_c)                        # likewise
     ((x, h),) = norm_modulate_streams((Pending(x, y, gate), shift, scale))  # the residual deferred
 
 On CUDA each call is one kernel of ours (block_kernels_cuda.py). Profiled on an H200
@@ -18,7 +19,7 @@ Metal) and any unusual shape take the plain path, which is what the kernels are 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -105,15 +106,17 @@ def norm_modulate_streams(*streams: Tuple[Stream, mx.array, mx.array]) -> Tuple[
     return tuple(zip(values, hs))
 
 
-def gelu_tanh(x: mx.array, other: Optional[mx.array] = None):
-    """The tanh approximation of GELU (diffusers' "gelu-approximate", T5's gelu_new); with
-    `other`, of both arrays in one launch on CUDA -> (gelu(x), gelu(other))."""
-    inputs = (x,) if other is None else (x, other)
-    if _use_cuda() and cuda.gelu_fits(inputs):
-        out = cuda.gelu_tanh(inputs)
-    else:
-        out = [nn.gelu_approx(a) for a in inputs]
-    return out[0] if other is None else tuple(out)
+def gelu_tanh(x: mx.array) -> mx.array:
+    """The tanh approximation of GELU (diffusers' "gelu-approximate", T5's gelu_new)."""
+    (y,) = gelu_tanh_pair(x)
+    return y
+
+
+def gelu_tanh_pair(*arrays: mx.array) -> Tuple[mx.array, ...]:
+    """gelu_tanh of each array (one or two: both streams' fc1 outputs), one launch on CUDA."""
+    if _use_cuda() and cuda.gelu_fits(arrays):
+        return tuple(cuda.gelu_tanh(arrays))
+    return tuple(nn.gelu_approx(a) for a in arrays)
 
 
 def _use_cuda() -> bool:
@@ -121,6 +124,6 @@ def _use_cuda() -> bool:
 
 
 __all__ = [
-    "NORM_EPS", "Pending", "Stream", "gelu_tanh", "layer_norm", "modulate", "norm_modulate", "norm_modulate_pair",
+    "NORM_EPS", "Pending", "Stream", "gelu_tanh", "gelu_tanh_pair", "layer_norm", "modulate", "norm_modulate", "norm_modulate_pair",
     "norm_modulate_streams", "residual_norm_modulate", "residual_norm_modulate_pair", "settle",
 ]  # fmt: skip

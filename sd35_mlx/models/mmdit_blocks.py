@@ -17,7 +17,7 @@ from typing import Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .block_kernels import NORM_EPS, Pending, Stream, gelu_tanh, norm_modulate, norm_modulate_streams, settle
+from .block_kernels import NORM_EPS, Pending, Stream, gelu_tanh, gelu_tanh_pair, norm_modulate, norm_modulate_streams, settle
 from .joint_heads import attention, heads, joint_attention
 
 Chunks = Tuple[mx.array, ...]  # each (B, 1, H), ready to broadcast over tokens
@@ -142,5 +142,5 @@ class JointBlock(nn.Module):
             (x_stream, xm[3], xm[4]), (Pending(ctx, self.context.attn.proj(ctx_attn), cm[2]), cm[3], cm[4])
         )
         mlp_x, mlp_c = self.x.mlp, self.context.mlp
-        g_x, g_c = gelu_tanh(mlp_x.fc1(h_x), mlp_c.fc1(h_c))  # both streams' GELU in one launch
+        g_x, g_c = gelu_tanh_pair(mlp_x.fc1(h_x), mlp_c.fc1(h_c))  # both streams' GELU in one launch
         return Pending(x, mlp_x.fc2(g_x), xm[5]), Pending(ctx, mlp_c.fc2(g_c), cm[5])
