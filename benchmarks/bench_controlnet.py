@@ -103,6 +103,7 @@ def mlx_rows(args, dtype) -> List[Dict[str, Any]]:
 
 def torch_rows(args, device: str) -> List[Dict[str, Any]]:
     import torch
+    import torch_reference as R
     from diffusers import SD3ControlNetModel, SD3Transformer2DModel
 
     mmdit_cfg, cn_cfg = configs(args.layers)
@@ -125,10 +126,7 @@ def torch_rows(args, device: str) -> List[Dict[str, Any]]:
     finally:
         torch.set_default_dtype(old)
 
-    def sync(_):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
+    sync = R.sync(device)
     sigmas, _ = C.schedule(args.steps)
     rows = []
     for size in args.size:
@@ -147,17 +145,11 @@ def torch_rows(args, device: str) -> List[Dict[str, Any]]:
                      conditioning_scale=1.0, return_dict=False)[0]  # fmt: skip
             v = main(hidden_states=x2, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
                      block_controlnet_hidden_states=res, return_dict=False)[0]  # fmt: skip
-            v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + C.CFG_SCALE * (v_cond - v_uncond)
-            return (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
-
-        def run(x=noise):  # the pipeline's loop: no wait between steps
-            for i in range(args.steps):
-                x = step(x, i)
-            return x
+            return R.cfg_euler(x, v, sigmas, i, C.CFG_SCALE)
 
         sync(None)
-        timing = C.time_per_step(run, args.steps, sync, args.warmup, args.repeat)
+        timing = C.time_per_step(lambda: C.run_steps(step, noise, args.steps), args.steps, sync, args.warmup,
+                                 args.repeat)  # fmt: skip
         rows.append(dict(size=size, **timing.to_dict()))
         log(f"[diffusers] {size}² bf16 with ControlNet: {C.fmt_seconds(timing.median)} per step")
     return rows

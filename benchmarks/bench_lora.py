@@ -156,19 +156,11 @@ def diffusers_measure(config, files: List[Path], size: int, args) -> Dict[str, C
         t = torch.full((2,), float(sigmas[i]) * 1000.0, device=device)
         v = model(hidden_states=torch.cat([x, x]), encoder_hidden_states=ctx, pooled_projections=pooled,
                   timestep=t, return_dict=False)[0]  # fmt: skip
-        v_uncond, v_cond = v.chunk(2)
-        v = v_uncond + C.CFG_SCALE * (v_cond - v_uncond)
-        return (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
-
-    def run():
-        x = noise
-        for i in range(args.steps):
-            x = step(x, i)
-        return x
+        return R.cfg_euler(x, v, sigmas, i, C.CFG_SCALE)
 
     def seconds() -> float:
         with torch.no_grad():
-            return C.time_per_step(run, args.steps, sync, args.warmup, 1).median
+            return C.time_per_step(lambda: C.run_steps(step, noise, args.steps), args.steps, sync, args.warmup, 1).median
 
     counts = sorted(n for n in args.loras if n)
     names = [f"l{j}" for j in range(len(files))]

@@ -245,9 +245,7 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
                 t = torch.full((2,), float(sigmas[i]) * 1000.0, device=device)
                 v = forward(hidden_states=x2, encoder_hidden_states=ctx, pooled_projections=pooled,
                             timestep=t, return_dict=False)[0]  # fmt: skip
-                v_uncond, v_cond = v.chunk(2)
-                v = v_uncond + C.CFG_SCALE * (v_cond - v_uncond)
-                return (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+                return R.cfg_euler(x, v, sigmas, i, C.CFG_SCALE)
 
             compile_s = None
             if compiled:  # the first call compiles this shape
@@ -257,13 +255,9 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
                 compile_s = time.perf_counter() - start
                 log(f"[{label}] {name} {size}²: first call (compile) {compile_s:.1f} s")
 
-            def run(x=noise):  # the pipeline's loop: no wait between steps
-                for i in range(args.steps):
-                    x = step(x, i)
-                return x
-
             sync(None)
-            timing = C.time_per_step(run, args.steps, sync, args.warmup, args.repeat)
+            timing = C.time_per_step(lambda: C.run_steps(step, noise, args.steps), args.steps, sync, args.warmup,
+                                     args.repeat)  # fmt: skip
         rows.append(dict(model=model_key, size=size, compiled=compiled, compile_s=compile_s, **timing.to_dict()))
         log(f"[{label}] {name} {size}²: {C.fmt_seconds(timing.median)} per step")
     del model, forward

@@ -246,6 +246,13 @@ def time_per_step(run: Callable[[], Any], steps: int, sync: Callable[[Any], None
     return Timing([r / steps for r in t.runs])
 
 
+def run_steps(step: Callable[[Any, int], Any], x: Any, steps: int) -> Any:
+    """`steps` calls of step(x, i) one after the other, no wait between them (a baseline's loop)."""
+    for i in range(steps):
+        x = step(x, i)
+    return x
+
+
 def mlx_sync(result: Any) -> None:
     mx.eval(result)
 

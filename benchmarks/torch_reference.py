@@ -98,3 +98,11 @@ def sync(device: str):
             torch.cuda.synchronize()
 
     return wait
+
+
+def cfg_euler(x, v, sigmas, i: int, scale: float):
+    """StableDiffusion3Pipeline's step after the transformer: CFG over the batch-2 velocity `v`,
+    then the Euler update of `x` from sigmas[i] to sigmas[i + 1], in float32."""
+    v_uncond, v_cond = v.chunk(2)
+    v = v_uncond + scale * (v_cond - v_uncond)
+    return (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
