@@ -20,6 +20,7 @@ from typing import List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import mlx.core as mx  # noqa: E402
 from sd35_mlx import fast_quantized as fq  # noqa: E402
 from sd35_mlx.models import block_kernels_cuda as bk  # noqa: E402
 from sd35_mlx.models import joint_heads as jh  # noqa: E402
@@ -49,7 +50,7 @@ def kernels(ctype: str) -> List[Tuple[str, str]]:
     for streams in (1, 2):
         for residual in (False, True):
             names_in, names_out, body = bk.norm_source(streams, residual)
-            template = [("T", None), ("H", 2432), ("RES", residual)]
+            template = [("T", None), ("H", 2432), ("RES", residual), ("THREADS", bk.norm_threads(2432, mx.float32 if ctype == "float" else mx.float16))]
             template += [(k, v) for i in range(streams) for k, v in ((f"ROWS{i}", 8192), (f"N{i}", 4096))]
             out.append((f"norm_modulate streams={streams} residual={residual}",
                         wrap("sd35_norm", bk.HEADER, names_in, names_out, template, body, ctype)))  # fmt: skip
@@ -63,8 +64,14 @@ def kernels(ctype: str) -> List[Tuple[str, str]]:
                                                      list(jh.OUTPUT_NAMES), template, jh.SOURCE, ctype)))  # fmt: skip
     for bits in (4, 8):
         template = [("T", None), ("BITS", bits), ("GROUP", 64), ("WORDS", 4096)]
-        out.append((f"dequantize bits={bits}", wrap("sd35_dequantize", "", ["w", "scales", "biases"], ["out"], template,
-                                                    fq.DEQUANTIZE_SOURCE, ctype, input_types=["uint32_t"])))  # fmt: skip
+        out.append((f"dequantize bits={bits}", wrap("sd35_dequantize", fq.DEQUANTIZE_HEADER, ["w", "scales", "biases"],
+                                                    ["out"], template, fq.DEQUANTIZE_SOURCE, ctype,
+                                                    input_types=["uint32_t"])))  # fmt: skip
+        names_in, names_out, body = fq.dequantize_many_source(3)
+        template = [("T", None), ("BITS", bits), ("GROUP", 64)] + [(f"WORDS{i}", 4096 * (i + 1)) for i in range(3)]
+        out.append((f"dequantize 3 weights bits={bits}", wrap("sd35_dequantize_3", fq.DEQUANTIZE_HEADER, names_in, names_out,
+                                                              template, body, ctype,
+                                                              input_types=["uint32_t", ctype, ctype] * 3)))  # fmt: skip
     return out
 
 

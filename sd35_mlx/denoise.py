@@ -15,9 +15,11 @@ What makes a step fast and lean (docs/performance.md):
 * the step (transformer given modulations + CFG + SLG, and the Euler update when
   `step()` is given an Euler sampler) is one `mx.compile`d call; per-step data (the
   modulation-table row, dt) are arrays, so nothing retraces;
-* a quantized transformer uses dequantize-then-matmul for large token counts;
-* `run` builds step i+1's graph while step i runs on the device (`builds_ahead`), so the
-  device does not idle while the host records the next step's ~1000 operations.
+* a quantized transformer uses dequantize-then-matmul for large token counts, one
+  de-quantization launch per block (`dequantize_per_block`);
+* `run` builds step i+1's graph while step i runs on the device (`builds_ahead`) and
+  queues it before waiting for step i (`queue_ahead`), so the device does not idle while
+  the host records and encodes the next step's ~800 operations.
 
 `free_adaln` / `free_pos_embed` mutate the transformer: use them only when the caller owns
 it and will not call it directly again (the pipeline drops it after denoising). Calling
@@ -62,6 +64,7 @@ class Denoiser:
         free_pos_embed: bool = False,
         compile: bool = True,
         dequantize_min_rows: Optional[int] = None,
+        dequantize_per_block: bool = True,
         split_cfg: bool = False,
         slg_steps: Optional[int] = None,
         controlnets: Sequence[ActiveControlNet] = (),
@@ -71,7 +74,9 @@ class Denoiser:
         are precomputed. free_adaln (needs sigmas) / free_pos_embed: drop those weights
         from the transformer (see the module docstring). compile: mx.compile the step.
         dequantize_min_rows: rows from which quantized layers dequantize before their
-        matmul (default per backend; fast_quantized.py). split_cfg: run the negative and
+        matmul (default per backend; fast_quantized.py); dequantize_per_block: all of a block's
+        quantized layers de-quantize in one launch (their 16-bit weights alive together for the
+        block; the pipeline turns it off under a memory budget). split_cfg: run the negative and
         positive passes one after the other (batch 1 each, evaluated in between) instead of
         as one batch of 2: half the activation memory, somewhat slower. cfg_exchange
         (distributed.CFGExchange): CFG-parallel over 2 ranks, this rank runs one of the two
@@ -104,6 +109,7 @@ class Denoiser:
         for network in (transformer, *(c.net for c in controlnets)):
             use_dequantized_matmul(network, dequantize_min_rows)  # no-op if not quantized
             use_float32_compute(network)  # the CPU only: 16-bit weights, float32 matmuls
+        transformer.dequantize_per_block = bool(dequantize_per_block)
         self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
         self.table = None  # (steps, B, N, H) packed modulations
         if self.sigmas is not None:
@@ -191,16 +197,20 @@ class Denoiser:
         indices: Iterable[int],
         after_step: Optional[Callable[[int, mx.array], mx.array]] = None,
         evaluation: Callable[[], ContextManager] = nullcontext,
+        queue_ahead: bool = True,
     ) -> Iterator[Tuple[int, mx.array]]:
         """Yield (i, latents after step i), evaluated, for each step index in `indices`.
 
         after_step(i, latents) -> latents: lazy work that belongs to step i (inpainting's blend).
         evaluation(): a context each step's evaluation runs in (a memory limit); the consumer's
         code between steps runs outside it. With `builds_ahead`, step i+1's graph is built
-        on top of step i's (still lazy) result while step i runs on the device; it is only
-        evaluated after step i is yielded, so a consumer that stops leaves nothing running
-        (the built graph is dropped). The sampler's history (DPM-Solver++) then already
-        holds step i+1: use a fresh sampler per run.
+        on top of step i's (still lazy) result while step i runs on the device. queue_ahead:
+        step i+1 is also queued on the device before step i is waited for, so the device
+        never idles while the host encodes the next step's kernels (two steps' buffers may
+        then be alive at once: the pipeline turns it off under a memory budget); without it,
+        step i+1 is evaluated only after step i is yielded. A consumer that stops leaves
+        nothing running: a queued step is waited for and dropped. The sampler's history
+        (DPM-Solver++) then already holds step i+1: use a fresh sampler per run.
         """
 
         def build(i: int, x: mx.array) -> mx.array:
@@ -209,20 +219,26 @@ class Denoiser:
 
         steps = list(indices)
         ahead = self.builds_ahead
-        built = None  # the next step's graph, built ahead
-        for n, i in enumerate(steps):
-            with evaluation():  # evaluating allocates; building does not
-                current = built if built is not None else build(i, latents)
-                built = None
-                if ahead and n + 1 < len(steps):
-                    mx.async_eval(current)
-                    try:
-                        built = build(steps[n + 1], current)
-                    except Exception:  # built again in order: its error comes after this step, as it would
-                        ahead = False
-                mx.eval(current)
-            latents = current
-            yield i, current
+        built = None  # the next step's graph, built (and maybe queued) ahead
+        try:
+            for n, i in enumerate(steps):
+                with evaluation():  # evaluating allocates; building does not
+                    current = built if built is not None else build(i, latents)
+                    built = None
+                    if ahead and n + 1 < len(steps):
+                        mx.async_eval(current)  # a no-op when it was queued ahead
+                        try:
+                            built = build(steps[n + 1], current)
+                            if queue_ahead:
+                                mx.async_eval(built)
+                        except Exception:  # built again in order: its error comes after this step, as it would
+                            ahead, built = False, None
+                    mx.eval(current)
+                latents = current
+                yield i, current
+        finally:
+            if built is not None and queue_ahead:
+                mx.synchronize()  # the queued step finishes before its buffers are dropped
 
     def _control_at(self, step: int, sigma: float):
         """(timestep, per-ControlNet scales, indices of the ControlNets that run) at `step`."""

@@ -17,9 +17,11 @@ See benchmarks/bench_quantized_matmul.py for the measurements that set `min_rows
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,11 +68,12 @@ def _use_dequantize_kernel(layer: nn.QuantizedLinear, dtype: mx.Dtype) -> bool:
 
 # One 32-bit word per thread (8 four-bit or 4 eight-bit values), written with one or two
 # 16-byte stores; the same arithmetic as mx.dequantize (scale * q + bias in the output type).
-DEQUANTIZE_SOURCE = """
+DEQUANTIZE_HEADER = """
+template <typename T, int BITS, int GROUP>
+__device__ __forceinline__ void sd35_dequantize_word(const uint32_t* w, const T* scales, const T* biases,
+                                                     T* out, long long idx) {
     constexpr int PER = 32 / BITS;
     constexpr unsigned int MASK = (1u << BITS) - 1u;
-    const long long idx = (long long)(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (idx >= WORDS) return;
     const long long g = (idx * PER) / GROUP;
     const T scale = scales[g];
     const T bias = biases[g];
@@ -88,7 +91,32 @@ DEQUANTIZE_SOURCE = """
     } else {
         reinterpret_cast<uint2*>(dst)[0] = reinterpret_cast<const uint2*>(vals)[0];
     }
+}
 """
+
+DEQUANTIZE_SOURCE = """
+    const long long idx = (long long)(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= WORDS) return;
+    sd35_dequantize_word<T, BITS, GROUP>(w, scales, biases, out, idx);
+"""
+
+
+def dequantize_many_source(count: int) -> Tuple[List[str], List[str], str]:
+    """(input names, output names, body) of one launch de-quantizing `count` weights:
+    threads past the first weight's words take the next one."""
+    inputs = [f"{n}{i}" for i in range(count) for n in ("w", "scales", "biases")]
+    body = ["const long long idx = (long long)(blockIdx.x) * blockDim.x + threadIdx.x;"]
+    start = "0"
+    for i in range(count):
+        body.append(
+            f"if (idx >= {start} && idx < {start} + WORDS{i}) {{\n"
+            f"  sd35_dequantize_word<T, BITS, GROUP>(w{i}, scales{i}, biases{i}, out{i}, idx - ({start}));\n"
+            "  return;\n"
+            "}"
+        )
+        start = f"{start} + WORDS{i}"
+    return inputs, [f"out{i}" for i in range(count)], "\n".join(body)
+
 
 @functools.cache
 def _dequantize_kernel():
@@ -97,6 +125,7 @@ def _dequantize_kernel():
         input_names=["w", "scales", "biases"],
         output_names=["out"],
         source=DEQUANTIZE_SOURCE,
+        header=DEQUANTIZE_HEADER,
     )
 
 
@@ -112,6 +141,64 @@ def _dequantize_cuda(w: mx.array, scales: mx.array, biases: mx.array, group_size
         output_dtypes=[scales.dtype],
     )
     return out
+
+
+@functools.cache
+def _dequantize_many_kernel(count: int):
+    inputs, outputs, source = dequantize_many_source(count)
+    return mx.fast.cuda_kernel(name=f"sd35_dequantize_{count}", input_names=inputs, output_names=outputs,
+                               source=source, header=DEQUANTIZE_HEADER)  # fmt: skip
+
+
+def dequantized_weights(layers: Sequence[nn.QuantizedLinear]) -> List[mx.array]:
+    """Every layer's weight in its scales' dtype; on CUDA one launch for all of them when they
+    share bits, group size and dtype (one kernel per block instead of one per layer), else
+    one `dequantized_weight` each."""
+    if len(layers) > 1 and all(_use_dequantize_kernel(l, l["scales"].dtype) for l in layers) and len(
+        {(l.bits, l.group_size, l["scales"].dtype) for l in layers}
+    ) == 1:
+        first, threads = layers[0], 256
+        words = [l["weight"].size for l in layers]
+        template = [("T", first["scales"].dtype), ("BITS", first.bits), ("GROUP", first.group_size)]
+        template += [(f"WORDS{i}", n) for i, n in enumerate(words)]
+        if sum(words) < 2**31:
+            return _dequantize_many_kernel(len(layers))(
+                inputs=[a for l in layers for a in (l["weight"], l["scales"], l["biases"])],
+                template=template,
+                grid=(math.ceil(sum(words) / threads) * threads, 1, 1),
+                threadgroup=(threads, 1, 1),
+                output_shapes=[(l["weight"].shape[0], l["weight"].shape[1] * 32 // l.bits) for l in layers],
+                output_dtypes=[first["scales"].dtype] * len(layers),
+            )
+    return [dequantized_weight(l) for l in layers]
+
+
+# The weights `dequantized_together` made for the layers running now, by layer identity.
+_DENSE: contextvars.ContextVar[Dict[int, mx.array]] = contextvars.ContextVar("sd35_dense_weights", default={})
+
+
+def dense_layers(module: nn.Module, skip: Sequence[str] = ()) -> List["DequantizingLinear"]:
+    """The DequantizingLinear layers inside `module` in a fixed order, leaving out those under a
+    submodule named in `skip`."""
+    return [m for name, m in sorted(module.named_modules(), key=lambda kv: kv[0])
+            if isinstance(m, DequantizingLinear) and not set(name.split(".")) & set(skip)]  # fmt: skip
+
+
+@contextmanager
+def dequantized_together(layers: Sequence["DequantizingLinear"], rows: int) -> Iterator[None]:
+    """While inside, `layers` take their dense weights from one shared de-quantization (lazy: one
+    kernel when the first of them runs) instead of one each. Only when every layer would
+    de-quantize at `rows` rows (the fewest any of them sees); else nothing changes. The shared
+    weights stay alive until the last of the layers has run: all of them at 16-bit at once."""
+    used = [l for l in layers if l.dense_dtype() is not None]
+    if len(used) < 2 or any(rows < l.min_rows for l in used):
+        yield
+        return
+    token = _DENSE.set({**_DENSE.get(), **{id(l): w for l, w in zip(used, dequantized_weights(used))}})
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
 
 
 class DequantizingLinear(nn.QuantizedLinear):
@@ -132,6 +219,12 @@ class DequantizingLinear(nn.QuantizedLinear):
         new.freeze()
         return new
 
+    def dense_dtype(self) -> Optional[mx.Dtype]:
+        """The dtype a shared de-quantization gives this layer (its scales'), or None where the
+        layer computes in another dtype (the CPU's float32: see cpu_compute.py)."""
+        dtype = self["scales"].dtype
+        return None if compute_in_float32(dtype) else dtype
+
     def to_quantized(self) -> nn.QuantizedLinear:
         plain = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
         nn.Module.__init__(plain)
@@ -146,7 +239,9 @@ class DequantizingLinear(nn.QuantizedLinear):
         if rows < self.min_rows:
             return super().__call__(x)
         dtype = mx.float32 if compute_in_float32(x.dtype) else x.dtype  # the CPU: see cpu_compute.py
-        xc, w = x.astype(dtype), dequantized_weight(self, dtype)
+        shared = _DENSE.get().get(id(self))
+        w = shared.astype(dtype) if shared is not None else dequantized_weight(self, dtype)
+        xc = x.astype(dtype)
         y = mx.addmm(self["bias"].astype(dtype), xc, w.T) if "bias" in self else xc @ w.T
         return y.astype(x.dtype)
 
@@ -193,6 +288,7 @@ def use_quantized_matmul(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dequantized_weight",
+    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dense_layers", "dequantized_together",
+    "dequantized_weight", "dequantized_weights",
     "use_dequantized_matmul", "use_quantized_matmul",
 ]  # fmt: skip

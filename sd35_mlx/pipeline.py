@@ -579,6 +579,7 @@ class SD35Pipeline:
                 cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
                 split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
+                dequantize_per_block=not self.budget_bytes,  # under a budget one 16-bit weight at a time
                 slg_steps=s.steps if s.init_image is not None and s.img2img_rule == "stability" else None,
                 controlnets=controlnets,
                 cfg_exchange=cfg_exchange,
@@ -587,10 +588,14 @@ class SD35Pipeline:
         t0 = time.perf_counter()
         # inpainting: the known region back, noised to the next sigma (part of each step)
         after_step = (lambda i, x: blend.apply(x, sigmas[i + 1])) if blend is not None else None
+        # Under a budget one step's buffers at a time: the next step is not queued ahead.
+        steps = denoiser.run(latents, sampler, range(len(sigmas) - 1), after_step, self._within_budget,
+                             queue_ahead=not self.budget_bytes)  # fmt: skip
         try:  # each step evaluates within the budget; the caller's code between steps runs unlimited
-            for i, latents in denoiser.run(latents, sampler, range(len(sigmas) - 1), after_step, self._within_budget):
+            for i, latents in steps:
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)
         finally:
+            steps.close()  # a step queued ahead finishes before the transformer is released
             self.timings["denoise"] = time.perf_counter() - t0
             if self.low_memory:
                 self.release("transformer")

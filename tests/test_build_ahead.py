@@ -1,7 +1,9 @@
-"""Building the next step's graph while the current step runs (Denoiser.run) changes nothing
-but the timing: the same latents bit for bit, the same StepInfo sequence, step i+1 never
-evaluated before step i is handed over (a consumer that stops leaves it unevaluated), and the
-steps that evaluate or exchange inside (split CFG, CFG-parallel) keep one step after the other."""
+"""Building the next step's graph while the current step runs (Denoiser.run), and queueing it
+before waiting for the current one, changes nothing but the timing: the same latents bit for bit,
+the same StepInfo sequence; without queueing, step i+1 is never evaluated before step i is handed
+over; a consumer that stops leaves nothing running; the pipeline queues ahead only without a
+memory budget; and the steps that evaluate or exchange inside (split CFG, CFG-parallel) keep one
+step after the other."""
 
 from __future__ import annotations
 
@@ -67,10 +69,11 @@ def test_run_gives_the_latents_of_the_step_by_step_loop(case, sampler):
         assert np.abs(x - ref).max() == 0, i
 
 
-def traced_run(den: Denoiser, monkeypatch, stop_after=None):
-    """Events in order: ("build", i), ("async", i) / ("eval", i) of step i's result, ("yield", i)."""
+def traced_run(den: Denoiser, monkeypatch, stop_after=None, queue_ahead=True):
+    """Events in order: ("build", i), ("async", i) / ("eval", i) of step i's result, ("yield", i),
+    ("synchronize", None)."""
     events, built = [], {}
-    real_step, real_eval, real_async = den.step, mx.eval, mx.async_eval
+    real_step, real_eval, real_async, real_sync = den.step, mx.eval, mx.async_eval, mx.synchronize
 
     def step(x, i, sampler):
         events.append(("build", i))
@@ -87,7 +90,8 @@ def traced_run(den: Denoiser, monkeypatch, stop_after=None):
     monkeypatch.setattr(den, "step", step)
     monkeypatch.setattr(mx, "eval", spy("eval", real_eval))
     monkeypatch.setattr(mx, "async_eval", spy("async", real_async))
-    run = den.run(noise(), make_sampler("euler", den.sigmas), range(STEPS))
+    monkeypatch.setattr(mx, "synchronize", lambda *a: events.append(("synchronize", None)) or real_sync(*a))
+    run = den.run(noise(), make_sampler("euler", den.sigmas), range(STEPS), queue_ahead=queue_ahead)
     for i, _ in run:
         events.append(("yield", i))
         if i == stop_after:
@@ -96,11 +100,14 @@ def traced_run(den: Denoiser, monkeypatch, stop_after=None):
     return events, built
 
 
-def test_the_next_step_is_built_while_this_one_runs_and_evaluated_after_it_is_yielded(monkeypatch):
-    events, _ = traced_run(make_denoiser("cfg+slg"), monkeypatch)
+@pytest.mark.parametrize("queue_ahead", [True, False])
+def test_the_next_step_is_built_while_this_one_runs(monkeypatch, queue_ahead):
+    """Queued ahead: step i+1 is queued before step i is waited for. Not queued: it is only
+    evaluated after step i is yielded."""
+    events, _ = traced_run(make_denoiser("cfg+slg"), monkeypatch, queue_ahead=queue_ahead)
     expected = [("build", 0)]
     for i in range(STEPS):
-        nxt = [("build", i + 1)] if i + 1 < STEPS else []
+        nxt = [("build", i + 1)] + [("async", i + 1)] * queue_ahead if i + 1 < STEPS else []
         expected += [("async", i)] * bool(nxt) + nxt + [("eval", i), ("yield", i)]
     assert events == expected
 
@@ -121,11 +128,24 @@ def test_cfg_parallel_keeps_one_step_after_the_other():
 
 def test_a_consumer_that_stops_leaves_the_built_step_unevaluated(monkeypatch):
     stop = 2
-    events, built = traced_run(make_denoiser("single"), monkeypatch, stop_after=stop)
+    events, built = traced_run(make_denoiser("single"), monkeypatch, stop_after=stop, queue_ahead=False)
     assert sorted(built) == list(range(stop + 2))  # step stop+1 was built ahead ...
     assert ("build", stop + 1) in events
     assert not [e for e in events if e[1] == stop + 1 and e[0] != "build"]  # ... and never evaluated
     assert events[-1] == ("yield", stop)
+
+
+def test_a_consumer_that_stops_waits_for_the_queued_step(monkeypatch):
+    """The step queued ahead finishes before the run returns: nothing is left running."""
+    stop = 2
+    events, built = traced_run(make_denoiser("single"), monkeypatch, stop_after=stop)
+    assert ("async", stop + 1) in events and sorted(built) == list(range(stop + 2))
+    assert events[-2:] == [("yield", stop), ("synchronize", None)]
+
+
+def test_a_run_that_ends_leaves_nothing_to_wait_for(monkeypatch):
+    events, _ = traced_run(make_denoiser("single"), monkeypatch)
+    assert events[-1] == ("yield", STEPS - 1)
 
 
 def test_an_error_building_the_next_step_comes_after_this_step_is_yielded(monkeypatch):
@@ -192,3 +212,27 @@ def test_the_pipeline_gives_the_same_steps_with_and_without_building_ahead(pipe,
     for a, b in zip(ahead, in_order):
         assert a[:4] == b[:4]
         assert np.abs(a[4] - b[4]).max() == 0, (name, a[0])
+
+
+@pytest.mark.parametrize("budget", [None, 50.0])
+def test_the_pipeline_queues_ahead_and_shares_dequantization_only_without_a_budget(tmp_path, monkeypatch, budget):
+    """Under a memory budget one step's buffers and one 16-bit weight at a time: neither the
+    next step is queued ahead nor a block's quantized layers de-quantize together."""
+    make_tiny_model(tmp_path, TinySpec(num_layers=2, dual_attention_layers=()))
+    pipe = SD35Pipeline.from_pretrained(tmp_path, dtype=mx.float32, memory_budget=budget, plan_size=(H, W))
+    seen = {}
+    real_init, real_run = Denoiser.__init__, Denoiser.run
+
+    def init(self, *a, **kw):
+        seen["dequantize_per_block"] = kw.get("dequantize_per_block")
+        real_init(self, *a, **kw)
+
+    def run(self, *a, **kw):
+        seen["queue_ahead"] = kw.get("queue_ahead")
+        return real_run(self, *a, **kw)
+
+    monkeypatch.setattr(Denoiser, "__init__", init)
+    monkeypatch.setattr(Denoiser, "run", run)
+    s = GenerationSettings(prompt=PROMPT, height=H, width=W, steps=2, cfg=4.0, t5_length=77, seed=1)
+    assert len(list(pipe.generate_latents(s, noise=noise_pair(3)[0]))) == 2
+    assert seen == {"dequantize_per_block": budget is None, "queue_ahead": budget is None}

@@ -236,6 +236,69 @@ def test_quantized_transformer_fast_path_equals_slow_path():
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_quantized_blocks_layers_share_one_dequantization(monkeypatch, compile):
+    """dequantize_per_block: every quantized layer of a block takes its weight from one shared
+    de-quantization per block (one kernel on CUDA), none de-quantizes on its own, and the
+    latents are those of one de-quantization per layer."""
+    from sd35_mlx import fast_quantized as fq
+
+    pos, neg = prompts()
+    sigmas = flow_sigmas(STEPS, 3.0)
+    x0, slg = noise(), SkipLayerSettings(**SLG)
+
+    def quantized():
+        return quantize_network(tiny_model(), make_spec("transformer", bits=4), "transformer")
+
+    per_layer = denoiser_run(quantized(), x0, pos, neg, sigmas, 4.5, slg, compile=compile, dequantize_min_rows=1,
+                             dequantize_per_block=False)  # fmt: skip
+    model = quantized()
+    shared, alone = [], []
+    real_one = fq.dequantized_weight
+
+    def together(layers):
+        shared.append({id(l) for l in layers})
+        return [mx.dequantize(l.weight, l.scales, l.biases, l.group_size, l.bits) for l in layers]
+
+    monkeypatch.setattr(fq, "dequantized_weights", together)
+    monkeypatch.setattr(fq, "dequantized_weight", lambda layer, dtype=None: alone.append(id(layer)) or real_one(layer, dtype))
+    per_block = denoiser_run(model, x0, pos, neg, sigmas, 4.5, slg, compile=compile, dequantize_min_rows=1)
+    blocks = [{id(l) for l in fq.dense_layers(b, skip=("adaLN",))} for b in model.blocks]  # the forward's layers
+    assert all(len(b) > 1 for b in blocks)
+    assert blocks[0] in shared and all(s in blocks for s in shared)  # one shared set per block, every block
+    assert not set(alone) & set().union(*blocks)  # only the adaLN (the modulation table) and the final projection
+    assert np.abs(np.array(per_block) - np.array(per_layer)).max() == 0
+
+
+def test_blocks_dequantize_layer_by_layer_where_a_layer_would_not_dequantize():
+    """Below a layer's row threshold it runs the quantized kernel: nothing is shared then."""
+    from sd35_mlx import fast_quantized as fq
+
+    model = quantize_network(tiny_model(), make_spec("transformer", bits=4), "transformer")
+    use_dequantized_matmul(model, min_rows=100)
+    layers = fq.dense_layers(model.blocks[0])
+    with fq.dequantized_together(layers, rows=99):
+        assert fq._DENSE.get() == {}
+    with fq.dequantized_together(layers, rows=100):
+        assert set(fq._DENSE.get()) == {id(l) for l in layers}
+    assert fq._DENSE.get() == {}
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the shared dequantize kernel is CUDA-only")
+@pytest.mark.parametrize("bits, dtype", [(4, mx.bfloat16), (8, mx.float16)])
+def test_one_launch_dequantizes_every_layer_as_mx_dequantize_on_cuda(bits, dtype):
+    from sd35_mlx import fast_quantized as fq
+
+    layers = [nn.QuantizedLinear(i, o, group_size=64, bits=bits) for i, o in ((128, 384), (256, 64), (64, 192))]
+    for layer in layers:
+        layer.set_dtype(dtype)
+    got = fq.dequantized_weights(layers)
+    for layer, w in zip(layers, got):
+        want = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, bits)
+        assert w.dtype == want.dtype and w.shape == want.shape
+        assert mx.array_equal(w, want).item()
+
+
 def test_module_swap_keeps_parameters_and_round_trips():
     model = quantize_network(tiny_model(), make_spec("transformer", bits=8), "transformer")
     before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}

@@ -24,13 +24,15 @@ Nothing here synchronises with the host: shape checks use static shapes only.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import MMDiTConfig
 from ..errors import InputError, SD35Error
+from ..fast_quantized import dense_layers, dequantized_together
 from .block_kernels import Stream, norm_modulate_streams, settle
 from .mmdit_blocks import Chunks, JointBlock, ada_chunks
 
@@ -140,6 +142,9 @@ class MMDiT(nn.Module):
         ]
         self.final_layer = FinalLayer(h, p, config.out_channels)
         self._positions = _PositionCache()
+        # Quantized layers (fast_quantized.DequantizingLinear) of a block de-quantize in one
+        # launch, their 16-bit weights alive together for the block: set by the Denoiser.
+        self.dequantize_per_block = False
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -371,11 +376,13 @@ class MMDiT(nn.Module):
 
         x = self.embed_latents(latents)
         ctx = context_tokens.astype(dtype)
+        fewest_rows = b * min(gh * gw, ctx.shape[1])  # what a quantized layer of a block sees at least
 
         block_mods, final_mod = modulations
         for i, block in enumerate(self.blocks):  # x and ctx may carry a pending MLP residual
             if i not in skip:
-                x, ctx = block.forward_deferred(x, ctx, block_mods[i])
+                with self._block_weights(block, fewest_rows):
+                    x, ctx = block.forward_deferred(x, ctx, block_mods[i])
             if residuals is not None and residuals[i] is not None:
                 x = settle(x) + residuals[i].astype(dtype)
 
@@ -383,6 +390,13 @@ class MMDiT(nn.Module):
         c_out = cfg.out_channels
         out = out.reshape(b, gh, gw, p, p, c_out).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, height, width, c_out)
+
+    def _block_weights(self, block: JointBlock, rows: int) -> ContextManager:
+        """With `dequantize_per_block`, a quantized block's layers share one de-quantization."""
+        if not self.dequantize_per_block:
+            return nullcontext()
+        # the adaLN projections are not part of the forward: the modulations come precomputed
+        return dequantized_together(dense_layers(block, skip=("adaLN",)), rows)
 
     def __call__(
         self,
