@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="medium", choices=sorted(C.MODELS))
     p.add_argument("--size", nargs="+", type=int, default=[1024])
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--bits", type=int, default=16, choices=(16, 8, 4), help="our transformer's weights")
     p.add_argument("--t5-tokens", type=int, default=256)
     p.add_argument("--top", type=int, default=12, help="kernel names listed per side")
     p.add_argument("--torch", action="store_true", help="also profile diffusers' eager step")
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
         if not worst <= CHECK_BOUND:  # NaN fails too
             raise SystemExit(f"block kernels differ from the plain path by {worst:.2e} (bound {CHECK_BOUND})")
         return
-    model = C.random_network("transformer", cfg, dtype)
+    model = C.random_network("transformer", cfg, dtype, args.bits if args.bits < 16 else None)
     cond = C.random_conditioning(2, args.t5_tokens, dtype)
     for size in args.size:
         h = size // 8
@@ -187,7 +188,7 @@ def main(argv=None) -> None:
 
         denoiser, _ = C.make_denoiser(model, cond[1], cond[0], sigmas=sigmas)
         kernels, wall = profile(one_step(denoiser), args.steps)
-        report(f"sd35_mlx {name} {size}²", kernels, wall, args.steps, args.top)
+        report(f"sd35_mlx {name} {size}²{'' if args.bits == 16 else f' {args.bits}-bit'}", kernels, wall, args.steps, args.top)
         if args.plain:
             from sd35_mlx.backend import KERNELS
 

@@ -184,6 +184,12 @@ def dense_layers(module: nn.Module, skip: Sequence[str] = ()) -> List["Dequantiz
             if isinstance(m, DequantizingLinear) and not set(name.split(".")) & set(skip)]  # fmt: skip
 
 
+def dense_bytes(layers: Sequence[nn.Module]) -> int:
+    """What de-quantizing these quantized layers together holds at once: their 16-bit weights."""
+    return sum(l["weight"].shape[0] * l["weight"].shape[1] * 32 // l.bits * l["scales"].dtype.size
+               for l in layers if isinstance(l, nn.QuantizedLinear))  # fmt: skip
+
+
 @contextmanager
 def dequantized_together(layers: Sequence["DequantizingLinear"], rows: int) -> Iterator[None]:
     """While inside, `layers` take their dense weights from one shared de-quantization (lazy: one
@@ -288,7 +294,7 @@ def use_quantized_matmul(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dense_layers", "dequantized_together",
+    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dense_bytes", "dense_layers", "dequantized_together",
     "dequantized_weight", "dequantized_weights",
     "use_dequantized_matmul", "use_quantized_matmul",
 ]  # fmt: skip

@@ -175,7 +175,11 @@ class SD35Pipeline:
             return
         from .memory import own_need_bytes
 
-        self._kept_need = own_need_bytes(self._estimator(self._load_transformer().config), height, width, t5_tokens)
+        transformer = self._load_transformer()
+        # + a quantized block's 16-bit weights, alive together while it runs (Denoiser's dequantize_per_block)
+        self._kept_need = own_need_bytes(self._estimator(transformer.config), height, width, t5_tokens) + (
+            transformer.block_dense_bytes()
+        )
         self._kept_need_size = key
 
     # ---- construction ----

@@ -284,6 +284,20 @@ def test_blocks_dequantize_layer_by_layer_where_a_layer_would_not_dequantize():
     assert fq._DENSE.get() == {}
 
 
+def test_block_dense_bytes_is_what_one_block_holds_dequantized():
+    """What the kept-loaded memory limit adds for a quantized transformer: the largest block's
+    shared 16-bit weights (0 for a 16-bit transformer)."""
+    from sd35_mlx import fast_quantized as fq
+
+    model = quantize_network(tiny_model(), make_spec("transformer", bits=4), "transformer")
+    as_loaded = model.block_dense_bytes()  # plain nn.QuantizedLinear layers, as the pipeline loads them
+    use_dequantized_matmul(model, min_rows=1)  # as the Denoiser runs them
+    want = max(sum(w.nbytes for w in fq.dequantized_weights(fq.dense_layers(b, skip=("adaLN",))))
+               for b in model.blocks)  # fmt: skip
+    assert as_loaded == model.block_dense_bytes() == want > 0
+    assert tiny_model().block_dense_bytes() == 0
+
+
 @pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the shared dequantize kernel is CUDA-only")
 @pytest.mark.parametrize("bits, dtype", [(4, mx.bfloat16), (8, mx.float16)])
 def test_one_launch_dequantizes_every_layer_as_mx_dequantize_on_cuda(bits, dtype):

@@ -32,7 +32,7 @@ import mlx.nn as nn
 
 from ..config import MMDiTConfig
 from ..errors import InputError, SD35Error
-from ..fast_quantized import dense_layers, dequantized_together
+from ..fast_quantized import dense_bytes, dense_layers, dequantized_together
 from .block_kernels import Stream, norm_modulate_streams, settle
 from .mmdit_blocks import Chunks, JointBlock, ada_chunks
 
@@ -390,6 +390,12 @@ class MMDiT(nn.Module):
         c_out = cfg.out_channels
         out = out.reshape(b, gh, gw, p, p, c_out).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, height, width, c_out)
+
+    def block_dense_bytes(self) -> int:
+        """The most a block's shared de-quantization holds at once (0 when nothing is quantized)."""
+        quantized = [[m for name, m in b.named_modules() if isinstance(m, nn.QuantizedLinear) and "adaLN" not in name]
+                     for b in self.blocks]  # fmt: skip
+        return max((dense_bytes(layers) for layers in quantized), default=0)
 
     def _block_weights(self, block: JointBlock, rows: int) -> ContextManager:
         """With `dequantize_per_block`, a quantized block's layers share one de-quantization."""
