@@ -164,6 +164,19 @@ class SD35Pipeline:
             return memory_limit(mx.get_active_memory() + self._kept_need + throttle_margin())
         return memory_limit(budget_limit(self.budget_bytes, self.plan))
 
+    def _dequantizes_per_block(self) -> bool:
+        """Whether a quantized block's layers de-quantize together (the Denoiser's
+        dequantize_per_block): always without a budget; under one only where a block's 16-bit
+        weights fit between the stage's memory limit and the budget's throttle, since MLX checks
+        its limit before an operation allocates and that one kernel allocates them all at once."""
+        if not self.budget_bytes:
+            return True
+        from .memory import budget_limit, throttle_bytes
+
+        headroom = self.plan.headroom if self.plan is not None else 0
+        shared = self._load_transformer().block_dense_bytes()
+        return budget_limit(self.budget_bytes, self.plan) + shared <= throttle_bytes(self.budget_bytes, headroom)
+
     def _prepare_kept_loaded_limit(self, height: int, width: int, t5_tokens: int) -> None:
         """Kept loaded without a budget: the largest stage's own need at this size, from the
         planner's estimator (the largest size so far counts, so a smaller image never
@@ -583,7 +596,7 @@ class SD35Pipeline:
                 cfg=s.cfg, skip_layer_guidance=s.skip_layer_guidance, num_steps=len(sigmas) - 1,
                 sigmas=sigmas, free_adaln=self.low_memory, free_pos_embed=self.low_memory,
                 split_cfg=self.plan is not None and self.plan.split_cfg,  # half the activations, when the plan needs it
-                dequantize_per_block=not self.budget_bytes,  # under a budget one 16-bit weight at a time
+                dequantize_per_block=self._dequantizes_per_block(),
                 slg_steps=s.steps if s.init_image is not None and s.img2img_rule == "stability" else None,
                 controlnets=controlnets,
                 cfg_exchange=cfg_exchange,
@@ -592,9 +605,9 @@ class SD35Pipeline:
         t0 = time.perf_counter()
         # inpainting: the known region back, noised to the next sigma (part of each step)
         after_step = (lambda i, x: blend.apply(x, sigmas[i + 1])) if blend is not None else None
-        # Under a budget one step's buffers at a time: the next step is not queued ahead.
-        steps = denoiser.run(latents, sampler, range(len(sigmas) - 1), after_step, self._within_budget,
-                             queue_ahead=not self.budget_bytes)  # fmt: skip
+        # The next step is queued while one runs; under a budget MLX's memory limit holds that
+        # queued work too (evaluation waits at the limit), so the budget holds either way.
+        steps = denoiser.run(latents, sampler, range(len(sigmas) - 1), after_step, self._within_budget)
         try:  # each step evaluates within the budget; the caller's code between steps runs unlimited
             for i, latents in steps:
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)

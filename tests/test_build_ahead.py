@@ -215,24 +215,32 @@ def test_the_pipeline_gives_the_same_steps_with_and_without_building_ahead(pipe,
 
 
 @pytest.mark.parametrize("budget", [None, 50.0])
-def test_the_pipeline_queues_ahead_and_shares_dequantization_only_without_a_budget(tmp_path, monkeypatch, budget):
-    """Under a memory budget one step's buffers and one 16-bit weight at a time: neither the
-    next step is queued ahead nor a block's quantized layers de-quantize together."""
+def test_the_pipeline_queues_ahead_and_shares_dequantization_with_room_for_it(tmp_path, monkeypatch, budget):
+    """The next step is queued ahead with or without a budget (MLX's memory limit holds queued
+    work); a block's quantized layers de-quantize together without a budget, and under one only
+    while their 16-bit weights fit between the stage's limit and the budget's throttle."""
     make_tiny_model(tmp_path, TinySpec(num_layers=2, dual_attention_layers=()))
-    pipe = SD35Pipeline.from_pretrained(tmp_path, dtype=mx.float32, memory_budget=budget, plan_size=(H, W))
-    seen = {}
+    pipe = SD35Pipeline.from_pretrained(tmp_path, dtype=mx.float32, memory_budget=budget, plan_size=(H, W),
+                                        quantize="transformer=4")  # fmt: skip
+    seen = []
     real_init, real_run = Denoiser.__init__, Denoiser.run
 
     def init(self, *a, **kw):
-        seen["dequantize_per_block"] = kw.get("dequantize_per_block")
+        seen.append(("dequantize_per_block", kw.get("dequantize_per_block")))
         real_init(self, *a, **kw)
 
     def run(self, *a, **kw):
-        seen["queue_ahead"] = kw.get("queue_ahead")
+        seen.append(("queue_ahead", kw.get("queue_ahead", True)))
         return real_run(self, *a, **kw)
 
     monkeypatch.setattr(Denoiser, "__init__", init)
     monkeypatch.setattr(Denoiser, "run", run)
     s = GenerationSettings(prompt=PROMPT, height=H, width=W, steps=2, cfg=4.0, t5_length=77, seed=1)
     assert len(list(pipe.generate_latents(s, noise=noise_pair(3)[0]))) == 2
-    assert seen == {"dequantize_per_block": budget is None, "queue_ahead": budget is None}
+    assert seen == [("dequantize_per_block", True), ("queue_ahead", True)]
+    assert pipe._load_transformer().block_dense_bytes() > 0
+    # a block whose 16-bit weights would not fit beside the stage's limit: one layer at a time
+    monkeypatch.setattr(type(pipe._load_transformer()), "block_dense_bytes", lambda self: 10**13)
+    seen.clear()
+    assert len(list(pipe.generate_latents(s, noise=noise_pair(3)[0]))) == 2
+    assert seen == [("dequantize_per_block", budget is None), ("queue_ahead", True)]
