@@ -154,22 +154,21 @@ def dequantized_weights(layers: Sequence[nn.QuantizedLinear]) -> List[mx.array]:
     """Every layer's weight in its scales' dtype; on CUDA one launch for all of them when they
     share bits, group size and dtype (one kernel per block instead of one per layer), else
     one `dequantized_weight` each."""
-    if len(layers) > 1 and all(_use_dequantize_kernel(l, l["scales"].dtype) for l in layers) and len(
-        {(l.bits, l.group_size, l["scales"].dtype) for l in layers}
-    ) == 1:
+    words = [l["weight"].size for l in layers]
+    one_format = len({(l.bits, l.group_size, l["scales"].dtype) for l in layers}) == 1
+    kernel = all(_use_dequantize_kernel(l, l["scales"].dtype) for l in layers)
+    if len(layers) > 1 and one_format and kernel and sum(words) < 2**31:
         first, threads = layers[0], 256
-        words = [l["weight"].size for l in layers]
         template = [("T", first["scales"].dtype), ("BITS", first.bits), ("GROUP", first.group_size)]
         template += [(f"WORDS{i}", n) for i, n in enumerate(words)]
-        if sum(words) < 2**31:
-            return _dequantize_many_kernel(len(layers))(
-                inputs=[a for l in layers for a in (l["weight"], l["scales"], l["biases"])],
-                template=template,
-                grid=(math.ceil(sum(words) / threads) * threads, 1, 1),
-                threadgroup=(threads, 1, 1),
-                output_shapes=[(l["weight"].shape[0], l["weight"].shape[1] * 32 // l.bits) for l in layers],
-                output_dtypes=[first["scales"].dtype] * len(layers),
-            )
+        return _dequantize_many_kernel(len(layers))(
+            inputs=[a for l in layers for a in (l["weight"], l["scales"], l["biases"])],
+            template=template,
+            grid=(math.ceil(sum(words) / threads) * threads, 1, 1),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[(l["weight"].shape[0], l["weight"].shape[1] * 32 // l.bits) for l in layers],
+            output_dtypes=[first["scales"].dtype] * len(layers),
+        )
     return [dequantized_weight(l) for l in layers]
 
 
