@@ -176,11 +176,11 @@ def dequantized_weights(layers: Sequence[nn.QuantizedLinear]) -> List[mx.array]:
 _DENSE: contextvars.ContextVar[Dict[int, mx.array]] = contextvars.ContextVar("sd35_dense_weights", default={})
 
 
-def dense_layers(module: nn.Module, skip: Sequence[str] = ()) -> List["DequantizingLinear"]:
-    """The DequantizingLinear layers inside `module` in a fixed order, leaving out those under a
-    submodule named in `skip`."""
+def quantized_layers(module: nn.Module, skip: Sequence[str] = ()) -> List[nn.QuantizedLinear]:
+    """The quantized linear layers inside `module` (DequantizingLinear included) in a fixed
+    order, leaving out those under a submodule named in `skip`."""
     return [m for name, m in sorted(module.named_modules(), key=lambda kv: kv[0])
-            if isinstance(m, DequantizingLinear) and not set(name.split(".")) & set(skip)]  # fmt: skip
+            if isinstance(m, nn.QuantizedLinear) and not set(name.split(".")) & set(skip)]  # fmt: skip
 
 
 def dense_bytes(layers: Sequence[nn.Module]) -> int:
@@ -190,12 +190,12 @@ def dense_bytes(layers: Sequence[nn.Module]) -> int:
 
 
 @contextmanager
-def dequantized_together(layers: Sequence["DequantizingLinear"], rows: int) -> Iterator[None]:
-    """While inside, `layers` take their dense weights from one shared de-quantization (lazy: one
+def dequantized_together(layers: Sequence[nn.QuantizedLinear], rows: int) -> Iterator[None]:
+    """While inside, the DequantizingLinear ones of `layers` take their dense weights from one shared de-quantization (lazy: one
     kernel when the first of them runs) instead of one each. Only when every layer would
     de-quantize at `rows` rows (the fewest any of them sees); else nothing changes. The shared
     weights stay alive until the last of the layers has run: all of them at 16-bit at once."""
-    used = [l for l in layers if l.dense_dtype() is not None]
+    used = [l for l in layers if isinstance(l, DequantizingLinear) and l.dense_dtype() is not None]
     if len(used) < 2 or any(rows < l.min_rows for l in used):
         yield
         return
@@ -293,7 +293,7 @@ def use_quantized_matmul(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dense_bytes", "dense_layers", "dequantized_together",
-    "dequantized_weight", "dequantized_weights",
+    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dense_bytes", "dequantized_together",
+    "dequantized_weight", "dequantized_weights", "quantized_layers",
     "use_dequantized_matmul", "use_quantized_matmul",
 ]  # fmt: skip

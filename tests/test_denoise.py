@@ -263,7 +263,7 @@ def test_a_quantized_blocks_layers_share_one_dequantization(monkeypatch, compile
     monkeypatch.setattr(fq, "dequantized_weights", together)
     monkeypatch.setattr(fq, "dequantized_weight", lambda layer, dtype=None: alone.append(id(layer)) or real_one(layer, dtype))
     per_block = denoiser_run(model, x0, pos, neg, sigmas, 4.5, slg, compile=compile, dequantize_min_rows=1)
-    blocks = [{id(l) for l in fq.dense_layers(b, skip=("adaLN",))} for b in model.blocks]  # the forward's layers
+    blocks = [{id(l) for l in fq.quantized_layers(b, skip=("adaLN",))} for b in model.blocks]  # the forward's layers
     assert all(len(b) > 1 for b in blocks)
     assert blocks[0] in shared and all(s in blocks for s in shared)  # one shared set per block, every block
     assert not set(alone) & set().union(*blocks)  # only the adaLN (the modulation table) and the final projection
@@ -276,7 +276,7 @@ def test_blocks_dequantize_layer_by_layer_where_a_layer_would_not_dequantize():
 
     model = quantize_network(tiny_model(), make_spec("transformer", bits=4), "transformer")
     use_dequantized_matmul(model, min_rows=100)
-    layers = fq.dense_layers(model.blocks[0])
+    layers = fq.quantized_layers(model.blocks[0])
     with fq.dequantized_together(layers, rows=99):
         assert fq._DENSE.get() == {}
     with fq.dequantized_together(layers, rows=100):
@@ -292,7 +292,7 @@ def test_block_dense_bytes_is_what_one_block_holds_dequantized():
     model = quantize_network(tiny_model(), make_spec("transformer", bits=4), "transformer")
     as_loaded = model.block_dense_bytes()  # plain nn.QuantizedLinear layers, as the pipeline loads them
     use_dequantized_matmul(model, min_rows=1)  # as the Denoiser runs them
-    want = max(sum(w.nbytes for w in fq.dequantized_weights(fq.dense_layers(b, skip=("adaLN",))))
+    want = max(sum(w.nbytes for w in fq.dequantized_weights(fq.quantized_layers(b, skip=("adaLN",))))
                for b in model.blocks)  # fmt: skip
     assert as_loaded == model.block_dense_bytes() == want > 0
     assert tiny_model().block_dense_bytes() == 0

@@ -32,7 +32,7 @@ import mlx.nn as nn
 
 from ..config import MMDiTConfig
 from ..errors import InputError, SD35Error
-from ..fast_quantized import dense_bytes, dense_layers, dequantized_together
+from ..fast_quantized import dense_bytes, dequantized_together, quantized_layers
 from .block_kernels import Stream, norm_modulate_streams, settle
 from .mmdit_blocks import Chunks, JointBlock, ada_chunks
 
@@ -393,16 +393,19 @@ class MMDiT(nn.Module):
 
     def block_dense_bytes(self) -> int:
         """The most a block's shared de-quantization holds at once (0 when nothing is quantized)."""
-        quantized = [[m for name, m in b.named_modules() if isinstance(m, nn.QuantizedLinear) and "adaLN" not in name]
-                     for b in self.blocks]  # fmt: skip
-        return max((dense_bytes(layers) for layers in quantized), default=0)
+        return max((dense_bytes(self._forward_quantized(b)) for b in self.blocks), default=0)
 
     def _block_weights(self, block: JointBlock, rows: int) -> ContextManager:
         """With `dequantize_per_block`, a quantized block's layers share one de-quantization."""
         if not self.dequantize_per_block:
             return nullcontext()
-        # the adaLN projections are not part of the forward: the modulations come precomputed
-        return dequantized_together(dense_layers(block, skip=("adaLN",)), rows)
+        return dequantized_together(self._forward_quantized(block), rows)
+
+    @staticmethod
+    def _forward_quantized(block: JointBlock) -> List[nn.QuantizedLinear]:
+        """The quantized layers a block's forward runs: not the adaLN projections (the
+        modulations come precomputed)."""
+        return quantized_layers(block, skip=("adaLN",))
 
     def __call__(
         self,
