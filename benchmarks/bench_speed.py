@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(C.DTYPES))
     p.add_argument("--device", default="default", choices=["default", "cpu", "gpu"], help="MLX device")
     p.add_argument("--plain", action="store_true", help="also time a bare model(...) call per step")
+    p.add_argument("--interleave", action="store_true",
+                   help="denoising: build every --bits model first and alternate their timed runs (each "
+                        "model's runs then follow the same others; needs all of them in memory at once)")  # fmt: skip
     p.add_argument("--only", nargs="+", default=["denoise", "t5", "clip", "vae"],
                    choices=["denoise", "t5", "clip", "vae"], help="what to measure")  # fmt: skip
     p.add_argument("--torch", action="store_true", help="also time diffusers/transformers (bf16, SDPA)")
@@ -100,52 +103,92 @@ def log(msg: str) -> None:
 
 # ---- MLX ----------------------------------------------------------------------------------------------
 def mlx_denoise(args, model_key: str, dtype) -> List[Dict[str, Any]]:
+    """One row per (weights, size): the pipeline's step; with --interleave every weights' model
+    is built first and their timed runs alternate (round r times each model once)."""
     name, base_config = C.MODELS[model_key]
     config = C.truncated(base_config, args.layers)
+    if args.interleave:
+        return _denoise_interleaved(args, model_key, name, config, dtype)
     rows = []
     for bits in args.bits:
-        t0 = time.perf_counter()
-        model = C.random_network("transformer", config, dtype, bits if bits < 16 else None)
-        build_s = time.perf_counter() - t0
-        weights = C.parameter_bytes(model)
-        log(f"[mlx] {name} {weights_label(bits, args.dtype)}: built in {build_s:.1f} s ({weights / C.GB:.2f} GB)")
+        model, weights = _build_transformer(args, name, config, dtype, bits)
         for size in args.size:
-            h = w = size // 8
-            noise = mx.random.normal((1, h, w, 16), key=mx.random.key(size)).astype(mx.float32)
-            cond = C.random_conditioning(2, args.t5_tokens, dtype)
-            negative, positive = cond[0], cond[1]
-            row: Dict[str, Any] = dict(model=model_key, model_name=name, size=size, bits=bits,
-                                       weights=weights_label(bits, args.dtype), weight_bytes=weights,
-                                       depth=config.depth)  # fmt: skip
-            sigmas, sampler = C.schedule(args.steps)
-            if args.plain:
-                _plain_matmuls(model)
-                x2 = mx.concatenate([noise, noise]).astype(dtype)
-                ctx, pooled = cond.context, cond.pooled
-
-                t_plain = mx.full((2,), float(sigmas[0]) * 1000.0, dtype=mx.float32)
-
-                def plain_call(model=model, x2=x2, t=t_plain, ctx=ctx, pooled=pooled):
-                    return model(x2, t, ctx, pooled)  # the velocity of the CFG batch, as one bare call
-
-                row["plain"] = C.time_calls(plain_call, C.mlx_sync, args.warmup, args.repeat * args.steps).to_dict()
-                log(f"  {size}² plain    {C.fmt_seconds(row['plain']['median_s'])} per call")
-            t0 = time.perf_counter()
-            # the pipeline's Denoiser; weights kept (not freed) so the model serves every size
-            den, dropped = C.make_denoiser(model, positive, negative, sigmas=sigmas,
-                                           free_adaln=False, free_pos_embed=False)  # fmt: skip
-            row["setup_s"] = time.perf_counter() - t0
-            if dropped:
-                row["denoiser_options_ignored"] = dropped
-            timing = C.time_per_step(lambda den=den, sampler=sampler: C.denoise_run(den, noise, sampler, args.steps),
-                                     args.steps, C.mlx_sync, args.warmup, args.repeat)  # fmt: skip
-            row["pipeline"] = timing.to_dict()
-            log(f"  {size}² pipeline {C.fmt_seconds(timing.median)} per step (setup {row['setup_s']:.2f} s)")
-            rows.append(row)
-            del den
+            row, run = _denoise_case(args, model_key, name, config, model, weights, bits, size, dtype)
+            timing = C.time_per_step(run, args.steps, C.mlx_sync, args.warmup, args.repeat)
+            rows.append(_timed(row, timing))
+            del run
         del model
         free_memory()
     return rows
+
+
+def _denoise_interleaved(args, model_key: str, name: str, config, dtype) -> List[Dict[str, Any]]:
+    """Every model alive at once; per size, each warmed up, then --repeat rounds in which each
+    model runs once: what ran just before a model is the same for all of them."""
+    models = {bits: _build_transformer(args, name, config, dtype, bits) for bits in args.bits}
+    rows = []
+    for size in args.size:
+        cases = [_denoise_case(args, model_key, name, config, model, weights, bits, size, dtype)
+                 for bits, (model, weights) in models.items()]  # fmt: skip
+        for _, run in cases:
+            for _ in range(args.warmup):
+                C.mlx_sync(run())
+        timings = [C.Timing() for _ in cases]
+        for _ in range(args.repeat):
+            for (_, run), timing in zip(cases, timings):
+                timing.runs += C.time_per_step(run, args.steps, C.mlx_sync, 0, 1).runs
+        rows += [_timed(row, timing) for (row, _), timing in zip(cases, timings)]
+        del cases
+    del models
+    free_memory()
+    return rows
+
+
+def _build_transformer(args, name: str, config, dtype, bits: int):
+    """(model, its weight bytes): a random full-size transformer at these bits."""
+    t0 = time.perf_counter()
+    model = C.random_network("transformer", config, dtype, bits if bits < 16 else None)
+    weights = C.parameter_bytes(model)
+    log(f"[mlx] {name} {weights_label(bits, args.dtype)}: built in {time.perf_counter() - t0:.1f} s ({weights / C.GB:.2f} GB)")
+    return model, weights
+
+
+def _denoise_case(args, model_key: str, name: str, config, model, weights: int, bits: int, size: int, dtype):
+    """(the row so far, a callable running --steps steps through the pipeline's Denoiser)."""
+    h = w = size // 8
+    noise = mx.random.normal((1, h, w, 16), key=mx.random.key(size)).astype(mx.float32)
+    cond = C.random_conditioning(2, args.t5_tokens, dtype)
+    negative, positive = cond[0], cond[1]
+    row: Dict[str, Any] = dict(model=model_key, model_name=name, size=size, bits=bits,
+                               weights=weights_label(bits, args.dtype), weight_bytes=weights,
+                               depth=config.depth)  # fmt: skip
+    sigmas, sampler = C.schedule(args.steps)
+    if args.plain:
+        _plain_matmuls(model)
+        x2 = mx.concatenate([noise, noise]).astype(dtype)
+        ctx, pooled = cond.context, cond.pooled
+
+        t_plain = mx.full((2,), float(sigmas[0]) * 1000.0, dtype=mx.float32)
+
+        def plain_call(model=model, x2=x2, t=t_plain, ctx=ctx, pooled=pooled):
+            return model(x2, t, ctx, pooled)  # the velocity of the CFG batch, as one bare call
+
+        row["plain"] = C.time_calls(plain_call, C.mlx_sync, args.warmup, args.repeat * args.steps).to_dict()
+        log(f"  {size}² plain    {C.fmt_seconds(row['plain']['median_s'])} per call")
+    t0 = time.perf_counter()
+    # the pipeline's Denoiser; weights kept (not freed) so the model serves every size
+    den, dropped = C.make_denoiser(model, positive, negative, sigmas=sigmas,
+                                   free_adaln=False, free_pos_embed=False)  # fmt: skip
+    row["setup_s"] = time.perf_counter() - t0
+    if dropped:
+        row["denoiser_options_ignored"] = dropped
+    return row, lambda: C.denoise_run(den, noise, sampler, args.steps)
+
+
+def _timed(row: Dict[str, Any], timing) -> Dict[str, Any]:
+    row["pipeline"] = timing.to_dict()
+    log(f"  {row['size']}² {row['weights']} pipeline {C.fmt_seconds(timing.median)} per step (setup {row['setup_s']:.2f} s)")
+    return row
 
 
 def _plain_matmuls(model) -> None:
@@ -345,6 +388,8 @@ def report(args, info, results) -> str:
         runs += (f"{args.repeat} run(s) × {args.steps} step(s) for the denoising step (a step: the run's time / "
                  f"{args.steps}, synchronised once per run; ours through the pipeline's loop, which builds the "
                  "next step's graph while one runs)")  # fmt: skip
+        if args.interleave:
+            runs += "; every weights' model built first and their timed runs alternating, one of each per round"
         runs += f", of {args.repeat} run(s) for the rest" if set(args.only) - {"denoise"} else ""
     else:
         runs += f"{args.repeat} run(s)"
