@@ -129,6 +129,11 @@ def _dequantize_kernel():
     )
 
 
+def dense_shape(w: mx.array, bits: int) -> Tuple[int, int]:
+    """(out, in) of the 16-bit weight a packed (out, in * bits / 32) uint32 weight holds."""
+    return w.shape[0], w.shape[1] * 32 // bits
+
+
 def _dequantize_cuda(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
     words = w.size
     threads = 256
@@ -137,7 +142,7 @@ def _dequantize_cuda(w: mx.array, scales: mx.array, biases: mx.array, group_size
         template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size), ("WORDS", words)],
         grid=((words + threads - 1) // threads * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(w.shape[0], w.shape[1] * 32 // bits)],
+        output_shapes=[dense_shape(w, bits)],
         output_dtypes=[scales.dtype],
     )
     return out
@@ -166,7 +171,7 @@ def dequantized_weights(layers: Sequence[nn.QuantizedLinear]) -> List[mx.array]:
             template=template,
             grid=(math.ceil(sum(words) / threads) * threads, 1, 1),
             threadgroup=(threads, 1, 1),
-            output_shapes=[(l["weight"].shape[0], l["weight"].shape[1] * 32 // l.bits) for l in layers],
+            output_shapes=[dense_shape(l["weight"], l.bits) for l in layers],
             output_dtypes=[first["scales"].dtype] * len(layers),
         )
     return [dequantized_weight(l) for l in layers]
@@ -183,18 +188,18 @@ def quantized_layers(module: nn.Module, skip: Sequence[str] = ()) -> List[nn.Qua
             if isinstance(m, nn.QuantizedLinear) and not set(name.split(".")) & set(skip)]  # fmt: skip
 
 
-def dense_bytes(layers: Sequence[nn.Module]) -> int:
-    """What de-quantizing these quantized layers together holds at once: their 16-bit weights."""
-    return sum(l["weight"].shape[0] * l["weight"].shape[1] * 32 // l.bits * l["scales"].dtype.size
-               for l in layers if isinstance(l, nn.QuantizedLinear))  # fmt: skip
+def dense_bytes(layers: Sequence[nn.QuantizedLinear]) -> int:
+    """What de-quantizing these layers together holds at once: their 16-bit weights."""
+    return sum(math.prod(dense_shape(l["weight"], l.bits)) * l["scales"].dtype.size for l in layers)
 
 
 @contextmanager
 def dequantized_together(layers: Sequence[nn.QuantizedLinear], rows: int) -> Iterator[None]:
-    """While inside, the DequantizingLinear ones of `layers` take their dense weights from one shared de-quantization (lazy: one
-    kernel when the first of them runs) instead of one each. Only when every layer would
-    de-quantize at `rows` rows (the fewest any of them sees); else nothing changes. The shared
-    weights stay alive until the last of the layers has run: all of them at 16-bit at once."""
+    """While inside, the DequantizingLinear ones of `layers` take their dense weights from one
+    shared de-quantization (lazy: one kernel when the first of them runs) instead of one each.
+    Only when every layer would de-quantize at `rows` rows (the fewest any of them sees); else
+    nothing changes. The shared weights stay alive until the last of the layers has run: all
+    of them at 16-bit at once."""
     used = [l for l in layers if isinstance(l, DequantizingLinear) and l.dense_dtype() is not None]
     if len(used) < 2 or any(rows < l.min_rows for l in used):
         yield
@@ -293,7 +298,7 @@ def use_quantized_matmul(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dense_bytes", "dequantized_together",
+    "DEFAULT_MIN_ROWS", "DequantizingLinear", "default_min_rows", "dense_bytes", "dense_shape", "dequantized_together",
     "dequantized_weight", "dequantized_weights", "quantized_layers",
     "use_dequantized_matmul", "use_quantized_matmul",
 ]  # fmt: skip

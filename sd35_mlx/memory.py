@@ -122,6 +122,13 @@ def budget_limit(budget_bytes: int, plan: Optional["Plan"] = None) -> int:
     return min(limit, int(plan.peak * (1 + QUEUE_ROOM)))
 
 
+def room_above_limit(budget_bytes: int, plan: Optional["Plan"] = None) -> int:
+    """Bytes between a stage's memory limit (`budget_limit`) and the budget's throttle: what one
+    allocation may land past the limit (MLX checks it before an operation allocates) and the
+    budget still holds."""
+    return throttle_bytes(budget_bytes, plan.headroom if plan is not None else 0) - budget_limit(budget_bytes, plan)
+
+
 @contextmanager
 def memory_limit(limit_bytes: Optional[int]) -> Iterator[None]:
     """Hold MLX to `limit_bytes` inside the block (None: leave it alone), then restore.

@@ -171,11 +171,9 @@ class SD35Pipeline:
         its limit before an operation allocates and that one kernel allocates them all at once."""
         if not self.budget_bytes:
             return True
-        from .memory import budget_limit, throttle_bytes
+        from .memory import room_above_limit
 
-        headroom = self.plan.headroom if self.plan is not None else 0
-        shared = self._load_transformer().block_dense_bytes()
-        return budget_limit(self.budget_bytes, self.plan) + shared <= throttle_bytes(self.budget_bytes, headroom)
+        return self._load_transformer().block_dense_bytes() <= room_above_limit(self.budget_bytes, self.plan)
 
     def _prepare_kept_loaded_limit(self, height: int, width: int, t5_tokens: int) -> None:
         """Kept loaded without a budget: the largest stage's own need at this size, from the
