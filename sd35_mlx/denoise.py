@@ -76,8 +76,8 @@ class Denoiser:
         dequantize_min_rows: rows from which quantized layers dequantize before their
         matmul (default per backend; fast_quantized.py); dequantize_per_block: all of a block's
         quantized layers de-quantize in one launch (their 16-bit weights alive together for the
-        block; the pipeline turns it off under a budget without room for that). split_cfg: run the negative and
-        positive passes one after the other (batch 1 each, evaluated in between) instead of
+        block; the pipeline turns it off under a budget without room for that). split_cfg: run
+        the negative and positive passes one after the other (batch 1 each, evaluated in between) instead of
         as one batch of 2: half the activation memory, somewhat slower. cfg_exchange
         (distributed.CFGExchange): CFG-parallel over 2 ranks, this rank runs one of the two
         passes on its half of the conditioning and the velocities are exchanged each step.
@@ -208,8 +208,8 @@ class Denoiser:
         step i+1 is also queued on the device before step i is waited for, so the device
         never idles while the host encodes the next step's kernels (two steps' buffers may
         then be alive at once, up to the memory limit `evaluation` sets: past it, evaluation
-        waits); without it, step i+1 is evaluated only after step i is yielded. A consumer that stops leaves
-        nothing running: a queued step is waited for and dropped. The sampler's history
+        waits); without it, step i+1 is evaluated only after step i is yielded. A consumer
+        that stops leaves nothing running: a queued step is waited for and dropped. The sampler's history
         (DPM-Solver++) then already holds step i+1: use a fresh sampler per run.
         """
 

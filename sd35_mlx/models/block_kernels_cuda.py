@@ -25,9 +25,9 @@ NORM_EPS = 1e-6  # every SD3 LayerNorm and RMSNorm
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 MAX_HIDDEN = 4096  # a row must fit in one warp's registers
 
-HEADER = r"""
-struct alignas(16) Vec16 { unsigned int words[4]; };  // one 16-byte load or store
+VEC16 = "struct alignas(16) Vec16 { unsigned int words[4]; };  // one 16-byte load or store\n"
 
+HEADER = VEC16 + r"""
 template <typename T>
 __device__ __forceinline__ void sd35_load(Vec16& dst, const T* src, bool vec) {
   if (vec) {

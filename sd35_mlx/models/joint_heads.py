@@ -11,7 +11,8 @@ one kernel reads each qkv element once (16-byte vectors) and writes q, k and v i
 too. The token order inside each batch row is free (no mask, no positional term inside
 attention), so odd batch rows put their image tokens first: the image rows of batch pairs
 (2p, 2p + 1) are then one contiguous block and the image stream's output projection reads
-them in place; at CFG batch 2 the context rows are a strided view as well (no copy at all). Every other backend (CPU, Metal) takes the plain path.
+them in place; at CFG batch 2 the context rows are a strided view as well (no copy at all).
+Every other backend (CPU, Metal) takes the plain path.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import mlx.core as mx
 
 from ..backend import KERNELS, backend_name, compute_in_float32
 from .block_kernels import NORM_EPS
+from .block_kernels_cuda import VEC16
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
@@ -159,7 +161,7 @@ SOURCE = """
 INPUT_NAMES = ("qkv_c", "qkv_x", "qn_c", "kn_c", "qn_x", "kn_x")
 OUTPUT_NAMES = ("q", "k", "v")
 SOURCE = SOURCE.replace("EPS", f"{NORM_EPS:.9e}f")
-HEADER = "struct alignas(16) Vec16 { unsigned int words[4]; };  // one 16-byte load or store\n"
+HEADER = VEC16
 
 
 @functools.cache
