@@ -30,7 +30,7 @@ from .denoise import Denoiser
 from .errors import InputError, MissingTokenizersError
 from .images import init_image_size, load_image, to_pil
 from .load_options import LoadOptions
-from .memory import Plan, default_budget_bytes
+from .memory import Plan, default_budget_bytes, memory_limit
 from .quantize import QuantSpec, Quantization, named_quantization, quantization_text, quantize_network
 from .sampling import flow_sigmas, img2img_sigmas, make_sampler, scale_noise, uses_cfg
 from .settings import GenerationSettings, SkipLayerGuidance
@@ -153,16 +153,23 @@ class SD35Pipeline:
 
     def _within_budget(self):
         """Hold MLX's memory limit just below the budget while a stage runs (see memory_limit)."""
-        from .memory import budget_limit, memory_limit, throttle_margin
+        return memory_limit(self._stage_limit_bytes())
+
+    def _stage_limit_bytes(self) -> Optional[int]:
+        """MLX's memory limit for the stage about to run (None: none): under a budget the
+        budget's (`budget_limit`); kept loaded without one, what is resident now + the largest
+        stage's own need. Taken once per stage, before it runs: while it runs, active memory
+        includes the work queued ahead, and a limit taken then would rise with it."""
+        from .memory import budget_limit, throttle_margin
 
         if not self.budget_bytes:
             if self.low_memory or self._kept_need is None:
-                return memory_limit(None)
-            # Kept loaded: what is resident + the largest stage's own need. Without a limit,
-            # MLX's GPU backends run ever further ahead of the device once its buffer cache is
-            # warm (H200, Medium 1024²: peaks 28.7, 38.6, 41.1 GB over the first generations).
-            return memory_limit(mx.get_active_memory() + self._kept_need + throttle_margin())
-        return memory_limit(budget_limit(self.budget_bytes, self.plan))
+                return None
+            # Without a limit, MLX's GPU backends run ever further ahead of the device once its
+            # buffer cache is warm (H200, Medium 1024²: peaks 28.7, 38.6, 41.1 GB over the first
+            # generations).
+            return mx.get_active_memory() + self._kept_need + throttle_margin()
+        return budget_limit(self.budget_bytes, self.plan)
 
     def _dequantizes_per_block(self) -> bool:
         """Whether a quantized block's layers de-quantize together (the Denoiser's
@@ -603,9 +610,12 @@ class SD35Pipeline:
         t0 = time.perf_counter()
         # inpainting: the known region back, noised to the next sigma (part of each step)
         after_step = (lambda i, x: blend.apply(x, sigmas[i + 1])) if blend is not None else None
-        # The next step is queued while one runs; under a budget MLX's memory limit holds that
-        # queued work too (evaluation waits at the limit), so the budget holds either way.
-        steps = denoiser.run(latents, sampler, range(len(sigmas) - 1), after_step, self._within_budget)
+        # The next step is queued while one runs; MLX's memory limit holds that queued work too
+        # (evaluation waits at the limit). One limit for every step, taken before the first
+        # (H200, kept loaded, Medium 1024²: a limit taken at each step rose with the queued
+        # step, peak 34.9 GB against 29.7 GB before queueing ahead).
+        stage_limit = self._stage_limit_bytes()
+        steps = denoiser.run(latents, sampler, range(len(sigmas) - 1), after_step, lambda: memory_limit(stage_limit))
         try:  # each step evaluates within the budget; the caller's code between steps runs unlimited
             for i, latents in steps:
                 yield StepInfo(step=i + 1, total=len(sigmas) - 1, sigma=float(sigmas[i + 1]), latents=latents, seed=s.seed)

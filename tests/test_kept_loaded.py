@@ -65,6 +65,27 @@ def test_every_stage_runs_under_the_kept_loaded_limit(kept, monkeypatch, memory_
     assert current["limit"] == original
 
 
+def test_the_denoise_steps_share_one_limit_taken_before_the_first(kept, monkeypatch, memory_limit_log):
+    """While a step runs the next one is queued (Denoiser.run's queue_ahead), so active memory
+    at a step's start includes queued work: a limit taken there would rise with it, step by step."""
+    from sd35_mlx.denoise import Denoiser
+
+    current = memory_limit_log
+    real_active, calls = mx.get_active_memory, []
+
+    def growing_active():  # as if each step found more queued work alive than the one before
+        calls.append(1)
+        return real_active() + len(calls) * 10**7
+
+    monkeypatch.setattr(mx, "get_active_memory", growing_active)
+    limits = []
+    real_step = Denoiser.step
+    monkeypatch.setattr(Denoiser, "step", lambda self, *a, **kw: limits.append(current["limit"]) or real_step(self, *a, **kw))
+    kept.generate(PROMPT, seed=2, steps=4, width=W, height=H, cfg=4.0)
+    assert len(limits) == 4 and len(set(limits)) == 1, limits
+    assert limits[0] < current["original"] == current["limit"]
+
+
 def test_own_need_is_the_largest_stage_above_its_weights():
     from sd35_mlx.config import SD35_MEDIUM_MMDIT
 
