@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain", action="store_true", help="also time a bare model(...) call per step")
     p.add_argument("--interleave", action="store_true",
                    help="denoising: build every --bits model first and alternate their timed runs (each "
-                        "model's runs then follow the same others; needs all of them in memory at once)")  # fmt: skip
+                        "model's runs then follow the same others; needs all of them in memory at once; on the H200 it "
+                        "slowed every 512² step: docs/performance.md)")  # fmt: skip
     p.add_argument("--only", nargs="+", default=["denoise", "t5", "clip", "vae"],
                    choices=["denoise", "t5", "clip", "vae"], help="what to measure")  # fmt: skip
     p.add_argument("--torch", action="store_true", help="also time diffusers/transformers (bf16, SDPA)")
