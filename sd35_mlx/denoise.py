@@ -106,10 +106,13 @@ class Denoiser:
             cond = positive if cfg_exchange.runs_conditional else negative  # this rank's half
         self._pooled = cond.pooled.astype(self.dtype)
 
-        for network in (transformer, *(c.net for c in controlnets)):
-            use_dequantized_matmul(network, dequantize_min_rows)  # no-op if not quantized
+        networks = (transformer, *(c.net for c in controlnets))
+        quantized = [use_dequantized_matmul(n, dequantize_min_rows) for n in networks]  # 0: not quantized
+        for network in networks:
             use_float32_compute(network)  # the CPU only: 16-bit weights, float32 matmuls
-        transformer.dequantize_per_block = bool(dequantize_per_block)
+        # Only quantized layers share a de-quantization: a 16-bit transformer's forward then
+        # does not walk its blocks looking for them.
+        transformer.dequantize_per_block = bool(dequantize_per_block) and quantized[0] > 0
         self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
         self.table = None  # (steps, B, N, H) packed modulations
         if self.sigmas is not None:

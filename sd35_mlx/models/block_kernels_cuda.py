@@ -1,13 +1,14 @@
 """The CUDA kernels behind block_kernels.py (called only on CUDA, for shapes `*_fits` accepts).
 
-Norm kernel: one block per token row, sized so each thread holds at most 3 vectors (`norm_threads`);
-the row and its modulation vectors are read once, all loads first, in 16-byte vectors kept in
-registers in the input type (chunk c = thread + THREADS i holds elements c*V .. c*V + V - 1), the
-gated residual added (and written) first when asked; mean, then the centred variance (not
-E[x²] - mean²: the residual stream's mean can be large against its spread), both block reductions
-in float32. Rows of up to two streams share one launch: blocks past the first stream's rows take
-the second. (One warp per row, loading the modulation vectors after the reductions, ran at about
-2.1 TB/s on an H200: a second memory round trip at the end of every row.)
+Norm kernel: one block per token row, sized so each thread holds at most 3 vectors (`norm_threads`;
+4 for float32 rows of 4096); the row and its modulation vectors are read once, all loads first,
+in 16-byte vectors kept in registers in the input type (chunk c = thread + THREADS i holds
+elements c*V .. c*V + V - 1), the gated residual added (and written) first when asked; mean,
+then the centred variance (not E[x²] - mean²: the residual stream's mean can be large against
+its spread), both block reductions in float32. Rows of up to two streams share one launch:
+blocks past the first stream's rows take the second. (One warp per row, loading the modulation
+vectors after the reductions, ran at about 2.1 TB/s on an H200: a second memory round trip at
+the end of every row.)
 GELU kernel: V consecutive elements per thread in one 16-byte load and store, x·σ(2u) (the
 same function as 0.5 x (1 + tanh u)) with the fast exponential for 16-bit types.
 Any buffer not 16-byte aligned takes a scalar loop over the same elements.
@@ -23,7 +24,7 @@ import mlx.core as mx
 
 NORM_EPS = 1e-6  # every SD3 LayerNorm and RMSNorm
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
-MAX_HIDDEN = 4096  # a row must fit in one warp's registers
+MAX_HIDDEN = 4096  # a row must fit in one block's registers (norm_threads: at most 4 vectors a thread)
 
 VEC16 = "struct alignas(16) Vec16 { unsigned int words[4]; };  // one 16-byte load or store\n"
 
@@ -217,7 +218,8 @@ def norm_fits(streams: Sequence[Tuple[mx.array, ...]], residual: bool) -> bool:
 
 
 def norm_threads(hidden: int, dtype: mx.Dtype) -> int:
-    """Threads per row: a multiple of 32 giving each at most 3 16-byte vectors (at most 256)."""
+    """Threads per row: a multiple of 32 giving each at most 3 16-byte vectors, capped at 256
+    (float32 rows of MAX_HIDDEN then hold 4 a thread)."""
     chunks = hidden * dtype.size // 16
     return min(256, 32 * math.ceil(math.ceil(chunks / 3) / 32))
 
