@@ -36,7 +36,10 @@ public loader (`sd35_mlx.loading.load_component`) and releasing it afterwards
              VAE-encoded as for Stability's canny ControlNets, the ControlNet loaded (lazily);
              then the VAE is released, as `generate_latents` does
     denoise  the pipeline's Denoiser (adaLN precomputed for the whole schedule and freed,
-             position table cropped) for --steps steps of a --schedule-steps schedule, with
+             position table cropped) for --steps steps of a --schedule-steps schedule through
+             its `run` loop (the next step queued ahead, as the pipeline), a quantized block's
+             layers de-quantized together where the pipeline would under the target's budget
+             (`memory.dequantizes_per_block`), with
              the ControlNet's residuals where the configuration has one; the ControlNet is
              released with the transformer (`SD35Pipeline.release("transformer")`)
     decode   VAE decode, whole and tiled
@@ -44,7 +47,9 @@ public loader (`sd35_mlx.loading.load_component`) and releasing it afterwards
 Each stage's peak is MLX's own counter (`mx.reset_peak_memory()` before, `mx.get_peak_memory()`
 after); it includes what is resident between stages (conditioning, latents). A configuration's
 peak is the largest peak of its stages. The memory planner's estimate (`sd35_mlx.memory`) is
-shown beside each measurement.
+shown beside each measurement: under `--throttle budget` the peak it expects (`expected_peak`:
+the memory limit it sets, which queued work fills, plus the largest allocation that can land
+past that limit), with the need of each stage beside it.
 """
 
 from __future__ import annotations
@@ -221,16 +226,18 @@ def write_control_photo(path: Path, size: int) -> Path:
 class ControlHost:
     """What `ControlSession` uses of an `SD35Pipeline`, over this benchmark's folders: the
     pipeline's own VAE and ControlNet loaders and its release, with MLX held to the
-    configuration's memory limit as `SD35Pipeline._within_budget` does under a budget."""
+    configuration's memory limit as `SD35Pipeline._within_budget` does under a budget, and the
+    plan's VAE encode tiles (`SD35Pipeline.encode_tile`)."""
 
-    def __init__(self, vae_folder: Path, transformer_config, dtype, limit: Optional[int]):
+    def __init__(self, vae_folder: Path, transformer_config, dtype, limit: Optional[int],
+                 encode_tile: Optional[int] = None):  # fmt: skip
         from sd35_mlx.variants import detect_variant
         from sd35_mlx.weights.sources import resolve_sources
 
         self.sources = resolve_sources(vae_folder, ("vae",))
         self.transformer_config = transformer_config
         self.variant = detect_variant(transformer_config)
-        self.dtype, self.limit = dtype, limit
+        self.dtype, self.limit, self.encode_tile = dtype, limit, encode_tile
         self.controlnet_quantization = None  # a converted ControlNet loads as stored
         self._vae, self._transformer, self._controlnets = None, None, {}
 
@@ -393,10 +400,11 @@ def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[
     noise = mx.random.normal((1, args.size // 8, args.size // 8, 16), key=mx.random.key(0))
     # -- control (ControlNet configurations): what generate_latents runs between encode and denoise
     controls: Dict[Path, tuple] = {}  # ControlNet folder -> (host, ActiveControlNets)
-    for c, _ in group:
+    for c, choice in group:
         if not c.get("controlnet") or c["controlnet_folder"] in controls:
             continue
-        host = ControlHost(first, C.truncated(C.MODELS[c["model"]][1], args.layers), dtype, limit)
+        host = ControlHost(first, C.truncated(C.MODELS[c["model"]][1], args.layers), dtype, limit,
+                           choice["plan"].encode_tile)  # fmt: skip
 
         def run(notes, host=host, settings=control_settings(c, photo, args.size)):
             session = ControlSession.open(host, settings)  # recognised from the folder, base checked
@@ -417,23 +425,32 @@ def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[
     runs = {(c["model"], c["transformer_bits"], choice["split_cfg"], c.get("controlnet_folder")) for c, choice in group}
     for key, bits, split, cn_folder in sorted(runs, key=str):
         cn = next((c["controlnet"] for c, _ in group if c.get("controlnet_folder") == cn_folder), None) if cn_folder else None
+        config, choice = next((c, ch) for c, ch in group if (c["model"], c["transformer_bits"], ch["split_cfg"],
+                                                             c.get("controlnet_folder")) == (key, bits, split, cn_folder))  # fmt: skip
 
-        def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative, split=split, cn_folder=cn_folder):
+        def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative, split=split,
+                cn_folder=cn_folder, config=config, choice=choice):  # fmt: skip
+            from sd35_mlx.memory import dequantizes_per_block
+
             model = load_component(folder, "transformer", dtype)
             host, nets = controls.pop(cn_folder) if cn_folder else (None, [])
             notes["weights"] = C.parameter_bytes(model)
+            # as the pipeline under the target's budget (SD35Pipeline._dequantizes_per_block)
+            budget = int(config["target"]) if args.throttle == "budget" else None
+            per_block = dequantizes_per_block(budget, choice["plan"], model.block_dense_bytes())
+            notes["dequantize_per_block"] = per_block
             den, ignored = C.make_denoiser(model, positive, negative, sigmas=sigmas,
                                            free_adaln=True, free_pos_embed=True,  # as the pipeline (low memory)
                                            split_cfg=split,  # as the pipeline's plan for the target
+                                           dequantize_per_block=per_block,
                                            controlnets=nets)  # fmt: skip
             if ignored:
                 notes["denoiser_options_ignored"] = ignored
-            x, notes["step_s"] = noise, []
-            for i in range(args.steps):
-                t0 = time.perf_counter()
-                x = C.denoise_step(den, x, i, sampler)
-                mx.eval(x)
+            # the pipeline's loop (`Denoiser.run`: the next step built and queued while one runs)
+            x, notes["step_s"], t0 = noise, [], time.perf_counter()
+            for _, x in den.run(noise, sampler, range(args.steps)):
                 notes["step_s"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
             # what stays after freeing adaLN / the full table, and the ControlNets (materialised by the Denoiser)
             notes["weights"] = C.parameter_bytes(model) + sum(C.parameter_bytes(n.net) for n in nets)
             if host is not None:
@@ -505,7 +522,7 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
     tiled) are measured and the planner's message is reported."""
     from sd35_mlx.models.vae_tiling import should_tile
 
-    from sd35_mlx.memory import DECODE_TILES, plan_memory, throttle_bytes
+    from sd35_mlx.memory import DECODE_TILES, expected_peak, plan_memory, throttle_bytes
     from sd35_mlx.quantize import make_spec
 
     bits, t5_bits = config["transformer_bits"], config["t5_bits"]
@@ -530,9 +547,11 @@ def pipeline_choice(args, config: Dict[str, Any]) -> Dict[str, Any]:
         choice["planner_note"] = f"planner: {str(e).split(', most of it')[0]}"
         plan = est.plan(tr_spec, t5_spec, "dropped" if t5_bits is None else "streamed", True, args.size, args.size,
                         args.t5_tokens, DECODE_TILES[-1])  # fmt: skip
+    planner = {"stages": dict(plan.stages), "peak": plan.peak}
+    if args.throttle == "budget":  # what the planner expects the peak under the budget to be
+        planner["expected_peak"] = expected_peak(int(config["target"]), plan)
     choice.update(t5_mode=str(plan.t5), tiled=plan.tile_vae, tile=plan.decode_tile, split_cfg=plan.split_cfg,
-                  headroom=plan.headroom,
-                  planner={"stages": dict(plan.stages), "peak": plan.peak}, plan=plan)  # fmt: skip
+                  headroom=plan.headroom, dense_block=plan.dense_block, planner=planner, plan=plan)  # fmt: skip
     if args.tile != "auto":
         choice["tiled"] = args.tile == "on"
         choice["tile"] = choice["tile"] or DECODE_TILES[0] if choice["tiled"] else None
@@ -589,10 +608,11 @@ def report(args, info, out, rows) -> str:
     table = []
     for r in rows:
         plan = r["planner"]
-        est = C.fmt_gb(plan["peak"]) if "peak" in plan else "n/a"
-        if "stages" in plan:  # encode / [control /] denoise / decode, in the order they run
-            est += " (" + " / ".join(C.fmt_gb(v).replace(" GB", "") for v in plan["stages"].values()) + ")"
-        error = plan["peak"] / r["peak"] - 1 if "peak" in plan else None
+        estimate = plan.get("expected_peak", plan.get("peak"))
+        est = C.fmt_gb(estimate) if estimate is not None else "n/a"
+        if "stages" in plan:  # the need of encode / [control /] denoise / decode, in the order they run
+            est += " (need " + " / ".join(C.fmt_gb(v).replace(" GB", "") for v in plan["stages"].values()) + ")"
+        error = estimate / r["peak"] - 1 if estimate is not None else None
         ratio = "–" if error is None else f"{error:+.0%} " + ("✓" if abs(error) <= ESTIMATE_TOLERANCE else "✗")
         target = "–"
         if r["target"]:
@@ -605,7 +625,11 @@ def report(args, info, out, rows) -> str:
     lines.append(C.markdown_table(headers, table))
     lines.append(
         "T5 mode, CFG passes and VAE tiling are what the pipeline's memory planner (`sd35_mlx.memory.plan_memory`) "
-        "chooses for a budget of the target with these bits; planner estimate: its estimated need of each "
+        "chooses for a budget of the target with these bits; planner estimate: "
+        + ("the peak it expects under the budget (`sd35_mlx.memory.expected_peak`: the stage's memory limit, which "
+           "work queued ahead fills, plus the largest allocation that can land past it), then "
+           if args.throttle == "budget" else "")
+        + "its estimated need of each "
         "stage (encode / denoise / decode, GB, with a ControlNet encode / control / denoise / decode: control is the "
         "control image's VAE encode, which the pipeline runs between the text encoders and the transformer; a plan "
         "fits when its largest need is within the memory limit, and queued GPU work fills the rest of the budget); "

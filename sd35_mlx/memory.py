@@ -129,6 +129,29 @@ def room_above_limit(budget_bytes: int, plan: Optional["Plan"] = None) -> int:
     return throttle_bytes(budget_bytes, plan.headroom if plan is not None else 0) - budget_limit(budget_bytes, plan)
 
 
+def dequantizes_per_block(budget_bytes: Optional[int], plan: Optional["Plan"], dense_block: int) -> bool:
+    """Whether a quantized block's layers may share one de-quantization (the Denoiser's
+    `dequantize_per_block`, `dense_block` bytes in one allocation): always without a budget;
+    under one only where that allocation fits between the stage's memory limit and the
+    budget's throttle, since MLX checks its limit before an operation allocates."""
+    if not budget_bytes:
+        return True
+    return dense_block <= room_above_limit(budget_bytes, plan)
+
+
+def expected_peak(budget_bytes: int, plan: "Plan") -> int:
+    """The peak a generation under `budget_bytes` is expected to reach with this plan: the
+    largest stage's need, the denoise stage's with the step queued ahead beside it. Where that
+    passes the stage's memory limit (`budget_limit`), evaluation waits at the limit and one
+    allocation can land past it, the largest the step makes: the MLP activation
+    (`plan.headroom`), or a quantized block's 16-bit weights when it de-quantizes them at once."""
+    limit = budget_limit(budget_bytes, plan)
+    shared = plan.dense_block if dequantizes_per_block(budget_bytes, plan, plan.dense_block) else 0
+    past_limit = limit + max(plan.headroom, shared)
+    peaks = [need + (plan.queued_step if stage == "denoise" else 0) for stage, need in plan.stages.items()]
+    return max(peak if peak <= limit else past_limit for peak in peaks)
+
+
 @contextmanager
 def memory_limit(limit_bytes: Optional[int]) -> Iterator[None]:
     """Hold MLX to `limit_bytes` inside the block (None: leave it alone), then restore.
@@ -200,6 +223,12 @@ class Plan:
     decode_tile: Optional[int] = None  # latents per tile side when tiled
     split_cfg: bool = False  # CFG as two batch-1 passes (slower; half the step's activations)
     headroom: int = 0  # the largest single allocation (the denoise step's MLP activation), bytes
+    # a quantized transformer block's 16-bit weights, which the denoise step's shared
+    # de-quantization allocates at once (0 at 16-bit); see `dequantizes_per_block`
+    dense_block: int = 0
+    # the denoise step queued ahead while one runs (`Denoiser.run`): its activations, alive
+    # beside the running step's, as far as the stage's memory limit lets them
+    queued_step: int = 0
 
     @property
     def peak(self) -> int:
@@ -330,6 +359,20 @@ class MemoryEstimator:
         c = self.mmdit_config
         return batch * self._tokens(height, width, t5_tokens) * c.mlp_ratio * c.hidden_size * BYTES_16
 
+    def step_activation_bytes(self, height: int, width: int, t5_tokens: int, batch: int) -> int:
+        """What one denoise step allocates above the weights."""
+        c = self.mmdit_config
+        tokens = self._tokens(height, width, t5_tokens)
+        if self.on_cpu:
+            # residual streams, qkv, attention output and the 4x MLP intermediate of one block,
+            # plus MLX's CPU attention, which builds the (tokens x tokens) scores per head
+            activations = batch * tokens * c.hidden_size * BYTES_16 * 16
+            return int(activations + batch * c.num_heads * tokens * tokens * BYTES_16)
+        # What a step itself needs, measured on an H100 with every queued buffer waited for
+        # (bench_memory --throttle floor: Medium 0.35 GB, Large 0.52 GB above the weights at
+        # 1024², batch 1). Queued work beyond that is held to the budget by `memory_limit`.
+        return int(batch * tokens * c.hidden_size * GPU_STEP_BYTES_PER_TOKEN_WIDTH)
+
     def denoise(self, spec: Optional[QuantSpec], height: int, width: int, t5_tokens: int, batch: int = 2,
                 steps: int = 50) -> int:  # fmt: skip
         c = self.mmdit_config
@@ -340,17 +383,7 @@ class MemoryEstimator:
             weights -= c.pos_embed_max_size**2 * c.hidden_size * BYTES_16  # the stored table
             weights += grid * c.hidden_size * BYTES_16  # its crop
             weights += self.modulation_table_bytes(steps, batch)
-        tokens = self._tokens(height, width, t5_tokens)
-        if self.on_cpu:
-            # residual streams, qkv, attention output and the 4x MLP intermediate of one block,
-            # plus MLX's CPU attention, which builds the (tokens x tokens) scores per head
-            activations = batch * tokens * c.hidden_size * BYTES_16 * 16
-            activations += batch * c.num_heads * tokens * tokens * BYTES_16
-        else:
-            # What a step itself needs, measured on an H100 with every queued buffer waited for
-            # (bench_memory --throttle floor: Medium 0.35 GB, Large 0.52 GB above the weights at
-            # 1024², batch 1). Queued work beyond that is held to the budget by `memory_limit`.
-            activations = batch * tokens * c.hidden_size * GPU_STEP_BYTES_PER_TOKEN_WIDTH
+        activations = self.step_activation_bytes(height, width, t5_tokens, batch)
         need = weights + activations + self.controlnet_bytes(height, width, batch)
         if self.trimmed_transformer:
             # Before a step can run, the Denoiser reads the adaLN weights (for the modulation
@@ -359,6 +392,20 @@ class MemoryEstimator:
             setup = self.conditioning_bytes(spec) + c.pos_embed_max_size**2 * c.hidden_size * BYTES_16
             need = max(need, setup)
         return int(need)
+
+    def dense_block_bytes(self, spec: Optional[QuantSpec]) -> int:
+        """A block's quantized forward layers at 16-bit (the Denoiser's shared de-quantization
+        holds them at once; `MMDiT.block_dense_bytes` of the loaded network): 0 at 16-bit."""
+        if spec is None:
+            return 0
+        quantized = quantized_paths_for(self.transformer, spec.bits, spec.group_size, "transformer")
+        per_block: Dict[str, int] = {}
+        for key, p in tree_flatten(self.transformer.parameters()):
+            module, _, name = key.rpartition(".")
+            parts = module.split(".")
+            if module in quantized and name == "weight" and parts[0] == "blocks" and "adaLN" not in parts:
+                per_block[parts[1]] = per_block.get(parts[1], 0) + p.size * BYTES_16
+        return max(per_block.values(), default=0)
 
     def controlnet_bytes(self, height: int, width: int, batch: int) -> int:
         """The ControlNets' weights, their control latents, the residuals a step holds (one
@@ -421,7 +468,8 @@ class MemoryEstimator:
         stages["denoise"] = self.denoise(transformer, height, width, t5_tokens, batch=batch) + held
         stages["decode"] = self.decode(height, width, tile, tile_latents)
         return Plan(transformer, t5 if t5_mode != T5Mode.DROPPED else None, t5_mode, tile, stages, decode_tile, split,
-                    self.largest_step_allocation(height, width, t5_tokens, batch))
+                    self.largest_step_allocation(height, width, t5_tokens, batch), self.dense_block_bytes(transformer),
+                    self.step_activation_bytes(height, width, t5_tokens, batch))
 
 
 def candidates(allow_drop_t5: bool = True, fixed: Optional[Mapping[str, Optional[QuantSpec]]] = None,

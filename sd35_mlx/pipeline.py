@@ -173,14 +173,12 @@ class SD35Pipeline:
 
     def _dequantizes_per_block(self) -> bool:
         """Whether a quantized block's layers de-quantize together (the Denoiser's
-        dequantize_per_block): always without a budget; under one only where a block's 16-bit
-        weights fit between the stage's memory limit and the budget's throttle, since MLX checks
-        its limit before an operation allocates and that one kernel allocates them all at once."""
+        dequantize_per_block): `memory.dequantizes_per_block` for this transformer's blocks."""
+        from .memory import dequantizes_per_block
+
         if not self.budget_bytes:
             return True
-        from .memory import room_above_limit
-
-        return self._load_transformer().block_dense_bytes() <= room_above_limit(self.budget_bytes, self.plan)
+        return dequantizes_per_block(self.budget_bytes, self.plan, self._load_transformer().block_dense_bytes())
 
     def _prepare_kept_loaded_limit(self, height: int, width: int, t5_tokens: int) -> None:
         """Kept loaded without a budget: the largest stage's own need at this size, from the
