@@ -269,8 +269,12 @@ class SD35Pipeline:
         """One line: the memory plan and the budget and size it was made for ('' without a plan)."""
         if self.plan is None:
             return ""
+        from .memory import GB, expected_peak
+
         height, width = self.plan_size
-        return f"memory plan for {round(self.memory_budget, 1):g} GB at {width}x{height}: {self.plan.describe()}"
+        peak = expected_peak(self.budget_bytes, self.plan) / GB
+        return (f"memory plan for {round(self.memory_budget, 1):g} GB at {width}x{height}: {self.plan.describe()}; "
+                f"expected peak {peak:.2f} GB")  # fmt: skip
 
     def _estimator(self, config):
         """Estimates from this model's own networks (built lazily: no weights are read)."""
