@@ -422,11 +422,12 @@ def measure_stages(args, dtype, group, enc_folders, tr_folders, limit: Optional[
     # -- denoise
     sigmas, sampler = C.schedule(args.schedule_steps)
     latents = {}
-    runs = {(c["model"], c["transformer_bits"], choice["split_cfg"], c.get("controlnet_folder")) for c, choice in group}
-    for key, bits, split, cn_folder in sorted(runs, key=str):
-        cn = next((c["controlnet"] for c, _ in group if c.get("controlnet_folder") == cn_folder), None) if cn_folder else None
-        config, choice = next((c, ch) for c, ch in group if (c["model"], c["transformer_bits"], ch["split_cfg"],
-                                                             c.get("controlnet_folder")) == (key, bits, split, cn_folder))  # fmt: skip
+    # one run per (model, bits, CFG passes, ControlNet); its first configuration sets the budget
+    runs: Dict[tuple, tuple] = {}
+    for c, choice in group:
+        runs.setdefault((c["model"], c["transformer_bits"], choice["split_cfg"], c.get("controlnet_folder")), (c, choice))
+    for (key, bits, split, cn_folder), (config, choice) in sorted(runs.items(), key=lambda kv: str(kv[0])):
+        cn = config.get("controlnet") if cn_folder else None
 
         def run(notes, folder=tr_folders[(key, bits)], positive=positive, negative=negative, split=split,
                 cn_folder=cn_folder, config=config, choice=choice):  # fmt: skip

@@ -398,14 +398,17 @@ class MemoryEstimator:
         holds them at once; `MMDiT.block_dense_bytes` of the loaded network): 0 at 16-bit."""
         if spec is None:
             return 0
-        quantized = quantized_paths_for(self.transformer, spec.bits, spec.group_size, "transformer")
-        per_block: Dict[str, int] = {}
-        for key, p in tree_flatten(self.transformer.parameters()):
-            module, _, name = key.rpartition(".")
-            parts = module.split(".")
-            if module in quantized and name == "weight" and parts[0] == "blocks" and "adaLN" not in parts:
-                per_block[parts[1]] = per_block.get(parts[1], 0) + p.size * BYTES_16
-        return max(per_block.values(), default=0)
+        key = ("dense_block", spec.bits, spec.group_size)  # plan_memory asks once per candidate
+        if key not in self._cache:
+            quantized = quantized_paths_for(self.transformer, spec.bits, spec.group_size, "transformer")
+            per_block: Dict[str, int] = {}
+            for path, p in tree_flatten(self.transformer.parameters()):
+                module, _, name = path.rpartition(".")
+                parts = module.split(".")
+                if module in quantized and name == "weight" and parts[0] == "blocks" and "adaLN" not in parts:
+                    per_block[parts[1]] = per_block.get(parts[1], 0) + p.size * BYTES_16
+            self._cache[key] = max(per_block.values(), default=0)
+        return self._cache[key]
 
     def controlnet_bytes(self, height: int, width: int, batch: int) -> int:
         """The ControlNets' weights, their control latents, the residuals a step holds (one

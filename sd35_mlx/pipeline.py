@@ -176,8 +176,6 @@ class SD35Pipeline:
         dequantize_per_block): `memory.dequantizes_per_block` for this transformer's blocks."""
         from .memory import dequantizes_per_block
 
-        if not self.budget_bytes:
-            return True
         return dequantizes_per_block(self.budget_bytes, self.plan, self._load_transformer().block_dense_bytes())
 
     def _prepare_kept_loaded_limit(self, height: int, width: int, t5_tokens: int) -> None:
