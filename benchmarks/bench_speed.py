@@ -278,19 +278,7 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
             torch._dynamo.reset()
         forward = torch.compile(model, dynamic=False) if compiled else model
         with torch.no_grad():
-            g = torch.Generator(device=device).manual_seed(size)
-            noise = torch.randn((1, 16, h, w), generator=g, device=device, dtype=torch.bfloat16)
-            ctx = torch.randn((2, C.CLIP_TOKENS + args.t5_tokens, 4096), generator=g, device=device, dtype=torch.bfloat16)
-            pooled = torch.randn((2, 2048), generator=g, device=device, dtype=torch.bfloat16)
-
-            # diffusers' StableDiffusion3Pipeline step: batch-2 forward, CFG, Euler update
-            def step(x, i, ctx=ctx, pooled=pooled):
-                x2 = torch.cat([x, x])
-                t = torch.full((2,), float(sigmas[i]) * 1000.0, device=device)
-                v = forward(hidden_states=x2, encoder_hidden_states=ctx, pooled_projections=pooled,
-                            timestep=t, return_dict=False)[0]  # fmt: skip
-                return R.cfg_euler(x, v, sigmas, i, C.CFG_SCALE)
-
+            step, noise = diffusers_step(forward, device, size, args.t5_tokens, sigmas)
             compile_s = None
             if compiled:  # the first call compiles this shape
                 sync(None)
@@ -309,6 +297,28 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
         torch._dynamo.reset()
     free_memory()
     return rows
+
+
+def diffusers_step(forward, device: str, size: int, t5_tokens: int, sigmas):
+    """(step(x, i) -> x, the initial latents): diffusers' StableDiffusion3Pipeline step on
+    `forward` (a SD3Transformer2DModel, maybe compiled): batch-2 forward, CFG, Euler update."""
+    import torch
+
+    import torch_reference as R
+
+    g = torch.Generator(device=device).manual_seed(size)
+    noise = torch.randn((1, 16, size // 8, size // 8), generator=g, device=device, dtype=torch.bfloat16)
+    ctx = torch.randn((2, C.CLIP_TOKENS + t5_tokens, 4096), generator=g, device=device, dtype=torch.bfloat16)
+    pooled = torch.randn((2, 2048), generator=g, device=device, dtype=torch.bfloat16)
+
+    def step(x, i):
+        x2 = torch.cat([x, x])
+        t = torch.full((2,), float(sigmas[i]) * 1000.0, device=device)
+        v = forward(hidden_states=x2, encoder_hidden_states=ctx, pooled_projections=pooled,
+                    timestep=t, return_dict=False)[0]  # fmt: skip
+        return R.cfg_euler(x, v, sigmas, i, C.CFG_SCALE)
+
+    return step, noise
 
 
 def torch_t5(args, device: str) -> Dict[str, Any]:

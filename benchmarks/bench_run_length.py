@@ -1,0 +1,191 @@
+"""What a denoising run costs once and what each further step costs, ours and diffusers'.
+
+    python benchmarks/bench_run_length.py --model large medium --size 512 --bits 16 4 --torch-compile --write-docs
+    python benchmarks/bench_run_length.py --model medium --size 256 --layers 1 --run-lengths 1 2 --repeat 1   # CPU smoke run
+
+bench_speed.py reports a step as (run time / steps) of one run length: that figure carries a
+share of what every run pays once (building and queueing the first step before the device
+has work, the last wait), and the share shrinks as runs get longer. Here whole runs of each
+--run-lengths n are timed (synchronised once at the end, ours through `Denoiser.run` as the
+pipeline runs it, diffusers' steps one after the other), alternating the run lengths so each
+is timed in the same conditions, and a least-squares line wall(n) = fixed + n × step splits
+them: `fixed` is the once-per-run cost, `step` the cost of one more step. Both sides are
+measured in one process on the same device; the ratios compare them at every run length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+import mlx.core as mx  # noqa: E402
+from bench_speed import diffusers_step, free_memory, log, weights_label  # noqa: E402
+
+KEY = "run-length"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["large"], choices=sorted(C.MODELS))
+    p.add_argument("--size", nargs="+", type=int, default=[512])
+    p.add_argument("--bits", nargs="+", type=int, default=[16], help="our transformer's weights: 16 (bf16), 8, 4")
+    p.add_argument("--run-lengths", nargs="+", type=int, default=[2, 6, 28], help="steps per timed run")
+    p.add_argument("--t5-tokens", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=5, help="timed rounds (each times every run length once)")
+    p.add_argument("--layers", type=int, default=None, help="truncate the transformer (smoke runs)")
+    p.add_argument("--torch", action="store_true", help="also time eager diffusers")
+    p.add_argument("--torch-compile", action="store_true", help="also time diffusers under torch.compile (default mode)")
+    p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
+    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
+    p.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+    args = p.parse_args(argv)
+    if len(set(args.run_lengths)) < 2 or min(args.run_lengths) < 1:
+        p.error("--run-lengths needs at least two different step counts, each at least 1")
+    if any(b not in (4, 8, 16) for b in args.bits):
+        p.error("--bits must be 16, 8 or 4")
+    if any(s % 16 for s in args.size):
+        p.error("sizes must be multiples of 16")
+    return args
+
+
+def fit(walls: Dict[int, float]) -> Tuple[float, float]:
+    """(fixed seconds, seconds per step): the least-squares line through (n, wall(n))."""
+    ns = list(walls)
+    mean_n = sum(ns) / len(ns)
+    mean_w = sum(walls.values()) / len(ns)
+    step = sum((n - mean_n) * (walls[n] - mean_w) for n in ns) / sum((n - mean_n) ** 2 for n in ns)
+    return mean_w - step * mean_n, step
+
+
+def time_run_lengths(run: Callable[[int], Any], sync: Callable[[Any], None], lengths: Sequence[int], repeat: int) -> Dict[str, Any]:
+    """Median wall of run(n) per run length (one warm-up round, then `repeat` rounds that each
+    time every length once) and the fitted fixed / per-step costs."""
+    runs: Dict[int, List[float]] = {n: [] for n in lengths}
+    for r in range(repeat + 1):
+        for n in lengths:
+            start = time.perf_counter()
+            sync(run(n))
+            if r:
+                runs[n].append(time.perf_counter() - start)
+    walls = {n: statistics.median(v) for n, v in runs.items()}
+    fixed, step = fit(walls)
+    return {"wall_s": walls, "per_step_s": {n: w / n for n, w in walls.items()}, "fixed_s": fixed, "step_s": step,
+            "runs_s": runs}  # fmt: skip
+
+
+def mlx_case(args, model_key: str, bits: int, size: int, model) -> Dict[str, Any]:
+    """Our runs: one Denoiser on the longest schedule, the first n steps of it per run."""
+    longest = max(args.run_lengths)
+    noise = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(size)).astype(mx.float32)
+    cond = C.random_conditioning(2, args.t5_tokens, mx.bfloat16)
+    sigmas, _ = C.schedule(longest)
+    den, _ = C.make_denoiser(model, cond[1], cond[0], sigmas=sigmas, free_adaln=False, free_pos_embed=False)
+
+    def run(n: int) -> mx.array:
+        return C.denoise_run(den, noise, C.schedule(longest)[1], n)  # a fresh sampler per run
+
+    return time_run_lengths(run, C.mlx_sync, args.run_lengths, args.repeat)
+
+
+def torch_case(args, model_key: str, size: int, device: str, compiled: bool) -> Dict[str, Any]:
+    import torch
+
+    import torch_reference as R
+
+    model = R.transformer(C.truncated(C.MODELS[model_key][1], args.layers), device)
+    if compiled:
+        torch._dynamo.reset()
+    forward = torch.compile(model, dynamic=False) if compiled else model
+    sync = R.sync(device)
+    sigmas, _ = C.schedule(max(args.run_lengths))
+    with torch.no_grad():
+        step, noise = diffusers_step(forward, device, size, args.t5_tokens, sigmas)
+        result = time_run_lengths(lambda n: C.run_steps(step, noise, n), sync, args.run_lengths, args.repeat)
+    del model, forward
+    if compiled:
+        torch._dynamo.reset()
+    free_memory()
+    return result
+
+
+def table(rows: List[Dict[str, Any]], lengths: Sequence[int]) -> str:
+    """One row per (model, size, runner): ms per step at each run length, fixed + per-step
+    fit, and the ratios to the strongest baseline measured (compiled, else eager)."""
+    headers = ["model", "size", "runner"] + [f"{n} steps: ms/step" for n in lengths] + ["fixed ms", "per step ms"]
+    out = []
+    for r in rows:
+        base = r.get("baseline")
+        cells = []
+        for n in lengths:
+            cell = f"{1000 * r['per_step_s'][n]:.2f}"
+            if base is not None and base is not r:
+                cell += f" ({r['per_step_s'][n] / base['per_step_s'][n]:.2f}×)"
+            cells.append(cell)
+        step = f"{1000 * r['step_s']:.2f}"
+        if base is not None and base is not r:
+            step += f" ({r['step_s'] / base['step_s']:.2f}×)"
+        out.append([r["model_name"], f"{r['size']}²", r["runner"], *cells, f"{1000 * r['fixed_s']:.1f}", step])
+    return C.markdown_table(headers, out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch_device = None
+    if args.torch or args.torch_compile:
+        import torch
+
+        torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = C.machine_info(torch_device)
+    log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
+    lengths = sorted(set(args.run_lengths))
+    args.run_lengths = lengths
+    t_start = time.perf_counter()
+    rows: List[Dict[str, Any]] = []
+    for key in args.model:
+        name, config = C.MODELS[key]
+        config = C.truncated(config, args.layers)
+        group: List[Dict[str, Any]] = []
+        for bits in args.bits:
+            model = C.random_network("transformer", config, mx.bfloat16, None if bits == 16 else bits)
+            for size in args.size:
+                r = mlx_case(args, key, bits, size, model)
+                group.append(dict(model=key, model_name=name, size=size, runner=f"sd35_mlx {weights_label(bits, 'bfloat16')}", **r))
+                log(f"[mlx] {name} {weights_label(bits, 'bfloat16')} {size}²: fixed {1000 * r['fixed_s']:.1f} ms + {1000 * r['step_s']:.2f} ms/step")
+            del model
+            free_memory()
+        for compiled, wanted in ((False, args.torch), (True, args.torch_compile)):
+            if torch_device and wanted:
+                label = "diffusers + torch.compile" if compiled else "diffusers"
+                for size in args.size:
+                    r = torch_case(args, key, size, torch_device, compiled)
+                    group.append(dict(model=key, model_name=name, size=size, runner=label, **r))
+                    log(f"[{label}] {name} {size}²: fixed {1000 * r['fixed_s']:.1f} ms + {1000 * r['step_s']:.2f} ms/step")
+        for r in group:  # the strongest baseline of the same size: compiled, else eager
+            candidates = [b for b in group if b["size"] == r["size"] and b["runner"].startswith("diffusers")]
+            r["baseline"] = max(candidates, key=lambda b: "compile" in b["runner"], default=None)
+        rows += group
+    body = "\n\n".join([
+        f"### Run length: the once-per-run cost and the cost of a step (`bench_run_length.py`)\n\n"
+        f"{C.versions_line(info)}. {C.truncation_note(args.layers)}\n\n"
+        f"Whole runs of n steps (CFG batch 2, {C.CLIP_TOKENS + args.t5_tokens} text tokens), timed alternately; `fixed` and `per step` are the "
+        "least-squares line wall(n) = fixed + n × per step. Ratios are against diffusers + torch.compile "
+        "(else eager) at the same size and run length.",
+        table(rows, lengths),
+    ])  # fmt: skip
+    payload = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "rows": [{k: v for k, v in r.items() if k != "baseline"} for r in rows],
+               "wall_s": time.perf_counter() - t_start}  # fmt: skip
+    C.publish(args, info, KEY, body, payload, log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
