@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--bits must be 16, 8 or 4")
     if any(s % 16 for s in args.size):
         p.error("sizes must be multiples of 16")
+    args.run_lengths = sorted(set(args.run_lengths))
     return args
 
 
@@ -81,7 +82,7 @@ def time_run_lengths(run: Callable[[int], Any], sync: Callable[[Any], None], len
             "runs_s": runs}  # fmt: skip
 
 
-def mlx_case(args, model_key: str, bits: int, size: int, model) -> Dict[str, Any]:
+def mlx_case(args, size: int, model) -> Dict[str, Any]:
     """Our runs: one Denoiser on the longest schedule, the first n steps of it per run."""
     longest = max(args.run_lengths)
     noise = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(size)).astype(mx.float32)
@@ -116,22 +117,20 @@ def torch_case(args, model_key: str, size: int, device: str, compiled: bool) -> 
     return result
 
 
+def ms_with_ratio(seconds: float, baseline_seconds: Optional[float]) -> str:
+    """Milliseconds, and the ratio to the baseline's where there is one."""
+    return f"{1000 * seconds:.2f}" + (f" ({seconds / baseline_seconds:.2f}×)" if baseline_seconds is not None else "")
+
+
 def table(rows: List[Dict[str, Any]], lengths: Sequence[int]) -> str:
     """One row per (model, size, runner): ms per step at each run length, fixed + per-step
     fit, and the ratios to the strongest baseline measured (compiled, else eager)."""
     headers = ["model", "size", "runner"] + [f"{n} steps: ms/step" for n in lengths] + ["fixed ms", "per step ms"]
     out = []
     for r in rows:
-        base = r.get("baseline")
-        cells = []
-        for n in lengths:
-            cell = f"{1000 * r['per_step_s'][n]:.2f}"
-            if base is not None and base is not r:
-                cell += f" ({r['per_step_s'][n] / base['per_step_s'][n]:.2f}×)"
-            cells.append(cell)
-        step = f"{1000 * r['step_s']:.2f}"
-        if base is not None and base is not r:
-            step += f" ({r['step_s'] / base['step_s']:.2f}×)"
+        base = r["baseline"]
+        cells = [ms_with_ratio(r["per_step_s"][n], base and base["per_step_s"][n]) for n in lengths]
+        step = ms_with_ratio(r["step_s"], base and base["step_s"])
         out.append([r["model_name"], f"{r['size']}²", r["runner"], *cells, f"{1000 * r['fixed_s']:.1f}", step])
     return C.markdown_table(headers, out)
 
@@ -145,8 +144,7 @@ def main(argv=None) -> int:
         torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = C.machine_info(torch_device)
     log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
-    lengths = sorted(set(args.run_lengths))
-    args.run_lengths = lengths
+    lengths = args.run_lengths
     t_start = time.perf_counter()
     rows: List[Dict[str, Any]] = []
     for key in args.model:
@@ -156,8 +154,9 @@ def main(argv=None) -> int:
         for bits in args.bits:
             model = C.random_network("transformer", config, mx.bfloat16, None if bits == 16 else bits)
             for size in args.size:
-                r = mlx_case(args, key, bits, size, model)
-                group.append(dict(model=key, model_name=name, size=size, runner=f"sd35_mlx {weights_label(bits, 'bfloat16')}", **r))
+                r = mlx_case(args, size, model)
+                group.append(dict(model=key, model_name=name, size=size, runner=f"sd35_mlx {weights_label(bits, 'bfloat16')}",
+                                  diffusers=None, **r))  # fmt: skip
                 log(f"[mlx] {name} {weights_label(bits, 'bfloat16')} {size}²: fixed {1000 * r['fixed_s']:.1f} ms + {1000 * r['step_s']:.2f} ms/step")
             del model
             free_memory()
@@ -166,11 +165,13 @@ def main(argv=None) -> int:
                 label = "diffusers + torch.compile" if compiled else "diffusers"
                 for size in args.size:
                     r = torch_case(args, key, size, torch_device, compiled)
-                    group.append(dict(model=key, model_name=name, size=size, runner=label, **r))
+                    group.append(dict(model=key, model_name=name, size=size, runner=label,
+                                      diffusers="compiled" if compiled else "eager", **r))  # fmt: skip
                     log(f"[{label}] {name} {size}²: fixed {1000 * r['fixed_s']:.1f} ms + {1000 * r['step_s']:.2f} ms/step")
         for r in group:  # the strongest baseline of the same size: compiled, else eager
-            candidates = [b for b in group if b["size"] == r["size"] and b["runner"].startswith("diffusers")]
-            r["baseline"] = max(candidates, key=lambda b: "compile" in b["runner"], default=None)
+            candidates = [b for b in group if b["size"] == r["size"] and b["diffusers"] is not None]
+            best = max(candidates, key=lambda b: b["diffusers"] == "compiled", default=None)
+            r["baseline"] = best if best is not r else None  # the baseline itself gets no ratio
         rows += group
     body = "\n\n".join([
         f"### Run length: the once-per-run cost and the cost of a step (`bench_run_length.py`)\n\n"

@@ -273,7 +273,6 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
     sigmas, _ = C.schedule(args.steps)
     rows = []
     for size in args.size:
-        h = w = size // 8
         if compiled:
             torch._dynamo.reset()
         forward = torch.compile(model, dynamic=False) if compiled else model

@@ -32,3 +32,7 @@ def test_run_lengths_that_cannot_be_fitted_are_refused(lengths, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--run-lengths", *lengths])
     assert "--run-lengths" in capsys.readouterr().err
+
+
+def test_run_lengths_are_parsed_once_into_sorted_distinct_counts():
+    assert bench.parse_args(["--run-lengths", "28", "2", "6", "2"]).run_lengths == [2, 6, 28]
