@@ -19,8 +19,9 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -82,39 +83,50 @@ def time_run_lengths(run: Callable[[int], Any], sync: Callable[[Any], None], len
             "runs_s": runs}  # fmt: skip
 
 
-def mlx_case(args, size: int, model) -> Dict[str, Any]:
-    """Our runs: one Denoiser on the longest schedule, the first n steps of it per run."""
-    longest = max(args.run_lengths)
+def mlx_runner(size: int, model, steps: int, t5_tokens: int) -> Callable[[int], mx.array]:
+    """run(n): the first n steps of one Denoiser on a `steps`-step schedule, through
+    `Denoiser.run` as the pipeline runs it (a fresh sampler per run; not evaluated)."""
     noise = mx.random.normal((1, size // 8, size // 8, 16), key=mx.random.key(size)).astype(mx.float32)
-    cond = C.random_conditioning(2, args.t5_tokens, mx.bfloat16)
-    sigmas, _ = C.schedule(longest)
+    cond = C.random_conditioning(2, t5_tokens, mx.bfloat16)
+    sigmas, _ = C.schedule(steps)
     den, _ = C.make_denoiser(model, cond[1], cond[0], sigmas=sigmas, free_adaln=False, free_pos_embed=False)
+    return lambda n: C.denoise_run(den, noise, C.schedule(steps)[1], n)
 
-    def run(n: int) -> mx.array:
-        return C.denoise_run(den, noise, C.schedule(longest)[1], n)  # a fresh sampler per run
 
+def mlx_case(args, size: int, model) -> Dict[str, Any]:
+    """Our runs on the longest schedule, every run length timed."""
+    run = mlx_runner(size, model, max(args.run_lengths), args.t5_tokens)
     return time_run_lengths(run, C.mlx_sync, args.run_lengths, args.repeat)
 
 
-def torch_case(args, model_key: str, size: int, device: str, compiled: bool) -> Dict[str, Any]:
+@contextmanager
+def torch_runner(model_key: str, layers: Optional[int], size: int, device: str, compiled: bool, steps: int,
+                 t5_tokens: int) -> Iterator[Tuple[Callable[[int], Any], Callable[[Any], None]]]:  # fmt: skip
+    """(run(n), sync): n of diffusers' steps on a `steps`-step schedule (eager, or under
+    torch.compile: its first run compiles), under no_grad; the model is freed on exit."""
     import torch
 
     import torch_reference as R
 
-    model = R.transformer(C.truncated(C.MODELS[model_key][1], args.layers), device)
+    model = R.transformer(C.truncated(C.MODELS[model_key][1], layers), device)
     if compiled:
         torch._dynamo.reset()
     forward = torch.compile(model, dynamic=False) if compiled else model
-    sync = R.sync(device)
-    sigmas, _ = C.schedule(max(args.run_lengths))
-    with torch.no_grad():
-        step, noise = diffusers_step(forward, device, size, args.t5_tokens, sigmas)
-        result = time_run_lengths(lambda n: C.run_steps(step, noise, n), sync, args.run_lengths, args.repeat)
-    del model, forward
-    if compiled:
-        torch._dynamo.reset()
-    free_memory()
-    return result
+    sigmas, _ = C.schedule(steps)
+    try:
+        with torch.no_grad():
+            step, noise = diffusers_step(forward, device, size, t5_tokens, sigmas)
+            yield (lambda n: C.run_steps(step, noise, n)), R.sync(device)
+    finally:
+        del model, forward
+        if compiled:
+            torch._dynamo.reset()
+        free_memory()
+
+
+def torch_case(args, model_key: str, size: int, device: str, compiled: bool) -> Dict[str, Any]:
+    with torch_runner(model_key, args.layers, size, device, compiled, max(args.run_lengths), args.t5_tokens) as (run, sync):
+        return time_run_lengths(run, sync, args.run_lengths, args.repeat)
 
 
 def ms_with_ratio(seconds: float, baseline_seconds: Optional[float]) -> str:
