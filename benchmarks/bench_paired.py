@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", nargs="+", type=int, default=[16], help="our transformer's weights: 16 (bf16), 8, 4")
     p.add_argument("--steps", type=int, default=28, help="steps per timed run")
     p.add_argument("--rounds", type=int, default=12, help="timed rounds (each runs every runner once)")
+    p.add_argument("--settle", type=int, default=0,
+                   help="untimed runs of a runner just before its timed run (0: timed right after the previous runner)")
     p.add_argument("--t5-tokens", type=int, default=256)
     p.add_argument("--layers", type=int, default=None, help="truncate the transformer (smoke runs)")
     p.add_argument("--torch", action="store_true", help="also run eager diffusers")
@@ -60,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
     p.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        p.error("--steps and --rounds must be at least 1")
+    if args.steps < 1 or args.rounds < 1 or args.settle < 0:
+        p.error("--steps and --rounds must be at least 1, --settle at least 0")
     if any(b not in (4, 8, 16) for b in args.bits):
         p.error("--bits must be 16, 8 or 4")
     if any(s % 16 for s in args.size):
@@ -72,15 +74,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_rounds(runners: Sequence[Runner], steps: int, rounds: int) -> List[Dict[str, float]]:
+def run_rounds(runners: Sequence[Runner], steps: int, rounds: int, settle: int = 0) -> List[Dict[str, float]]:
     """Per round, each runner's seconds per step; one untimed warm-up round first (it compiles).
-    Round r starts at runner r mod len(runners), so no runner always follows the same one."""
+    Round r starts at runner r mod len(runners), so no runner always follows the same one;
+    `settle` untimed runs of a runner precede its timed one (what switching costs, left out)."""
     out: List[Dict[str, float]] = []
     k = len(runners)
     for r in range(rounds + 1):
         times: Dict[str, float] = {}
         for j in range(k):
             runner = runners[(r + j) % k]
+            for _ in range(settle):
+                runner.sync(runner.run(steps))
             start = time.perf_counter()
             runner.sync(runner.run(steps))
             times[runner.label] = (time.perf_counter() - start) / steps
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
                             torch_runner(key, args.layers, size, torch_device, compiled, args.steps, args.t5_tokens))
                         label = "diffusers + torch.compile" if compiled else "diffusers"
                         runners.append(Runner(label, run, sync, diffusers="compiled" if compiled else "eager"))
-                summary = summarise(runners, run_rounds(runners, args.steps, args.rounds))
+                summary = summarise(runners, run_rounds(runners, args.steps, args.rounds, args.settle))
             for pair, v in summary["ratios"].items():
                 log(f"{name} {size}²: {pair} median {v['median']:.3f}× ({v['min']:.2f}–{v['max']:.2f})")
             cases.append(dict(model=key, size=size, **summary))
@@ -161,7 +166,9 @@ def main(argv=None) -> int:
         "### Paired runs: ours and diffusers in alternation (`bench_paired.py`)\n\n"
         f"{C.versions_line(info)}. {C.truncation_note(args.layers)}\n\n"
         f"Every runner built first; {args.rounds} rounds, each running every runner once for {args.steps} steps "
-        f"(CFG batch 2, {C.CLIP_TOKENS + args.t5_tokens} text tokens; the order rotating), after a warm-up round. "
+        f"(CFG batch 2, {C.CLIP_TOKENS + args.t5_tokens} text tokens; the order rotating"
+        + (f"; {args.settle} untimed run(s) of a runner just before its timed one" if args.settle else "")
+        + "), after a warm-up round. "
         "A ratio is taken within each round, so a host that drifts between rounds moves both of its runs.",
         *tables,
     ])  # fmt: skip

@@ -28,6 +28,13 @@ def test_every_round_runs_every_runner_once_in_a_rotating_order():
     assert calls == list("abc" "bca" "cab" "abc")  # the first round is the untimed warm-up
 
 
+def test_settling_runs_precede_each_timed_run_untimed():
+    calls = []
+    rounds = bench.run_rounds([runner(x, calls=calls) for x in "ab"], steps=1, rounds=1, settle=2)
+    assert len(rounds) == 1
+    assert calls == list("aaabbb" "bbbaaa")
+
+
 def test_ours_pair_with_compiled_diffusers_and_quantized_with_bf16():
     ours16, ours4 = runner("ours bf16", bits=16), runner("ours 4-bit", bits=4)
     eager, compiled = runner("eager", diffusers="eager"), runner("compiled", diffusers="compiled")
@@ -47,7 +54,7 @@ def test_ratios_are_taken_within_each_round():
     assert summary["step_s"] == {"ours": pytest.approx(0.012), "theirs": pytest.approx(0.015)}
 
 
-@pytest.mark.parametrize("argv", [["--bits", "16"], ["--steps", "0", "--torch"], ["--bits", "3", "--torch"]])
+@pytest.mark.parametrize("argv", [["--bits", "16"], ["--steps", "0", "--torch"], ["--bits", "3", "--torch"], ["--settle", "-1", "--torch"]])
 def test_settings_with_nothing_to_pair_or_to_run_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
