@@ -177,13 +177,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     C.set_device(args.device)
     dtype = C.DTYPES[args.dtype]
-    torch_device = None
-    if args.torch:
-        import torch
-
-        torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = C.machine_info(torch_device)
-    log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
+    torch_device = C.baseline_device(args.torch, args.torch_device)
+    info = C.announce(torch_device, log)
     t0 = time.perf_counter()
     results: Dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     results["mlx"] = mlx_rows(args, dtype)

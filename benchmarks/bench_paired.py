@@ -55,12 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed runs of a runner just before its timed run (0: timed right after the previous runner)")
     p.add_argument("--t5-tokens", type=int, default=256)
     p.add_argument("--layers", type=int, default=None, help="truncate the transformer (smoke runs)")
-    p.add_argument("--torch", action="store_true", help="also run eager diffusers")
-    p.add_argument("--torch-compile", action="store_true", help="also run diffusers under torch.compile (default mode)")
-    p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+    C.add_diffusers_args(p)
+    C.add_output_args(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.settle < 0:
         p.error("--steps and --rounds must be at least 1, --settle at least 0")
@@ -132,13 +128,8 @@ def case_table(name: str, size: int, summary: Dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch_device = None
-    if args.torch or args.torch_compile:
-        import torch
-
-        torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = C.machine_info(torch_device)
-    log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
+    torch_device = C.baseline_device(args.torch or args.torch_compile, args.torch_device)
+    info = C.announce(torch_device, log)
     t_start = time.perf_counter()
     cases, tables = [], []
     for key in args.model:

@@ -41,12 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t5-tokens", type=int, default=256)
     p.add_argument("--repeat", type=int, default=5, help="timed rounds (each times every run length once)")
     p.add_argument("--layers", type=int, default=None, help="truncate the transformer (smoke runs)")
-    p.add_argument("--torch", action="store_true", help="also time eager diffusers")
-    p.add_argument("--torch-compile", action="store_true", help="also time diffusers under torch.compile (default mode)")
-    p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+    C.add_diffusers_args(p)
+    C.add_output_args(p)
     args = p.parse_args(argv)
     if len(set(args.run_lengths)) < 2 or min(args.run_lengths) < 1:
         p.error("--run-lengths needs at least two different step counts, each at least 1")
@@ -149,13 +145,8 @@ def table(rows: List[Dict[str, Any]], lengths: Sequence[int]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch_device = None
-    if args.torch or args.torch_compile:
-        import torch
-
-        torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = C.machine_info(torch_device)
-    log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
+    torch_device = C.baseline_device(args.torch or args.torch_compile, args.torch_device)
+    info = C.announce(torch_device, log)
     lengths = args.run_lengths
     t_start = time.perf_counter()
     rows: List[Dict[str, Any]] = []

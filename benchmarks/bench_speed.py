@@ -68,9 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time the diffusers step under torch.compile (default mode; implies --torch; "
                         "its compile time per shape is reported separately)")  # fmt: skip
     p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+    C.add_output_args(p)
     args = p.parse_args(argv)
     if args.t5_bits is None:
         args.t5_bits = [16, 4]

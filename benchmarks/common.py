@@ -126,6 +126,37 @@ def mlx_backend() -> str:
     return "metal" if sys.platform == "darwin" else "gpu"
 
 
+def add_output_args(parser) -> None:
+    """Where a benchmark writes: its JSON results and (with --write-docs) its part of the results page."""
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--docs", type=Path, default=DOCS_PAGE)
+    parser.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+
+
+def add_diffusers_args(parser) -> None:
+    """The diffusers baselines a benchmark can run beside ours, and their device."""
+    parser.add_argument("--torch", action="store_true", help="also run eager diffusers")
+    parser.add_argument("--torch-compile", action="store_true", help="also run diffusers under torch.compile (default mode)")
+    parser.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
+
+
+def baseline_device(wanted: bool, choice: Optional[str]) -> Optional[str]:
+    """The torch device a PyTorch baseline runs on (`choice`, else cuda when torch sees one,
+    else cpu); None when no baseline was asked for (torch is then never imported)."""
+    if not wanted:
+        return None
+    import torch
+
+    return choice or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def announce(torch_device: Optional[str], log: Callable[[str], None]) -> Dict[str, Any]:
+    """`machine_info`, logged as a benchmark's first lines."""
+    info = machine_info(torch_device)
+    log(f"machine: {machine_title(info)}\n{versions_line(info)}")
+    return info
+
+
 def machine_info(torch_device: Optional[str] = None) -> Dict[str, Any]:
     """Everything a results page needs to say where and with what a number was measured."""
     info: Dict[str, Any] = {
