@@ -60,10 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.settle < 0:
         p.error("--steps and --rounds must be at least 1, --settle at least 0")
-    if any(b not in (4, 8, 16) for b in args.bits):
-        p.error("--bits must be 16, 8 or 4")
-    if any(s % 16 for s in args.size):
-        p.error("sizes must be multiples of 16")
+    C.check_bits_and_sizes(p, args)
     if not (args.torch or args.torch_compile) and len(args.bits) < 2:
         p.error("nothing to pair: add --torch / --torch-compile, or a second --bits")
     args.bits = sorted(set(args.bits), reverse=True)  # bf16 first: the quantized runs' reference
@@ -93,8 +90,7 @@ def run_rounds(runners: Sequence[Runner], steps: int, rounds: int, settle: int =
 def pairings(runners: Sequence[Runner]) -> List[tuple]:
     """(runner, reference) pairs: every ours against the strongest diffusers runner (compiled,
     else eager), every quantized ours against our bf16."""
-    theirs = [r for r in runners if r.diffusers]
-    best = max(theirs, key=lambda r: r.diffusers == "compiled", default=None)
+    best = C.strongest_baseline(runners, lambda r: r.diffusers)
     bf16 = next((r for r in runners if r.bits == 16), None)
     pairs = []
     for r in runners:
@@ -140,12 +136,10 @@ def main(argv=None) -> int:
             with ExitStack() as stack:
                 runners = [Runner(f"sd35_mlx {weights_label(bits, 'bfloat16')}", mlx_runner(size, m, args.steps, args.t5_tokens),
                                   C.mlx_sync, bits=bits) for bits, m in models.items()]  # fmt: skip
-                for compiled, wanted in ((False, args.torch), (True, args.torch_compile)):
-                    if torch_device and wanted:
-                        run, sync = stack.enter_context(
-                            torch_runner(key, args.layers, size, torch_device, compiled, args.steps, args.t5_tokens))
-                        label = "diffusers + torch.compile" if compiled else "diffusers"
-                        runners.append(Runner(label, run, sync, diffusers="compiled" if compiled else "eager"))
+                for compiled, mode, label in C.diffusers_runs(args):
+                    run, sync = stack.enter_context(
+                        torch_runner(key, args.layers, size, torch_device, compiled, args.steps, args.t5_tokens))
+                    runners.append(Runner(label, run, sync, diffusers=mode))
                 summary = summarise(runners, run_rounds(runners, args.steps, args.rounds, args.settle))
             for pair, v in summary["ratios"].items():
                 log(f"{name} {size}²: {pair} median {v['median']:.3f}× ({v['min']:.2f}–{v['max']:.2f})")

@@ -46,10 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(set(args.run_lengths)) < 2 or min(args.run_lengths) < 1:
         p.error("--run-lengths needs at least two different step counts, each at least 1")
-    if any(b not in (4, 8, 16) for b in args.bits):
-        p.error("--bits must be 16, 8 or 4")
-    if any(s % 16 for s in args.size):
-        p.error("sizes must be multiples of 16")
+    C.check_bits_and_sizes(p, args)
     args.run_lengths = sorted(set(args.run_lengths))
     return args
 
@@ -163,17 +160,13 @@ def main(argv=None) -> int:
                 log(f"[mlx] {name} {weights_label(bits, 'bfloat16')} {size}²: fixed {1000 * r['fixed_s']:.1f} ms + {1000 * r['step_s']:.2f} ms/step")
             del model
             free_memory()
-        for compiled, wanted in ((False, args.torch), (True, args.torch_compile)):
-            if torch_device and wanted:
-                label = "diffusers + torch.compile" if compiled else "diffusers"
-                for size in args.size:
-                    r = torch_case(args, key, size, torch_device, compiled)
-                    group.append(dict(model=key, model_name=name, size=size, runner=label,
-                                      diffusers="compiled" if compiled else "eager", **r))  # fmt: skip
-                    log(f"[{label}] {name} {size}²: fixed {1000 * r['fixed_s']:.1f} ms + {1000 * r['step_s']:.2f} ms/step")
-        for r in group:  # the strongest baseline of the same size: compiled, else eager
-            candidates = [b for b in group if b["size"] == r["size"] and b["diffusers"] is not None]
-            best = max(candidates, key=lambda b: b["diffusers"] == "compiled", default=None)
+        for compiled, mode, label in C.diffusers_runs(args):
+            for size in args.size:
+                r = torch_case(args, key, size, torch_device, compiled)
+                group.append(dict(model=key, model_name=name, size=size, runner=label, diffusers=mode, **r))
+                log(f"[{label}] {name} {size}²: fixed {1000 * r['fixed_s']:.1f} ms + {1000 * r['step_s']:.2f} ms/step")
+        for r in group:  # the strongest baseline of the same size
+            best = C.strongest_baseline([b for b in group if b["size"] == r["size"]], lambda b: b["diffusers"])
             r["baseline"] = best if best is not r else None  # the baseline itself gets no ratio
         rows += group
     body = "\n\n".join([

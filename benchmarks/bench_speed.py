@@ -266,7 +266,7 @@ def torch_denoise(args, model_key: str, device: str, compiled: bool = False) -> 
 
     name, base = C.MODELS[model_key]
     model = R.transformer(C.truncated(base, args.layers), device)
-    label = "diffusers + torch.compile" if compiled else "diffusers"
+    label = C.diffusers_label(compiled)
     sync = R.sync(device)
     sigmas, _ = C.schedule(args.steps)
     rows = []

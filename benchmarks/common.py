@@ -140,6 +140,31 @@ def add_diffusers_args(parser) -> None:
     parser.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
 
 
+def diffusers_label(compiled: bool) -> str:
+    return "diffusers + torch.compile" if compiled else "diffusers"
+
+
+def diffusers_runs(args) -> List[Tuple[bool, str, str]]:
+    """(compiled, mode, label) of each diffusers baseline asked for (`add_diffusers_args`):
+    eager with --torch, compiled with --torch-compile, in that order."""
+    wanted = ((False, args.torch), (True, args.torch_compile))
+    return [(compiled, "compiled" if compiled else "eager", diffusers_label(compiled)) for compiled, on in wanted if on]
+
+
+def strongest_baseline(candidates: Sequence[Any], mode_of: Callable[[Any], Optional[str]]) -> Optional[Any]:
+    """The baseline ours is held to: a compiled diffusers run, else an eager one (None: neither)."""
+    baselines = [c for c in candidates if mode_of(c) is not None]
+    return max(baselines, key=lambda c: mode_of(c) == "compiled", default=None)
+
+
+def check_bits_and_sizes(parser, args) -> None:
+    """--bits among 16 / 8 / 4 and every --size a multiple of 16 (parser.error otherwise)."""
+    if any(b not in (4, 8, 16) for b in args.bits):
+        parser.error("--bits must be 16, 8 or 4")
+    if any(s % 16 for s in args.size):
+        parser.error("sizes must be multiples of 16")
+
+
 def baseline_device(wanted: bool, choice: Optional[str]) -> Optional[str]:
     """The torch device a PyTorch baseline runs on (`choice`, else cuda when torch sees one,
     else cpu); None when no baseline was asked for (torch is then never imported)."""
