@@ -47,9 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="default", choices=["default", "cpu", "gpu"])
     p.add_argument("--torch", action="store_true", help="also time diffusers' ControlNet pipeline step")
     p.add_argument("--torch-device", default=None)
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true")
+    C.add_output_args(p)
     args = p.parse_args(argv)
     if any(s % 16 for s in args.size):
         p.error("sizes must be multiples of 16")
@@ -180,7 +178,7 @@ def main(argv=None) -> int:
     torch_device = C.baseline_device(args.torch, args.torch_device)
     info = C.announce(torch_device, log)
     t0 = time.perf_counter()
-    results: Dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    results: Dict[str, Any] = {"settings": C.settings_of(args)}
     results["mlx"] = mlx_rows(args, dtype)
     if torch_device:
         results["diffusers"] = torch_rows(args, torch_device)

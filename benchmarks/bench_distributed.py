@@ -70,9 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-steps", type=int, default=28, help="denoising steps per image")
     p.add_argument("--backend", default="ring", choices=["ring", "nccl", "jaccl", "mpi"])
     p.add_argument("--timeout", type=float, default=900.0, help="peer timeout of the workers (s)")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.REPO / "docs" / "distributed.md")
-    p.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+    C.add_output_args(p, docs=C.REPO / "docs" / "distributed.md")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: run one side, write here
     return p.parse_args(argv)
 

@@ -58,9 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-device", default="cuda")
     p.add_argument("--no-breakdown", action="store_true", help="skip the phase-by-phase runs")
     p.add_argument("--breakdown", type=Path, default=None, help=argparse.SUPPRESS)  # child mode
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true")
+    C.add_output_args(p)
     return p.parse_args(argv)
 
 

@@ -36,9 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=16)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--torch", action="store_true", help="also time torch's F.linear on the CUDA device")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true")
+    C.add_output_args(p)
     return p.parse_args(argv)
 
 

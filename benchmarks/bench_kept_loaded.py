@@ -36,9 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=20)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true")
+    C.add_output_args(p)
     return p.parse_args(argv)
 
 

@@ -68,9 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and peft import)")  # fmt: skip
     p.add_argument("--diffusers-fused", action="store_true", help="also time diffusers after fuse_lora")
     p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true")
+    C.add_output_args(p)
     args = p.parse_args(argv)
     if 0 not in args.loras:
         args.loras = [0] + args.loras  # the baseline

@@ -104,9 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "configuration's target; off: MLX's default limit; floor: 1 byte (each stage's own need)")
     p.add_argument("--workdir", type=Path, default=None, help="where the converted random weights go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the converted weights afterwards")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true")
+    C.add_output_args(p)
     args = p.parse_args(argv)
     if args.size % 16:
         p.error("--size must be a multiple of 16")
@@ -677,7 +675,7 @@ def main(argv=None) -> int:
     body = report(args, info, out, rows)
     print("\n" + body + "\n")
     payload = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": C.settings_of(args),
         "configs": rows,
         "stages": {g: {k: v.to_dict() for k, v in group.items()} for g, group in out["stages"].items()},
         "limits": out["limits"],

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         "A ratio is taken within each round, so a host that drifts between rounds moves both of its runs.",
         *tables,
     ])  # fmt: skip
-    payload = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    payload = {"settings": C.settings_of(args),
                "cases": cases, "wall_s": time.perf_counter() - t_start}  # fmt: skip
     C.publish(args, info, KEY, body, payload, log)
     return 0

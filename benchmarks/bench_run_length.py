@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         "(else eager) at the same size and run length.",
         table(rows, lengths),
     ])  # fmt: skip
-    payload = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    payload = {"settings": C.settings_of(args),
                "rows": [{k: v for k, v in r.items() if k != "baseline"} for r in rows],
                "wall_s": time.perf_counter() - t_start}  # fmt: skip
     C.publish(args, info, KEY, body, payload, log)

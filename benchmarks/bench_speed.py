@@ -481,7 +481,7 @@ def main(argv=None) -> int:
     log(f"machine: {C.machine_title(info)}\n{C.versions_line(info)}")
     if args.layers:
         log(C.truncation_note(args.layers).replace("**", ""))
-    results: Dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    results: Dict[str, Any] = {"settings": C.settings_of(args)}
     t_start = time.perf_counter()
     if "denoise" in args.only:
         results["denoise"], results["diffusers_denoise"] = [], []

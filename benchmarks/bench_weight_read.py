@@ -41,9 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gb", type=float, default=2.0, help="file size in GB")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=None, help="where the file goes (default: a temp dir)")
-    p.add_argument("--results-dir", type=Path, default=C.RESULTS_DIR)
-    p.add_argument("--docs", type=Path, default=C.DOCS_PAGE)
-    p.add_argument("--write-docs", action="store_true")
+    C.add_output_args(p)
     return p.parse_args(argv)
 
 

@@ -126,11 +126,16 @@ def mlx_backend() -> str:
     return "metal" if sys.platform == "darwin" else "gpu"
 
 
-def add_output_args(parser) -> None:
-    """Where a benchmark writes: its JSON results and (with --write-docs) its part of the results page."""
+def add_output_args(parser, docs: Path = DOCS_PAGE) -> None:
+    """Where a benchmark writes: its JSON results and (with --write-docs) its part of `docs`."""
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--docs", type=Path, default=DOCS_PAGE)
+    parser.add_argument("--docs", type=Path, default=docs)
     parser.add_argument("--write-docs", action="store_true", help="update the machine's section of --docs")
+
+
+def settings_of(args) -> Dict[str, Any]:
+    """A benchmark's parsed arguments as its results' JSON records them (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def add_diffusers_args(parser) -> None:
