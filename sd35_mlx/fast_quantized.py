@@ -1,4 +1,4 @@
-"""Quantized layers that cost memory but not time.
+"""Quantized layers at close to 16-bit speed (what they cost, and why: docs/performance.md).
 
 `mx.quantized_matmul` is the right kernel when few rows pass through a layer (it reads
 4-/8-bit weights: the matmul is memory-bound), but at the MMDiT's token counts (thousands
